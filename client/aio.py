@@ -1,0 +1,125 @@
+"""The asyncio client: the same calls as SegmentClient, awaitable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.channel import DEFAULT_TARGET, channel_options
+from client.errors import SegmentError
+from client.messages import (
+    UPLOAD_THRESHOLD,
+    ImageInput,
+    Options,
+    default_id,
+    image_bytes,
+    segment_request,
+    stream_requests,
+    upload_chunks,
+)
+from client.results import SegmentationResult, failed_result
+from protos.segserve.v1 import segserve_pb2 as pb
+from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
+
+
+class AsyncSegmentClient:
+    """`async with AsyncSegmentClient(target) as client: result = await client.segment(path)`."""
+
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, upload_threshold: int = UPLOAD_THRESHOLD
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.upload_threshold = upload_threshold
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self._stub = pb_grpc.SegmenterStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def segment(
+        self,
+        image: ImageInput,
+        *,
+        max_size: int = 0,
+        overlay: bool = False,
+        overlay_opacity: float | None = None,
+        image_id: str | None = None,
+        timeout: float | None = None,
+    ) -> SegmentationResult:
+        data = image_bytes(image)
+        image_id = image_id if image_id is not None else default_id(image)
+        options = Options(max_size, overlay, overlay_opacity)
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            if len(data) > self.upload_threshold:
+                response = await self._stub.SegmentUpload(upload_chunks(image_id, data, options), timeout=timeout)
+            else:
+                response = await self._stub.Segment(segment_request(image_id, data, options), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc, image_id) from None
+        return SegmentationResult.from_proto(response)
+
+    async def segment_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        max_size: int = 0,
+        overlay: bool = False,
+        overlay_opacity: float | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[SegmentationResult]:
+        """As SegmentClient.segment_many: results in arrival order, failures as results with `error`."""
+        options = Options(max_size, overlay, overlay_opacity)
+        timeout = self.timeout if timeout is None else timeout
+        deferred: list[tuple[str, bytes | OSError]] = []
+        call = self._stub.SegmentStream(
+            stream_requests(images, options, self.upload_threshold, deferred), timeout=timeout
+        )
+        try:
+            async for response in call:
+                yield SegmentationResult.from_proto(response)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+        for image_id, item in deferred:
+            if isinstance(item, OSError):
+                yield failed_result(
+                    image_id, SegmentError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read image: {item}")
+                )
+                continue
+            try:
+                yield await self.segment(
+                    item,
+                    max_size=max_size,
+                    overlay=overlay,
+                    overlay_opacity=overlay_opacity,
+                    image_id=image_id,
+                    timeout=timeout,
+                )
+            except SegmentError as exc:
+                yield failed_result(image_id, exc)
+
+    async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        try:
+            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        try:
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncSegmentClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,135 @@
+"""`python -m client`: segment images, show model info, check health. Errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from client.channel import DEFAULT_TARGET
+from client.errors import SegmentError
+from client.results import SegmentationResult
+from client.sync import SegmentClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client", description="segserve command-line client.")
+    parser.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"server address, HOST:PORT or a gRPC target (env SEGSERVE_TARGET, default {DEFAULT_TARGET})",
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    segment = commands.add_parser("segment", help="segment images; writes NAME.mask.png (and NAME.overlay.png)")
+    segment.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    segment.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
+    segment.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png")
+    segment.add_argument("--opacity", type=float, default=None, help="overlay colour weight, 0-1 (default 0.5)")
+    segment.add_argument("--max-size", type=int, default=0, help="longest side fed to the model (0: server default)")
+    for name in ("--target", "--timeout"):  # also accepted after the subcommand
+        segment.add_argument(
+            name,
+            dest=name[2:],
+            default=argparse.SUPPRESS,
+            type=float if name == "--timeout" else str,
+            help=argparse.SUPPRESS,
+        )
+
+    for name, help_text in (
+        ("info", "print the model being served"),
+        ("health", "print the serving status; exit 1 unless SERVING"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _write_outputs(result: SegmentationResult, source: Path, out: Path) -> list[Path]:
+    stem = source.stem if source.name == result.id else Path(result.id).stem
+    written = [out / f"{stem}.mask.png"]
+    written[0].write_bytes(result.mask_png)
+    if result.overlay_png:
+        written.append(out / f"{stem}.overlay.png")
+        written[1].write_bytes(result.overlay_png)
+    return written
+
+
+def _describe(result: SegmentationResult, written: list[Path]) -> str:
+    t = result.timing
+    return (
+        f"{result.id}: {result.width}x{result.height} -> {written[0]}"
+        f" | {result.summary()} | {t.total_ms:.0f} ms (batch {t.batch_size})"
+    )
+
+
+def cmd_segment(client: SegmentClient, args: argparse.Namespace) -> int:
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    names = [p.name for p in args.images]
+    if len(set(names)) != len(names):
+        print("error: two images share a file name; their masks would overwrite each other", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = {"max_size": args.max_size, "overlay": args.overlay, "overlay_opacity": args.opacity}
+    by_name = {p.name: p for p in args.images}
+    failures = 0
+    if len(args.images) == 1:
+        results = iter([client.segment(args.images[0], **options)])
+    else:
+        results = client.segment_many(args.images, **options)
+    progress = tqdm(total=len(args.images), unit="img", disable=len(args.images) == 1, file=sys.stderr)
+    with progress:
+        for result in results:
+            progress.update(1)
+            if result.error is not None:
+                failures += 1
+                progress.write(f"error: {result.id}: {result.error}", file=sys.stderr)
+                continue
+            written = _write_outputs(result, by_name.get(result.id, Path(result.id)), args.out)
+            progress.write(_describe(result, written))
+    return 1 if failures else 0
+
+
+def cmd_info(client: SegmentClient, args: argparse.Namespace) -> int:
+    info = client.model_info()
+    print(f"model:          {info.model}")
+    print(f"weights:        {info.weights}")
+    print(f"device:         {info.device}")
+    print(f"max size:       {info.max_size}")
+    print(f"max batch size: {info.max_batch_size} (delay {info.max_batch_delay_ms:g} ms, queue {info.max_queue})")
+    served = ", ".join(f"{i + 1}x{n}" for i, n in enumerate(info.batch_sizes) if n)
+    print(f"batches served: {served or 'none yet'}")
+    print("labels:         " + ", ".join(f"{label.index} {label.name} {label.color}" for label in info.labels))
+    if not info.weights_are_trained:
+        print("warning: the server runs on RANDOM weights; its masks are meaningless (see README: weights offline)")
+    return 0
+
+
+def cmd_health(client: SegmentClient, args: argparse.Namespace) -> int:
+    status = client.health()
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"segment": cmd_segment, "info": cmd_info, "health": cmd_health}[args.command]
+    try:
+        with SegmentClient(args.target, timeout=args.timeout) as client:
+            return command(client, args)
+    except SegmentError as exc:
+        where = f" ({exc.image_id})" if exc.image_id else ""
+        print(f"error{where}: {exc} [target {args.target}]", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

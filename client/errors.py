@@ -1,0 +1,27 @@
+"""The client's one error type: a failed call with its gRPC status and the server's message."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SegmentError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, image_id: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.image_id = image_id
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError, image_id: str = "") -> SegmentError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", image_id)
+
+    @classmethod
+    def from_status_number(cls, number: int, message: str, image_id: str = "") -> SegmentError:
+        code = next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+        return cls(code, message, image_id)

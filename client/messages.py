@@ -1,0 +1,79 @@
+"""Turning what callers hold (bytes, paths, PIL images) into request messages; shared by both clients."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from PIL import Image
+
+from protos.segserve.v1 import segserve_pb2 as pb
+
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike[str], Image.Image]
+
+# Above this an image goes through SegmentUpload in chunks: below the server's unary message limit.
+UPLOAD_THRESHOLD = 2 * 1024 * 1024
+CHUNK_SIZE = 1024 * 1024
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    return Path(image).read_bytes()
+
+
+def default_id(image: ImageInput, fallback: str = "") -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).name
+    return fallback
+
+
+@dataclass(frozen=True)
+class Options:
+    max_size: int = 0
+    overlay: bool = False
+    overlay_opacity: float | None = None
+
+    def to_proto(self) -> pb.SegmentOptions:
+        options = pb.SegmentOptions(max_size=self.max_size, overlay=self.overlay)
+        if self.overlay_opacity is not None:
+            options.overlay_opacity = self.overlay_opacity
+        return options
+
+
+def segment_request(image_id: str, data: bytes, options: Options) -> pb.SegmentRequest:
+    return pb.SegmentRequest(id=image_id, image=data, options=options.to_proto())
+
+
+def upload_chunks(
+    image_id: str, data: bytes, options: Options, chunk_size: int = CHUNK_SIZE
+) -> Iterator[pb.ImageChunk]:
+    yield pb.ImageChunk(id=image_id, options=options.to_proto(), data=data[:chunk_size])
+    for start in range(chunk_size, len(data), chunk_size):
+        yield pb.ImageChunk(data=data[start : start + chunk_size])
+
+
+def stream_requests(
+    images: Iterable[ImageInput], options: Options, upload_threshold: int, deferred: list[tuple[str, bytes | OSError]]
+) -> Iterator[pb.SegmentRequest]:
+    """SegmentStream requests for the images that fit in one message; the rest (too large, or
+    unreadable) go into `deferred` for the caller to upload or report after the stream."""
+    for index, image in enumerate(images):
+        image_id = default_id(image, str(index))
+        try:
+            data = image_bytes(image)
+        except OSError as exc:
+            deferred.append((image_id, exc))
+            continue
+        if len(data) > upload_threshold:
+            deferred.append((image_id, data))
+            continue
+        yield segment_request(image_id, data, options)

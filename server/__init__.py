@@ -1,0 +1,1 @@
+"""segserve server: gRPC front end over a transport-free segmentation pipeline."""

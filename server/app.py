@@ -1,0 +1,103 @@
+"""Builds the gRPC server (Segmenter, health, reflection) and runs it until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # health.aio, spelled so type checkers find it
+from grpc_reflection.v1alpha import reflection
+
+from protos.segserve.v1 import segserve_pb2 as pb
+from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
+from server.errors import ModelLoadError
+from server.pipeline import SegmentationPipeline
+from server.servicer import SegmenterServicer
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class App:
+    server: grpc.aio.Server
+    port: int
+    pipeline: SegmentationPipeline
+    health: HealthServicer
+
+    async def start(self) -> None:
+        """Starts answering at once (health NOT_SERVING), then loads and warms the model, then SERVING."""
+        await self.server.start()
+        log.info("listening on port %d; loading model", self.port)
+        await self.pipeline.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first, so balancers stop sending; then let in-flight calls finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        grace = self.pipeline.settings.grace_period_s if grace is None else grace
+        await self.server.stop(grace)
+        await self.pipeline.close()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", -1),
+    ]
+
+
+async def create_app(settings: Settings, pipeline: SegmentationPipeline | None = None) -> App:
+    """Builds everything and binds the port (0 picks a free one), without starting. Call inside the event loop."""
+    pipeline = pipeline or SegmentationPipeline(settings)
+    server = grpc.aio.server(options=server_options(settings))
+    pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    return App(server, port, pipeline, health_servicer)
+
+
+async def serve(settings: Settings) -> int:
+    """Runs until SIGINT or SIGTERM; returns the process exit code."""
+    app = await create_app(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in HANDLED_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(app.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if starting.done() and (exc := starting.exception()) is not None:
+        if isinstance(exc, ModelLoadError):
+            log.error("cannot start: %s", exc)
+        else:
+            log.error("cannot start", exc_info=exc)
+        code = 1
+    else:
+        await stopping
+    log.info("shutting down (grace %.1fs)", settings.grace_period_s)
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await starting
+    await app.stop()
+    log.info("stopped")
+    return code

@@ -1,0 +1,178 @@
+"""Dynamic batcher: groups concurrent same-shaped requests into one model call.
+
+Rules, all in `_next_batch`:
+- Only items of one shape share a batch (padding would leak neighbours into DeepLabV3's
+  global-pooling branch, so a mask would depend on the rest of the batch).
+- A batch goes to the model when it is full, when its oldest item has waited max_delay,
+  or at once when no other request is on its way (a lone request never waits).
+- One batch runs at a time, on one worker thread; while it runs, arrivals pile up and form
+  the next batch, so batches grow with load by themselves.
+- Items whose caller cancelled or whose deadline passed are dropped before the model.
+- An exception from the model reaches every caller in that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from server.errors import RequestExpired
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass
+class BatchResult(Generic[Out]):
+    output: Out
+    batch_size: int
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[BatchResult[Out]]
+    deadline: float | None
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+class Batcher(Generic[In, Out]):
+    """`run_batch(items) -> outputs` runs on a single worker thread; `submit` awaits one item's output."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[In]], Sequence[Out]],
+        shape_of: Callable[[In], Hashable],
+        max_batch_size: int = 8,
+        max_delay_s: float = 0.005,
+        executor: Executor | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self._shape_of = shape_of
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._groups: dict[Hashable, deque[_Pending[In, Out]]] = {}
+        self._on_the_way = 0
+        self.batch_size_counts: list[int] = [0] * max_batch_size
+        # Loop-bound objects are made on first use, inside the server's event loop.
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- producer side -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Marks a request as on its way (being decoded), so batches wait for it rather than leave without it."""
+        self._on_the_way += 1
+        try:
+            yield
+        finally:
+            self._on_the_way -= 1
+            self._wake()
+
+    async def submit(self, item: In, deadline: float | None = None) -> BatchResult[Out]:
+        """Queue one item and wait for its output. `deadline` is a time.monotonic() value."""
+        self._ensure_started()
+        future: asyncio.Future[BatchResult[Out]] = asyncio.get_running_loop().create_future()
+        self._groups.setdefault(self._shape_of(item), deque()).append(_Pending(item, future, deadline))
+        self._wake()
+        return await future
+
+    @property
+    def queued(self) -> int:
+        return sum(len(group) for group in self._groups.values())
+
+    # ---- consumer side -------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            batch, wait_s = self._next_batch()
+            if batch:
+                await self._dispatch(batch)
+                continue
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait_s)
+
+    def _next_batch(self) -> tuple[list[_Pending[In, Out]], float | None]:
+        """The batch to run now, or how long to wait before looking again (None: until woken)."""
+        now = time.monotonic()
+        self._drop_dead(now)
+        if not self._groups:
+            return [], None
+        shape, group = min(self._groups.items(), key=lambda kv: kv[1][0].enqueued)
+        waited = now - group[0].enqueued
+        more_coming = self._on_the_way > 0
+        if len(group) < self.max_batch_size and more_coming and waited < self.max_delay_s:
+            return [], self.max_delay_s - waited
+        batch = [group.popleft() for _ in range(min(self.max_batch_size, len(group)))]
+        if not group:
+            del self._groups[shape]
+        return batch, None
+
+    def _drop_dead(self, now: float) -> None:
+        for shape in list(self._groups):
+            alive: deque[_Pending[In, Out]] = deque()
+            for pending in self._groups[shape]:
+                if pending.future.done():  # the caller cancelled
+                    continue
+                if pending.expired(now):
+                    pending.future.set_exception(RequestExpired("deadline passed while waiting for the model"))
+                    continue
+                alive.append(pending)
+            if alive:
+                self._groups[shape] = alive
+            else:
+                del self._groups[shape]
+
+    async def _dispatch(self, batch: list[_Pending[In, Out]]) -> None:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"model returned {len(outputs)} outputs for a batch of {len(batch)}")
+        except Exception as exc:
+            log.exception("batch of %d failed", len(batch))
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        inference_ms = (time.monotonic() - started) * 1000
+        self.batch_size_counts[len(batch) - 1] += 1
+        for pending, output in zip(batch, outputs, strict=True):
+            if not pending.future.done():
+                queue_ms = (started - pending.enqueued) * 1000
+                pending.future.set_result(BatchResult(output, len(batch), queue_ms, inference_ms))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,63 @@
+"""One error type that carries its gRPC status; the servicer maps it to the call in one place."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SegservError(Exception):
+    """An error a caller can act on; `code` is the gRPC status it is answered with."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidImage(SegservError):
+    """Empty, undecodable or otherwise unusable image bytes."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidOptions(SegservError):
+    """A request option out of its allowed range."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ImageTooLarge(SegservError):
+    """An image over the byte or pixel limits."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Overloaded(SegservError):
+    """The admission queue is full."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotReady(SegservError):
+    """The model is still loading, or the server is shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class RequestExpired(SegservError):
+    """The caller's deadline passed before the model reached the request."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RequestCancelled(SegservError):
+    """The caller went away before the model reached the request."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class ModelLoadError(SegservError):
+    """The configured model or weights cannot be loaded (a start-up error, never sent to a caller)."""

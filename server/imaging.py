@@ -1,0 +1,131 @@
+"""Decoding and resizing: bytes in, an RGB image at model size out. No torch here."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from server.errors import ImageTooLarge, InvalidImage
+
+# A truncated file is the caller's error to hear about, not something to paper over with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# JPEG orientations 5-8 swap width and height.
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int
+    max_pixels: int
+
+
+@dataclass
+class DecodedImage:
+    """An RGB image ready for the model, plus what postprocessing needs to map back."""
+
+    model_input: Image.Image
+    """RGB, longer side at most max_size."""
+    original_size: tuple[int, int]
+    """(width, height) after EXIF orientation: the size of the mask."""
+    full_image: Image.Image | None = None
+    """RGB at original_size, kept only when an overlay was asked for."""
+
+
+def fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """Shrink (width, height) so the longer side is at most max_side, keeping the aspect ratio.
+
+    Never upscales and never returns a side of 0, so a 10000x10 panorama becomes 512x1.
+    """
+    width, height = size
+    longer = max(width, height)
+    if longer <= max_side:
+        return width, height
+    scale = max_side / longer
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _open(data: bytes, limits: Limits) -> Image.Image:
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            f"cannot identify image format ({len(data)} bytes starting {data[:8]!r}); "
+            "send JPEG, PNG, WebP, GIF, BMP or TIFF"
+        ) from None
+    except Exception as exc:  # Pillow raises many types for corrupt headers
+        raise InvalidImage(f"cannot read image header: {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} pixels"
+        )
+    return image
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    width, height = image.size
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        scaled = np.clip(pixels * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, max_side: int, limits: Limits, keep_full: bool = False) -> DecodedImage:
+    """Decode, orient and shrink an image for the model.
+
+    JPEGs use Pillow's draft mode, so a 12-megapixel photo decodes at 1/2, 1/4 or 1/8 scale
+    instead of at full size, unless keep_full asks for the full-resolution image (for overlays).
+    """
+    image = _open(data, limits)
+    original_size = _oriented_size(image)
+    target = fit_within(image.size, max_side)
+    try:
+        if not keep_full and image.format == "JPEG" and target != image.size:
+            image.draft("RGB", target)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        rgb = to_rgb(image)
+    except (Image.DecompressionBombError, MemoryError) as exc:
+        raise ImageTooLarge(f"image too large to decode: {exc}") from None
+    except Exception as exc:
+        raise InvalidImage(f"cannot decode image: {exc}") from None
+    model_size = fit_within(original_size, max_side)
+    model_input = rgb if rgb.size == model_size else rgb.resize(model_size, Image.Resampling.BILINEAR)
+    full = None
+    if keep_full:
+        full = rgb if rgb.size == original_size else rgb.resize(original_size, Image.Resampling.BILINEAR)
+    return DecodedImage(model_input=model_input, original_size=original_size, full_image=full)

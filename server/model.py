@@ -1,0 +1,177 @@
+"""DeepLabV3 runtime: loading, weights fallback and batched inference. Knows torch, never protobuf."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import segmentation as tvseg
+
+from server.errors import ModelLoadError
+from server.labels import VOC_CLASSES, Label, make_labels
+
+log = logging.getLogger(__name__)
+
+_BUILDERS: dict[str, tuple[Callable[..., nn.Module], Any]] = {
+    "deeplabv3_mobilenet_v3_large": (
+        tvseg.deeplabv3_mobilenet_v3_large,
+        tvseg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+    ),
+    "deeplabv3_resnet50": (tvseg.deeplabv3_resnet50, tvseg.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1),
+    "deeplabv3_resnet101": (tvseg.deeplabv3_resnet101, tvseg.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1),
+}
+
+# torchvision's weights transforms normalise with these (ImageNet statistics).
+_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def _normalisation(weights_enum: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    try:
+        transform = weights_enum.transforms()
+        return tuple(transform.mean), tuple(transform.std)
+    except Exception:
+        return _DEFAULT_MEAN, _DEFAULT_STD
+
+
+def _build_random(builder: Callable[..., nn.Module]) -> nn.Module:
+    # weights_backbone=None too: otherwise torchvision would try to download ImageNet backbone weights.
+    return builder(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES), aux_loss=False)
+
+
+def _load_state_dict_file(builder: Callable[..., nn.Module], path: Path) -> nn.Module:
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"weights file {path} is not a torch state_dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
+    has_aux = any(str(key).startswith("aux_classifier.") for key in state)
+    model = builder(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES), aux_loss=has_aux)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise ModelLoadError(f"weights file {path} does not match this model: {first_line}") from exc
+    return model
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    weights_description: str
+    trained: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load_model(model_name: str, weights: str) -> LoadedModel:
+    """Build the model with the chosen weights. Raises ModelLoadError with a one-line reason."""
+    if model_name not in _BUILDERS:
+        raise ModelLoadError(f"unknown model {model_name!r}: choose one of {', '.join(_BUILDERS)}")
+    builder, weights_enum = _BUILDERS[model_name]
+    mean, std = _normalisation(weights_enum)
+    if weights in ("auto", "pretrained"):
+        try:
+            module = builder(weights=weights_enum)
+            return LoadedModel(module, f"pretrained:{weights_enum.name}", True, mean, std)
+        except Exception as exc:
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_enum.url).name
+            how = (
+                f"put {Path(weights_enum.url).name} in {cache.parent} (or set TORCH_HOME), "
+                "or pass a state_dict file with SEGSERVE_WEIGHTS=/path/to/weights.pth"
+            )
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+            if weights == "pretrained":
+                raise ModelLoadError(f"pretrained weights for {model_name} unavailable ({reason}); {how}") from exc
+            log.warning(
+                "pretrained weights for %s unavailable (%s); serving RANDOM weights, masks are meaningless. To fix: %s",
+                model_name,
+                reason,
+                how,
+            )
+            return LoadedModel(
+                _build_random(builder), f"random (fallback: pretrained unavailable; {how})", False, mean, std
+            )
+    if weights == "random":
+        return LoadedModel(_build_random(builder), "random", False, mean, std)
+    path = Path(os.path.expanduser(weights))
+    return LoadedModel(_load_state_dict_file(builder, path), f"file:{path}", True, mean, std)
+
+
+class ModelRuntime:
+    """Runs batches of same-shaped RGB images through DeepLabV3 and returns label maps.
+
+    Not thread-safe by design: the batcher calls it from one worker thread.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        weights: str,
+        device: str = "auto",
+        channels_last: bool = True,
+        half: bool = False,
+        torch_threads: int = 0,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.model_name = model_name
+        self.device = resolve_device(device)
+        loaded = load_model(model_name, weights)
+        module = loaded.module
+        # The auxiliary head only helps training; dropping it saves a third of the compute.
+        if getattr(module, "aux_classifier", None) is not None:
+            module.aux_classifier = None  # type: ignore[assignment]
+        self.channels_last = channels_last
+        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
+        module = module.eval().to(self.device, dtype=self.dtype)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        self.weights_description = loaded.weights_description
+        self.weights_trained = loaded.trained
+        self.labels: tuple[Label, ...] = make_labels(VOC_CLASSES)
+        self._mean = torch.tensor(loaded.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(loaded.std, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """uint8 HxWx3 arrays of one shape in, one uint8 HxW label map per image out."""
+        if not images:
+            return []
+        batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+            x = ((x - self._mean) / self._std).to(self.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = self.module(x)["out"]
+            labels = logits.argmax(dim=1).to(torch.uint8)
+        return list(labels.cpu().numpy())

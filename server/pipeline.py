@@ -1,0 +1,207 @@
+"""The transport-free core: bytes and options in, a segmentation result out.
+
+decode + resize (worker pool) -> batcher -> model (one thread) -> upsample + PNG (worker pool)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import ParamSpec, TypeVar
+
+import numpy as np
+
+from server.batcher import Batcher
+from server.errors import InvalidOptions, NotReady, Overloaded
+from server.imaging import DecodedImage, Limits, decode_image
+from server.labels import Label
+from server.model import ModelRuntime
+from server.postprocess import ClassShare, blend_overlay, class_shares, encode_mask_png, encode_png, upsample_labels
+from server.settings import MIN_MAX_SIZE, Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+DEFAULT_OVERLAY_OPACITY = 0.5
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    max_size: int = 0
+    """0: the server's default."""
+    overlay: bool = False
+    overlay_opacity: float | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    preprocess_ms: float = 0.0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    postprocess_ms: float = 0.0
+    total_ms: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    width: int
+    height: int
+    model_width: int
+    model_height: int
+    mask_png: bytes
+    overlay_png: bytes | None
+    classes: list[ClassShare]
+    timing: Timing = field(default_factory=Timing)
+
+
+def _shape_of(array: np.ndarray) -> tuple[int, ...]:
+    return tuple(array.shape)
+
+
+class SegmentationPipeline:
+    """Owns the model runtime, the batcher and the worker pool. Create inside the server's event loop."""
+
+    def __init__(self, settings: Settings, runtime: ModelRuntime | None = None) -> None:
+        self.settings = settings
+        self.limits = Limits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.runtime = runtime
+        self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="prepost")
+        self._batcher: Batcher[np.ndarray, np.ndarray] | None = None
+        self._admitted = 0
+        self.ready = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model (unless one was given) and warm it up, off the event loop."""
+        loop = asyncio.get_running_loop()
+        if self.runtime is None:
+            s = self.settings
+            self.runtime = await loop.run_in_executor(
+                self._pool,
+                partial(ModelRuntime, s.model, s.weights, s.device, s.channels_last, s.half, s.torch_threads),
+            )
+        runtime = self.runtime
+        self._batcher = Batcher(
+            runtime.predict,
+            _shape_of,
+            max_batch_size=self.settings.max_batch_size,
+            max_delay_s=self.settings.max_batch_delay_ms / 1000,
+        )
+        if self.settings.warmup:
+            await loop.run_in_executor(self._pool, self._warm_up)
+        self.ready = True
+        log.info(
+            "model %s ready on %s (weights: %s)", runtime.model_name, runtime.device_name, runtime.weights_description
+        )
+
+    def _warm_up(self) -> None:
+        """One pass per expected shape (4:3 landscape and portrait, square), so first callers don't pay for it."""
+        assert self.runtime is not None
+        side = self.settings.max_size
+        started = time.monotonic()
+        for width, height in {(side, side * 3 // 4), (side * 3 // 4, side), (side, side)}:
+            self.runtime.predict([np.zeros((height, width, 3), dtype=np.uint8)])
+        log.info("warm-up done in %.0f ms", (time.monotonic() - started) * 1000)
+
+    async def close(self) -> None:
+        self.ready = False
+        if self._batcher is not None:
+            await self._batcher.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- info -----------------------------------------------------------------------------
+
+    @property
+    def labels(self) -> tuple[Label, ...]:
+        if self.runtime is None:
+            raise NotReady("model is still loading")
+        return self.runtime.labels
+
+    @property
+    def batch_size_counts(self) -> list[int]:
+        return list(self._batcher.batch_size_counts) if self._batcher else [0] * self.settings.max_batch_size
+
+    @property
+    def in_flight(self) -> int:
+        return self._admitted
+
+    # ---- the request path -----------------------------------------------------------------
+
+    def effective_max_size(self, options: SegmentOptions) -> int:
+        if options.max_size == 0:
+            return self.settings.max_size
+        if options.max_size < MIN_MAX_SIZE:
+            raise InvalidOptions(
+                f"max_size must be 0 (server default) or at least {MIN_MAX_SIZE}, got {options.max_size}"
+            )
+        return min(options.max_size, self.settings.max_size)
+
+    @staticmethod
+    def overlay_opacity(options: SegmentOptions) -> float:
+        opacity = DEFAULT_OVERLAY_OPACITY if options.overlay_opacity is None else options.overlay_opacity
+        if not 0.0 <= opacity <= 1.0:
+            raise InvalidOptions(f"overlay_opacity must be between 0 and 1, got {opacity}")
+        return opacity
+
+    async def segment(self, data: bytes, options: SegmentOptions, deadline: float | None = None) -> SegmentResult:
+        """Segment one encoded image. `deadline` is a time.monotonic() value after which the model skips it."""
+        if not self.ready or self._batcher is None or self.runtime is None:
+            raise NotReady("model is still loading" if not self.ready else "server is shutting down")
+        max_size = self.effective_max_size(options)
+        opacity = self.overlay_opacity(options)
+        if self._admitted >= self.settings.max_queue:
+            raise Overloaded(
+                f"server busy: {self._admitted} requests in progress (SEGSERVE_MAX_QUEUE={self.settings.max_queue})"
+            )
+        self._admitted += 1
+        try:
+            return await self._segment(data, options, max_size, opacity, deadline)
+        finally:
+            self._admitted -= 1
+
+    async def _segment(
+        self, data: bytes, options: SegmentOptions, max_size: int, opacity: float, deadline: float | None
+    ) -> SegmentResult:
+        assert self._batcher is not None
+        started = time.monotonic()
+        with self._batcher.expecting():
+            decoded = await self._in_pool(decode_image, data, max_size, self.limits, options.overlay)
+            model_input = np.asarray(decoded.model_input, dtype=np.uint8)
+        preprocessed = time.monotonic()
+        batch = await self._batcher.submit(model_input, deadline)
+        inferred = time.monotonic()
+        mask_png, overlay_png, classes = await self._in_pool(self._postprocess, batch.output, decoded, opacity)
+        finished = time.monotonic()
+        timing = Timing(
+            preprocess_ms=(preprocessed - started) * 1000,
+            queue_ms=batch.queue_ms,
+            inference_ms=batch.inference_ms,
+            postprocess_ms=(finished - inferred) * 1000,
+            total_ms=(finished - started) * 1000,
+            batch_size=batch.batch_size,
+        )
+        width, height = decoded.original_size
+        model_width, model_height = decoded.model_input.size
+        return SegmentResult(width, height, model_width, model_height, mask_png, overlay_png, classes, timing)
+
+    def _postprocess(
+        self, labels: np.ndarray, decoded: DecodedImage, opacity: float
+    ) -> tuple[bytes, bytes | None, list[ClassShare]]:
+        assert self.runtime is not None
+        mask = upsample_labels(labels, decoded.original_size)
+        overlay_png = None
+        if decoded.full_image is not None:
+            overlay_png = encode_png(blend_overlay(decoded.full_image, mask, opacity))
+        return encode_mask_png(mask), overlay_png, class_shares(mask, self.runtime.labels)
+
+    async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))

@@ -1,0 +1,84 @@
+"""The one settings object: SEGSERVE_* environment variables, overridable by CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ModelName = Literal["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101"]
+
+MIN_MAX_SIZE = 16
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field is SEGSERVE_<NAME> in the environment and --<name> on the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGSERVE_", extra="ignore", protected_namespaces=())
+
+    host: str = Field("[::]", description="Address the gRPC server binds to.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    model: ModelName = Field("deeplabv3_mobilenet_v3_large", description="DeepLabV3 variant to serve.")
+    weights: str = Field(
+        "auto",
+        description="auto (pretrained, random if unavailable), pretrained (fail if unavailable), "
+        "random, or a path to a state_dict file.",
+    )
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+    max_size: int = Field(
+        512, ge=MIN_MAX_SIZE, description="Longest image side fed to the model; also the cap on the per-request option."
+    )
+    max_batch_size: int = Field(8, ge=1, description="Most images in one model batch (1 turns batching off).")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, description="Longest a request waits for others to share its batch while more are on the way."
+    )
+    max_queue: int = Field(64, ge=1, description="Requests admitted at once; more are refused with RESOURCE_EXHAUSTED.")
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Largest encoded image accepted, in bytes.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Largest decoded image accepted, in pixels.")
+    max_message_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest unary gRPC message; bigger images go through SegmentUpload."
+    )
+    workers: int = Field(0, ge=0, description="Threads for decoding and encoding (0: one per CPU core).")
+    torch_threads: int = Field(0, ge=0, description="Threads torch uses on the CPU (0: torch's default).")
+    channels_last: bool = Field(True, description="Run the model in channels_last memory format.")
+    half: bool = Field(False, description="Run in float16 on CUDA (ignored on the CPU).")
+    warmup: bool = Field(True, description="Run the model once per expected shape before reporting SERVING.")
+    grace_period_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @property
+    def worker_threads(self) -> int:
+        import os
+
+        return self.workers or max(2, os.cpu_count() or 2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
+    """One flag per settings field; help shows the environment variable and the default."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="segserve gRPC server. Every flag can also be set as SEGSERVE_<NAME>.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in Settings.model_fields.items():
+        env = "SEGSERVE_" + name.upper()
+        help_text = f"{field.description} [env {env}, default: {field.default}]"
+        if field.annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(_flag(name), dest=name, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
+    """Environment first, then flags given on the command line win."""
+    parser = build_parser()
+    overrides: dict[str, Any] = vars(parser.parse_args(argv))
+    return Settings(**overrides)

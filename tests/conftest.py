@@ -1,0 +1,98 @@
+"""Fixtures: a real server on a free port (in a background event loop), clients, test images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from client import SegmentClient
+from server.app import App, create_app
+from server.settings import Settings
+
+TEST_MAX_SIZE = 64
+
+
+class ServerThread:
+    """Runs the real gRPC app in its own event loop thread, as `python -m server` would."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server")
+        self.thread.start()
+        self.app: App = self.call(self._start())
+        self.port = self.app.port
+        self.target = f"127.0.0.1:{self.port}"
+
+    async def _start(self) -> App:
+        torch.manual_seed(0)  # the same random weights in every run
+        app = await create_app(self.settings)
+        await app.start()
+        return app
+
+    def call(self, coro, timeout: float = 120):  # type: ignore[no-untyped-def]
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.call(self.app.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def make_settings(**overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "weights": "random",
+        "device": "cpu",
+        "max_size": TEST_MAX_SIZE,
+        "grace_period_s": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerThread]:
+    running = ServerThread(make_settings())
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerThread) -> Iterator[SegmentClient]:
+    with SegmentClient(server.target, timeout=60) as c:
+        yield c
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth, photo-like RGB image (gradients plus blobs), deterministic per seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = [*rng.uniform(0.5, 4, 2).tolist(), rng.uniform(0, 6.28)]
+        channels.append(
+            127 + 120 * np.sin(x / max(width, 1) * fx * 6.28 + phase) * np.cos(y / max(height, 1) * fy * 6.28)
+        )
+    return Image.fromarray(np.stack(channels, axis=-1).clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def jpeg_bytes() -> bytes:
+    return encode(photo_like(160, 120), "JPEG", quality=90)

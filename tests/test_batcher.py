@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from server.batcher import Batcher
+from server.errors import RequestExpired
+
+
+class Recorder:
+    """A fake model: records each batch it gets and returns the items doubled."""
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.batches: list[list[tuple[str, int]]] = []
+        self.delay_s = delay_s
+        self.fail = fail
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[tuple[str, int]]) -> list[int]:
+        self.gate.wait(5)
+        self.batches.append(list(items))
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise ValueError("model exploded")
+        return [value * 2 for _, value in items]
+
+
+def shape(item: tuple[str, int]) -> str:
+    return item[0]
+
+
+async def test_lone_request_does_not_wait_for_the_delay() -> None:
+    model = Recorder()
+    batcher = Batcher(model, shape, max_batch_size=8, max_delay_s=1.0)
+    started = time.monotonic()
+    result = await batcher.submit(("a", 1))
+    assert result.output == 2 and result.batch_size == 1
+    assert time.monotonic() - started < 0.5
+    await batcher.close()
+
+
+async def test_flushes_when_full_without_waiting_for_the_delay() -> None:
+    model = Recorder()
+    batcher = Batcher(model, shape, max_batch_size=4, max_delay_s=5.0)
+    with batcher.expecting():  # one more "on its way" keeps the batcher waiting unless the batch fills
+        started = time.monotonic()
+        results = await asyncio.gather(*(batcher.submit(("a", i)) for i in range(4)))
+    assert [r.output for r in results] == [0, 2, 4, 6]
+    assert [len(b) for b in model.batches] == [4]
+    assert time.monotonic() - started < 2.0
+    await batcher.close()
+
+
+async def test_flushes_after_the_delay_while_more_are_expected() -> None:
+    model = Recorder()
+    batcher = Batcher(model, shape, max_batch_size=8, max_delay_s=0.05)
+    with batcher.expecting():
+        started = time.monotonic()
+        results = await asyncio.gather(batcher.submit(("a", 1)), batcher.submit(("a", 2)))
+        waited = time.monotonic() - started
+    assert [r.batch_size for r in results] == [2, 2]
+    assert 0.04 <= waited < 2.0
+    await batcher.close()
+
+
+async def test_only_same_shapes_share_a_batch() -> None:
+    model = Recorder()
+    model.gate.clear()  # hold the model so that everything queues up behind the first batch
+    batcher = Batcher(model, shape, max_batch_size=8, max_delay_s=0.0)
+    first = asyncio.ensure_future(batcher.submit(("a", 0)))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(batcher.submit((s, i))) for i, s in enumerate("abab", start=1)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await asyncio.gather(first, *rest)
+    assert [sorted(k for k, _ in batch) for batch in model.batches] == [["a"], ["a", "a"], ["b", "b"]]
+    assert batcher.batch_size_counts[:2] == [1, 2]
+    await batcher.close()
+
+
+async def test_max_batch_size_is_respected() -> None:
+    model = Recorder()
+    model.gate.clear()
+    batcher = Batcher(model, shape, max_batch_size=3, max_delay_s=0.0)
+    futures = [asyncio.ensure_future(batcher.submit(("a", i))) for i in range(8)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await asyncio.gather(*futures)
+    assert max(len(b) for b in model.batches) == 3
+    assert sum(len(b) for b in model.batches) == 8
+    await batcher.close()
+
+
+async def test_an_error_reaches_every_waiter_and_the_batcher_keeps_going() -> None:
+    model = Recorder(fail=True)
+    model.gate.clear()
+    batcher = Batcher(model, shape, max_batch_size=8, max_delay_s=0.0)
+    futures = [asyncio.ensure_future(batcher.submit(("a", i))) for i in range(3)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(o, ValueError) for o in outcomes), outcomes
+    model.fail = False
+    assert (await batcher.submit(("a", 5))).output == 10
+    await batcher.close()
+
+
+async def test_expired_and_cancelled_requests_never_reach_the_model() -> None:
+    model = Recorder()
+    model.gate.clear()
+    batcher = Batcher(model, shape, max_batch_size=8, max_delay_s=0.0)
+    blocker = asyncio.ensure_future(batcher.submit(("a", 0)))
+    await asyncio.sleep(0.05)
+    expired = asyncio.ensure_future(batcher.submit(("a", 1), deadline=time.monotonic() + 0.01))
+    cancelled = asyncio.ensure_future(batcher.submit(("a", 2)))
+    alive = asyncio.ensure_future(batcher.submit(("a", 3)))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await blocker
+    assert (await alive).output == 6
+    with pytest.raises(RequestExpired):
+        await expired
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    served = [value for batch in model.batches for _, value in batch]
+    assert sorted(served) == [0, 3]
+    await batcher.close()

@@ -1,0 +1,119 @@
+"""The server as a process: start-up errors, health through start-up, SIGTERM; the default model end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import SegmentClient
+from tests.conftest import encode, photo_like
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return process, f"127.0.0.1:{port}"
+
+
+def wait_for_status(target: str, wanted: int, timeout: float = 60) -> list[int]:
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service="segserve.v1.Segmenter"), timeout=1).status
+                if not seen or seen[-1] != status:
+                    seen.append(status)
+                if status == wanted:
+                    return seen
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise AssertionError(f"status {wanted} not reached; saw {seen}")
+
+
+def test_bad_weights_file_is_a_one_line_start_up_error(tmp_path: Path) -> None:
+    process, _ = start_server("--weights", str(tmp_path / "missing.pth"))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "missing.pth does not exist" in errors[0]
+    assert "Traceback" not in output
+
+
+def test_invalid_setting_is_a_clear_error() -> None:
+    process, _ = start_server("--max-batch-size", "zero")
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2 and "max_batch_size" in output and "Traceback" not in output
+
+
+def test_help_lists_every_setting_with_its_default() -> None:
+    output = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    for flag, default in [
+        ("--port", "50051"),
+        ("--max-size", "512"),
+        ("--max-batch-size", "8"),
+        ("--max-batch-delay-ms", "5.0"),
+        ("--weights", "auto"),
+        ("--device", "auto"),
+        ("--model", "deeplabv3_mobilenet_v3_large"),
+    ]:
+        assert flag in output and f"default: {default}" in output
+
+
+def test_default_model_end_to_end_then_sigterm_drains_and_exits_zero() -> None:
+    """Default architecture and default max size, NOT_SERVING until warm, SIGTERM: exit 0."""
+    process, target = start_server("--weights", "random", env={"SEGSERVE_GRACE_PERIOD_S": "5"})
+    try:
+        seen = wait_for_status(target, health_pb2.HealthCheckResponse.SERVING, timeout=120)
+        assert seen[-1] == health_pb2.HealthCheckResponse.SERVING
+        with SegmentClient(target) as client:
+            result = client.segment(encode(photo_like(800, 600), "JPEG"))
+            assert result.mask.shape == (600, 800) and result.model_size == (512, 384)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "shutting down" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT])
+def test_ctrl_c_also_exits_zero(sig: signal.Signals) -> None:
+    process, target = start_server("--weights", "random", "--max-size", "64", "--no-warmup")
+    try:
+        wait_for_status(target, health_pb2.HealthCheckResponse.SERVING, timeout=120)
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output

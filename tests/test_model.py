@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import logging
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models import segmentation as tvseg
+
+from server import model as model_module
+from server.errors import ModelLoadError
+from server.model import ModelRuntime, load_model
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretrained weights unreachable, as on a machine without network or cache."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fail)
+
+
+def test_auto_falls_back_to_random_with_a_warning(offline: None, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model("deeplabv3_mobilenet_v3_large", "auto")
+    assert not loaded.trained and loaded.weights_description.startswith("random (fallback")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "RANDOM" in warning and "SEGSERVE_WEIGHTS" in warning and ".pth" in warning
+
+
+def test_pretrained_is_a_clear_error_when_unavailable(offline: None) -> None:
+    with pytest.raises(ModelLoadError, match=r"pretrained weights .* unavailable"):
+        load_model("deeplabv3_mobilenet_v3_large", "pretrained")
+
+
+def test_state_dict_file_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = tvseg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    loaded = load_model("deeplabv3_mobilenet_v3_large", str(path))
+    assert loaded.trained and loaded.weights_description == f"file:{path}"
+    key = "classifier.4.weight"
+    assert torch.equal(loaded.module.state_dict()[key], source.state_dict()[key])
+
+
+def test_missing_and_mismatched_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("deeplabv3_mobilenet_v3_large", str(tmp_path / "nope.pth"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save(
+        tvseg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5).state_dict(), wrong
+    )
+    with pytest.raises(ModelLoadError, match="does not match") as info:
+        load_model("deeplabv3_mobilenet_v3_large", str(wrong))
+    assert "\n" not in str(info.value)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a pickle")
+    with pytest.raises(ModelLoadError, match="not a torch state_dict"):
+        load_model("deeplabv3_mobilenet_v3_large", str(garbage))
+
+
+def test_unknown_model_and_device() -> None:
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        load_model("deeplabv3_tiny", "random")
+    with pytest.raises(ModelLoadError):
+        model_module.resolve_device("tpu")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batch_equals_single_and_labels_are_in_range(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    runtime = ModelRuntime("deeplabv3_mobilenet_v3_large", "random", "cpu", channels_last=channels_last)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    together = runtime.predict(images)
+    assert len(together) == 3
+    assert all(m.shape == (48, 64) and m.dtype == np.uint8 and m.max() <= 20 for m in together)
+    for image, batched in zip(images, together, strict=True):
+        assert np.array_equal(runtime.predict([image])[0], batched)
