@@ -19,6 +19,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,9 +92,29 @@ class ServerOutput:
         return "\n".join(self.lines[-40:])
 
 
+def attach(dap: DAPClient, launch: dict[str, Any], path_mappings: list[dict[str, str]], line: int) -> None:
+    """What VS Code does for an attach configuration: the breakpoints go in before configurationDone."""
+    dap.request(
+        "initialize",
+        {
+            "clientID": "pytest",
+            "adapterID": "debugpy",
+            "pathFormat": "path",
+            "linesStartAt1": True,
+            "columnsStartAt1": True,
+        },
+    )
+    attaching = dap.send("attach", {"justMyCode": launch.get("justMyCode", True), "pathMappings": path_mappings})
+    dap.event("initialized", timeout=60)
+    dap.request("setBreakpoints", {"source": {"path": str(IMAGING)}, "breakpoints": [{"line": line}]})
+    dap.request("configurationDone")
+    dap.response(attaching, timeout=60)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_breakpoint_in_decode_image_stops_with_the_image_among_the_locals(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wait", [False, True], ids=["attach-to-running-server", "DEBUGPY_WAIT=1"])
+def test_breakpoint_in_decode_image_stops_with_the_image_among_the_locals(tmp_path: Path, wait: bool) -> None:
     debug = compose_service(COMPOSE_DEBUG, "server")
     container_root = bind_mount_of_checkout(debug)
     assert debug.get("working_dir", container_root) == container_root
@@ -104,9 +125,9 @@ def test_breakpoint_in_decode_image_stops_with_the_image_among_the_locals(tmp_pa
         shutil.copytree(REPO / package, app_dir / package, ignore=shutil.ignore_patterns("__pycache__"))
 
     debug_port = free_port()
-    compose_env = {"DEBUGPY_WAIT": "1"}  # as `DEBUGPY_WAIT=1 docker compose ... up`: serve once attached
-    argv = container_command(debug_port, compose_env)
-    assert "--wait-for-client" in argv
+    # DEBUGPY_WAIT=1 docker compose ... up: the server starts only once a debugger has attached.
+    argv = container_command(debug_port, {"DEBUGPY_WAIT": "1"} if wait else {})
+    assert ("--wait-for-client" in argv) is wait
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEGSERVE_", "PYTEST_"))}
     env.update({k: str(v) for k, v in compose_service(COMPOSE, "server").get("environment", {}).items()})
     env.update(
@@ -137,26 +158,16 @@ def test_breakpoint_in_decode_image_stops_with_the_image_among_the_locals(tmp_pa
     dap: DAPClient | None = None
     pool = ThreadPoolExecutor(max_workers=1)
     try:
-        dap = DAPClient("127.0.0.1", debug_port, connect_timeout=60)
-        dap.request(
-            "initialize",
-            {
-                "clientID": "pytest",
-                "adapterID": "debugpy",
-                "pathFormat": "path",
-                "linesStartAt1": True,
-                "columnsStartAt1": True,
-            },
-        )
-        attach = dap.send("attach", {"justMyCode": launch.get("justMyCode", True), "pathMappings": path_mappings})
-        dap.event("initialized", timeout=60)
-        dap.request("setBreakpoints", {"source": {"path": str(IMAGING)}, "breakpoints": [{"line": line}]})
-        dap.request("configurationDone")
-        dap.response(attach, timeout=60)
-
+        if wait:
+            dap = DAPClient("127.0.0.1", debug_port, connect_timeout=60)
+            attach(dap, launch, path_mappings, line)
         assert output.ready.wait(120), f"the server never started listening:\n{output.tail()}"
         with SegmentClient(f"127.0.0.1:{output.port}", timeout=120) as client:
             client.wait_until_serving(timeout=120)
+            if not wait:  # attach to the server while it serves, as one does to a running container
+                dap = DAPClient("127.0.0.1", debug_port, connect_timeout=60)
+                attach(dap, launch, path_mappings, line)
+            assert dap is not None
             reply = pool.submit(client.segment, encode(sent))
 
             stopped = dap.event("stopped", timeout=60)
