@@ -194,6 +194,8 @@ def test_breakpoint_in_decode_image_stops_with_the_image_among_the_locals(tmp_pa
         assert (result.width, result.height) == (97, 61)
         assert result.mask.shape == (61, 97)
         dap.request("disconnect", {"terminateDebuggee": False}, timeout=10)
+        with SegmentClient(f"127.0.0.1:{output.port}") as after:  # detaching leaves the server serving
+            assert after.health(timeout=30) == "SERVING"
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         if dap is not None:
