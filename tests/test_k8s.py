@@ -143,3 +143,16 @@ def test_gpu_variant_asks_for_a_gpu() -> None:
     assert main["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
     assert kinds["Service"]["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+
+
+def test_envoy_example_balances_per_call_and_checks_the_segmenters_health() -> None:
+    """Envoy itself is not installable here; this keeps the example in step with the service."""
+    config = yaml.safe_load((K8S.parent / "envoy" / "envoy.yaml").read_text())
+    (cluster,) = config["static_resources"]["clusters"]
+    assert cluster["type"] == "STRICT_DNS" and cluster["lb_policy"] == "ROUND_ROBIN"
+    assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
+    assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == SERVICE_NAME
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    service = by_kind(base_manifests())["Service"]
+    assert address["socket_address"]["port_value"] == service["spec"]["ports"][0]["port"]
+    assert address["socket_address"]["address"].startswith(service["metadata"]["name"] + ".")

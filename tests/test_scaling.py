@@ -9,6 +9,7 @@ name's answer late, as a new pod joins once ready. Each replica counts the image
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 
 from client import AsyncSegmentClient, SegmentClient, SegmentError
 from client.channel import channel_options
@@ -34,6 +37,8 @@ HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 LATE_HOST = "127.0.0.4"
 CONNECTION_AGE_S = 2.0
 IMAGE = encode(photo_like(48, 40), "PNG")
+# Noise does not compress: about 1.4 MB, over gRPC's default 256 KiB retry buffer (see client/channel.py).
+LARGE_IMAGE = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)), "PNG")
 
 pytestmark = pytest.mark.slow
 
@@ -181,15 +186,16 @@ def served(replicas: list[Replica]) -> list[int]:
     return [r.images_served() if r.process.poll() is None else 0 for r in replicas]
 
 
-def segment_all(client: SegmentClient, count: int, concurrency: int = 1) -> list[str]:
+def segment_all(client: SegmentClient, count: int, concurrency: int = 1, image: bytes = IMAGE) -> list[str]:
     """Sends `count` Segment calls; returns what went wrong (empty when every call succeeded)."""
+    size = Image.open(io.BytesIO(image)).size
 
     def one(i: int) -> str | None:
         try:
-            result = client.segment(IMAGE, image_id=f"img-{i}")
+            result = client.segment(image, image_id=f"img-{i}")
         except SegmentError as exc:
             return f"img-{i}: {exc}"
-        return None if result.mask.shape == (40, 48) else f"img-{i}: mask {result.mask.shape}"
+        return None if result.mask.shape == size[::-1] else f"img-{i}: mask {result.mask.shape}"
 
     with ThreadPoolExecutor(concurrency) as pool:
         return [error for error in pool.map(one, range(count)) if error]
@@ -238,7 +244,8 @@ def test_killed_replica_costs_no_request(replicas: list[Replica]) -> None:
         assert segment_all(client, 12, concurrency=3) == []
         killer = threading.Timer(0.5, victim.process.kill)  # SIGKILL: no draining, calls in flight are cut
         killer.start()
-        errors = segment_all(client, 60, concurrency=3)
+        # Large images: calls stay in flight longer, and are retried only thanks to the client's retry buffer.
+        errors = segment_all(client, 40, concurrency=3, image=LARGE_IMAGE)
         killer.join()
     assert victim.process.wait(10) == -signal.SIGKILL
     assert errors == [], errors
