@@ -16,6 +16,7 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 
+from server.batch_sizing import BatchSizer
 from server.batcher import Batcher
 from server.errors import InvalidOptions, NotReady, Overloaded
 from server.imaging import DecodedImage, Limits, decode_image
@@ -95,6 +96,7 @@ class SegmentationPipeline:
             _shape_of,
             max_batch_size=self.settings.max_batch_size,
             max_delay_s=self.settings.max_batch_delay_ms / 1000,
+            sizer=BatchSizer(self.settings.max_batch_size) if self.settings.adaptive_batching else None,
         )
         if self.settings.warmup:
             await loop.run_in_executor(self._pool, self._warm_up)
