@@ -20,7 +20,7 @@ import numpy as np
 from bench.loadgen import load_images
 from server.imaging import Limits, decode_image
 from server.model import ModelRuntime
-from server.postprocess import class_shares, encode_mask_png, upsample_labels
+from server.postprocess import class_shares_of_upsampled, encode_mask_png, upsample_labels
 from server.settings import Settings
 
 
@@ -30,7 +30,7 @@ def _one_batch(runtime: ModelRuntime, settings: Settings, batch: list[bytes], li
     for label_map, image in zip(labels, decoded, strict=True):
         mask = upsample_labels(label_map, image.original_size)
         encode_mask_png(mask)
-        class_shares(mask, runtime.labels)
+        class_shares_of_upsampled(label_map, image.original_size, runtime.labels)
 
 
 def measure(

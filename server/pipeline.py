@@ -22,7 +22,14 @@ from server.errors import InvalidOptions, NotReady, Overloaded
 from server.imaging import DecodedImage, Limits, decode_image
 from server.labels import Label
 from server.model import ModelRuntime
-from server.postprocess import ClassShare, blend_overlay, class_shares, encode_mask_png, encode_png, upsample_labels
+from server.postprocess import (
+    ClassShare,
+    blend_overlay,
+    class_shares_of_upsampled,
+    encode_mask_png,
+    encode_png,
+    upsample_labels,
+)
 from server.settings import MIN_MAX_SIZE, Settings
 
 log = logging.getLogger(__name__)
@@ -203,7 +210,8 @@ class SegmentationPipeline:
         overlay_png = None
         if decoded.full_image is not None:
             overlay_png = encode_png(blend_overlay(decoded.full_image, mask, opacity))
-        return encode_mask_png(mask), overlay_png, class_shares(mask, self.runtime.labels)
+        shares = class_shares_of_upsampled(labels, decoded.original_size, self.runtime.labels)
+        return encode_mask_png(mask), overlay_png, shares
 
     async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
