@@ -8,8 +8,8 @@ batch only adds latency. So the batcher reports each batch's model time here, an
   The first batch of each (shape, n) is not counted: it pays one-off kernel set-up.
 - The cap is the smallest measured n whose cost is within `tolerance` of the cheapest one
   (equal cost per image: the smaller batch, for lower latency).
-- Every `explore_every`-th batch of a shape may grow to twice the cap, so a bigger batch that would
-  pay gets measured; with nothing measured yet, the cap is the configured maximum.
+- Every `explore_every`-th batch of a shape is capped at twice the cap, the next such turn at half of
+  it, so the sizes either side of it keep being measured; with nothing measured, the cap is the maximum.
 """
 
 from __future__ import annotations
@@ -78,8 +78,13 @@ class BatchSizer:
         best = self.best_size(shape)
         if best is None:
             return self.max_batch_size
-        exploring = self._shapes[shape].batches % self.explore_every == 0
-        return min(self.max_batch_size, best * 2 if exploring else best)
+        batches = self._shapes[shape].batches
+        if batches % self.explore_every:
+            return best
+        # Exploring turns alternate: twice the cap (would a bigger batch pay?), then half of it (is a
+        # smaller size still worse? under load, sizes below the cap stop being served and measured).
+        upwards = (batches // self.explore_every) % 2 == 0
+        return min(self.max_batch_size, best * 2) if upwards else max(1, best // 2)
 
     def table(self) -> dict[Hashable, dict[int, float]]:
         """Milliseconds per image by batch size, per shape: what the cap is based on."""

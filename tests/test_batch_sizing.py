@@ -55,13 +55,16 @@ def test_shapes_learn_separately() -> None:
     assert (sizer.limit("big"), sizer.limit("small")) == (1, 4)
 
 
-def test_exploration_lets_the_next_size_up_be_measured() -> None:
+def test_exploration_alternates_the_sizes_either_side_of_the_cap() -> None:
     sizer = BatchSizer(8, explore_every=4)
-    feed(sizer, "a", 1, 100)
-    feed(sizer, "a", 2, 100)  # 4 batches so far: an exploring turn
+    feed(sizer, "a", 2, 50)
+    feed(sizer, "a", 4, 50)  # 4 batches: an exploring turn, downwards
+    assert (sizer.best_size("a"), sizer.limit("a")) == (2, 1)
+    sizer.observe("a", 2, 0.1)
     assert sizer.limit("a") == 2
-    sizer.observe("a", 1, 0.1)
-    assert sizer.limit("a") == 1
+    for _ in range(3):
+        sizer.observe("a", 2, 0.1)  # 8 batches: an exploring turn, upwards
+    assert sizer.limit("a") == 4
 
 
 def test_costs_follow_a_change_in_the_machine() -> None:
