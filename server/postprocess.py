@@ -46,7 +46,8 @@ def _nearest_sources(out_len: int, in_len: int) -> np.ndarray:
     scale = in_len / out_len
     steps = np.full(out_len, scale)
     steps[0] = scale * 0.5
-    return np.floor(np.cumsum(steps)).astype(np.int64)
+    sources: np.ndarray = np.floor(np.cumsum(steps)).astype(np.int64)
+    return sources
 
 
 def class_shares_of_upsampled(
