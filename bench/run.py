@@ -30,6 +30,7 @@ from typing import Any
 from bench.images import image_set
 from bench.plot import plot
 from bench.report import update_performance_doc
+from client import SegmentClient, SegmentError
 
 log = logging.getLogger("bench")
 
@@ -85,8 +86,6 @@ def _json_lines(command: list[str], env: dict[str, str], timeout: float) -> list
 
 def served_sweep(name: str, images: Path, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     """Starts a server, waits for SERVING, runs the load generator against it, stops it."""
-    from client import SegmentClient
-
     port = _free_port()
     server_env = {**env, "SEGSERVE_WEIGHTS": "random", "SEGSERVE_HOST": "127.0.0.1", "SEGSERVE_PORT": str(port)}
     server_env.update(_server_overrides(name))
@@ -98,7 +97,7 @@ def served_sweep(name: str, images: Path, args: argparse.Namespace, env: dict[st
     )
     try:
         with SegmentClient(f"127.0.0.1:{port}") as client:
-            client.wait_until_serving(timeout=300)
+            _wait_until_serving(client, server, Path(server_log.name))
             ready_s = time.monotonic() - started
             steps = _json_lines(
                 [
@@ -125,6 +124,20 @@ def served_sweep(name: str, images: Path, args: argparse.Namespace, env: dict[st
             server.kill()
             server.wait()
         server_log.close()
+
+
+def _wait_until_serving(client: SegmentClient, server: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Like client.wait_until_serving, but gives up at once, with the server's log, if the server exits."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited ({server.returncode}):\n{log_path.read_text()[-3000:]}")
+        try:
+            client.wait_until_serving(timeout=2)
+            return
+        except SegmentError:
+            continue
+    raise RuntimeError(f"server not serving after 300 s:\n{log_path.read_text()[-3000:]}")
 
 
 def _server_overrides(name: str) -> dict[str, str]:
