@@ -14,7 +14,7 @@ endif
 PROTO := protos/segserve/v1/segserve.proto
 TARGET ?= localhost:50051
 
-.PHONY: install run server test lint format protos bench clean debug
+.PHONY: install run server test lint format protos bench bench-smoke clean debug
 
 install: $(STAMP)
 
@@ -52,6 +52,12 @@ format: $(STAMP)
 protos: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
 		--mypy_out=. --mypy_grpc_out=. $(PROTO)
+
+bench: $(STAMP)  ## load sweep against a real server, in-process limit, batching off: JSON, plot, docs/performance.md
+	$(BIN)/python -m bench.run
+
+bench-smoke: $(STAMP)  ## the same machinery in well under a minute; numbers meaningless
+	$(BIN)/python -m bench.run --smoke
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

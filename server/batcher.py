@@ -9,6 +9,8 @@ Rules, all in `_next_batch`:
   the next batch, so batches grow with load by themselves.
 - Items whose caller cancelled or whose deadline passed are dropped before the model.
 - An exception from the model reaches every caller in that batch.
+- With a BatchSizer, "full" means the size it finds cheapest per image for that shape
+  (server/batch_sizing.py), so a device that gains nothing from batches is not made to wait for them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from server.batch_sizing import BatchSizer
 from server.errors import RequestExpired
 
 log = logging.getLogger(__name__)
@@ -60,11 +63,13 @@ class Batcher(Generic[In, Out]):
         max_batch_size: int = 8,
         max_delay_s: float = 0.005,
         executor: Executor | None = None,
+        sizer: BatchSizer | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._shape_of = shape_of
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.sizer = sizer
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._groups: dict[Hashable, deque[_Pending[In, Out]]] = {}
         self._on_the_way = 0
@@ -113,7 +118,7 @@ class Batcher(Generic[In, Out]):
         while True:
             batch, wait_s = self._next_batch()
             if batch:
-                await self._dispatch(batch)
+                await self._dispatch(batch, self._shape_of(batch[0].item))
                 continue
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -128,9 +133,10 @@ class Batcher(Generic[In, Out]):
         shape, group = min(self._groups.items(), key=lambda kv: kv[1][0].enqueued)
         waited = now - group[0].enqueued
         more_coming = self._on_the_way > 0
-        if len(group) < self.max_batch_size and more_coming and waited < self.max_delay_s:
+        limit = self.sizer.limit(shape) if self.sizer else self.max_batch_size
+        if len(group) < limit and more_coming and waited < self.max_delay_s:
             return [], self.max_delay_s - waited
-        batch = [group.popleft() for _ in range(min(self.max_batch_size, len(group)))]
+        batch = [group.popleft() for _ in range(min(limit, len(group)))]
         if not group:
             del self._groups[shape]
         return batch, None
@@ -150,7 +156,7 @@ class Batcher(Generic[In, Out]):
             else:
                 del self._groups[shape]
 
-    async def _dispatch(self, batch: list[_Pending[In, Out]]) -> None:
+    async def _dispatch(self, batch: list[_Pending[In, Out]], shape: Hashable) -> None:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
@@ -163,7 +169,10 @@ class Batcher(Generic[In, Out]):
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        inference_ms = (time.monotonic() - started) * 1000
+        inference_s = time.monotonic() - started
+        inference_ms = inference_s * 1000
+        if self.sizer is not None:
+            self.sizer.observe(shape, len(batch), inference_s)
         self.batch_size_counts[len(batch) - 1] += 1
         for pending, output in zip(batch, outputs, strict=True):
             if not pending.future.done():

@@ -16,12 +16,20 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 
+from server.batch_sizing import BatchSizer
 from server.batcher import Batcher
 from server.errors import InvalidOptions, NotReady, Overloaded
 from server.imaging import DecodedImage, Limits, decode_image
 from server.labels import Label
 from server.model import ModelRuntime
-from server.postprocess import ClassShare, blend_overlay, class_shares, encode_mask_png, encode_png, upsample_labels
+from server.postprocess import (
+    ClassShare,
+    blend_overlay,
+    class_shares_of_upsampled,
+    encode_mask_png,
+    encode_png,
+    upsample_labels,
+)
 from server.settings import MIN_MAX_SIZE, Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +103,7 @@ class SegmentationPipeline:
             _shape_of,
             max_batch_size=self.settings.max_batch_size,
             max_delay_s=self.settings.max_batch_delay_ms / 1000,
+            sizer=BatchSizer(self.settings.max_batch_size) if self.settings.adaptive_batching else None,
         )
         if self.settings.warmup:
             await loop.run_in_executor(self._pool, self._warm_up)
@@ -201,7 +210,8 @@ class SegmentationPipeline:
         overlay_png = None
         if decoded.full_image is not None:
             overlay_png = encode_png(blend_overlay(decoded.full_image, mask, opacity))
-        return encode_mask_png(mask), overlay_png, class_shares(mask, self.runtime.labels)
+        shares = class_shares_of_upsampled(labels, decoded.original_size, self.runtime.labels)
+        return encode_mask_png(mask), overlay_png, shares
 
     async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,9 +12,10 @@ from PIL import Image
 from server.labels import Label, voc_palette
 
 _PALETTE = voc_palette()
-# Level 1 is several times faster than the default on large masks and barely larger:
-# label maps are long runs of one value.
-_PNG_LEVEL = 1
+# Label maps are long runs of one value, which run-length deflate suits: on a 12-megapixel mask it
+# was faster than level 1 (39 vs 53 ms) and its output a third the size (18 vs 65 KB).
+_PNG_LEVEL = 6
+_PNG_STRATEGY = zlib.Z_RLE
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,37 @@ def class_shares(mask: Image.Image, labels: tuple[Label, ...]) -> list[ClassShar
     return [ClassShare(int(i), labels[i].name, float(counts[i] / total)) for i in order if counts[i] > 0]
 
 
+def _nearest_sources(out_len: int, in_len: int) -> np.ndarray:
+    """Which input index each output index copies under Pillow's nearest-neighbour resize, which steps
+    through the input by repeated addition of the scale (so this adds the same way, rounding included)."""
+    scale = in_len / out_len
+    steps = np.full(out_len, scale)
+    steps[0] = scale * 0.5
+    sources: np.ndarray = np.floor(np.cumsum(steps)).astype(np.int64)
+    return sources
+
+
+def class_shares_of_upsampled(
+    label_map: np.ndarray, size: tuple[int, int], labels: tuple[Label, ...]
+) -> list[ClassShare]:
+    """class_shares(upsample_labels(label_map, size)) without counting the full-size mask's pixels.
+
+    Each small pixel stands for (rows that copy it) x (columns that copy it) full-size pixels, so a
+    weighted count of the small map is exact; for a 12-megapixel mask, ~2 ms instead of ~35-60 ms.
+    """
+    height, width = label_map.shape
+    row_repeats = np.bincount(_nearest_sources(size[1], height), minlength=height)
+    col_repeats = np.bincount(_nearest_sources(size[0], width), minlength=width)
+    weights = np.outer(row_repeats, col_repeats).ravel()
+    counts = np.bincount(label_map.ravel(), weights=weights, minlength=len(labels))[: len(labels)].astype(np.int64)
+    total = size[0] * size[1]
+    order = np.argsort(-counts, kind="stable")
+    return [ClassShare(int(i), labels[i].name, float(counts[i] / total)) for i in order if counts[i] > 0]
+
+
 def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=_PNG_LEVEL)
+    image.save(buffer, format="PNG", compress_level=_PNG_LEVEL, compress_type=_PNG_STRATEGY)
     return buffer.getvalue()
 
 

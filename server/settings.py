@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(
         5.0, ge=0, description="Longest a request waits for others to share its batch while more are on the way."
     )
+    adaptive_batching: bool = Field(
+        True, description="Cap each shape's batches at the size the model runs cheapest per image (measured)."
+    )
     max_queue: int = Field(64, ge=1, description="Requests admitted at once; more are refused with RESOURCE_EXHAUSTED.")
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Largest encoded image accepted, in bytes.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Largest decoded image accepted, in pixels.")

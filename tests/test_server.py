@@ -15,7 +15,7 @@ from PIL import Image
 from client import SegmentClient, SegmentError
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from tests.conftest import TEST_MAX_SIZE, ServerThread, encode, photo_like
+from tests.conftest import TEST_MAX_SIZE, ServerThread, encode, make_settings, photo_like
 
 
 @pytest.fixture
@@ -151,13 +151,18 @@ def test_max_size_above_the_server_cap_is_capped(client: SegmentClient, jpeg_byt
     assert client.segment(jpeg_bytes, max_size=32).model_size == (32, 24)
 
 
-def test_batched_results_equal_results_alone(server: ServerThread) -> None:
+def test_batched_results_equal_results_alone() -> None:
     sizes = [(160, 120), (120, 160), (64, 64), (200, 150), (90, 120)]
     images = [encode(photo_like(w, h, seed=i), "PNG") for i, (w, h) in enumerate(sizes * 3)]
-    with SegmentClient(server.target) as c:
-        alone = [c.segment(image).mask for image in images]
-        with ThreadPoolExecutor(len(images)) as pool:
-            together = list(pool.map(c.segment, images))
+    # Adaptive batching off: it could learn that batches do not pay on this CPU and serve them alone.
+    server = ServerThread(make_settings(adaptive_batching=False))
+    try:
+        with SegmentClient(server.target) as c:
+            alone = [c.segment(image).mask for image in images]
+            with ThreadPoolExecutor(len(images)) as pool:
+                together = list(pool.map(c.segment, images))
+    finally:
+        server.stop()
     assert max(r.timing.batch_size for r in together) > 1, "no batching happened"
     for single, batched in zip(alone, together, strict=True):
         assert np.array_equal(single, batched.mask)

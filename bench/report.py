@@ -1,0 +1,174 @@
+"""Targets and tables from a benchmark JSON; renders the generated part of docs/performance.md.
+
+`python -m bench.report [RESULT.json]` (default: the newest non-smoke result) rewrites what lies between
+the BEGIN and END markers in docs/performance.md and leaves the hand-written rest alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "performance.md"
+BEGIN = "<!-- BEGIN bench.report: generated from the JSON, do not edit by hand -->"
+END = "<!-- END bench.report -->"
+
+
+def _step(steps: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((s for s in steps if s["concurrency"] == concurrency), None)
+
+
+def _p50(by_kind: dict[str, Any], kind: str) -> float | None:
+    entry = by_kind.get(kind)
+    return None if entry is None else float(entry["p50_ms"])
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target: what, the measured ratio, the bound, and whether it holds (None: not measured in this run)."""
+    served, off = result["served"]["steps"], result["batching_off"]["steps"]
+    limit = max(r["throughput"] for r in result["inprocess"])
+    single = next((r for r in result["inprocess"] if r["batch_size"] == 1), None)
+    rows: list[dict[str, Any]] = []
+
+    at8 = _step(served, 8)
+    ratio = at8["throughput"] / limit if at8 and limit else None
+    rows.append({"target": "served throughput at concurrency 8 / in-process limit", "ratio": ratio, "bound": ">= 0.9"})
+
+    ratios = [
+        (s["concurrency"], s["throughput"] / o["throughput"])
+        for s in served
+        if (o := _step(off, s["concurrency"])) and o["throughput"] > 0
+    ]
+    worst = min(ratios, key=lambda cr: cr[1]) if ratios else None
+    rows.append(
+        {
+            "target": "batching on / batching off throughput, worst concurrency"
+            + (f" (c={worst[0]})" if worst else ""),
+            "ratio": worst[1] if worst else None,
+            "bound": ">= 1.0",
+            "detail": {str(c): r for c, r in ratios},
+        }
+    )
+
+    at1 = _step(served, 1)
+    served_photo = _p50(at1["by_kind"], "photo") if at1 else None
+    inproc_photo = _p50(single["by_kind"], "photo") if single else None
+    rows.append(
+        {
+            "target": "p50 latency of a 640x480 JPEG at concurrency 1 / in-process single image",
+            "ratio": served_photo / inproc_photo if served_photo and inproc_photo else None,
+            "bound": "<= 1.1",
+        }
+    )
+    served_large = _p50(at1["by_kind"], "large") if at1 else None
+    rows.append(
+        {
+            "target": "p50 latency of the 12 MP JPEG / of a 640x480 JPEG, served at concurrency 1",
+            "ratio": served_large / served_photo if served_large and served_photo else None,
+            "bound": "<= 2.0",
+        }
+    )
+    for row in rows:
+        ratio, bound = row["ratio"], row["bound"]
+        limit_value = float(bound.split()[1])
+        row["met"] = (
+            None if ratio is None else (ratio >= limit_value if bound.startswith(">=") else ratio <= limit_value)
+        )
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
+    machine, run = result["machine"], result["run"]
+    rel = os.path.relpath(png_path, DOC.parent)
+    load = ", ".join(f"{x:.2f}" for x in machine["load_average_at_start"])
+    lines = [
+        BEGIN,
+        "",
+        f"Run of {result['date']} ({json_path.name}): **{machine['device']}**, {machine['cpu']}, "
+        f"{machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} threads), "
+        f"Python {machine['python']}; load average at start {load}. "
+        f"Each step: {run['warmup_s']:g} s warm-up, then {run['windows']} windows of {run['window_s']:g} s "
+        f"(throughput is the median window). Whole run: {run['wall_s'] / 60:.1f} min.",
+        "",
+        f"![throughput and p99 latency against concurrency]({rel})",
+        "",
+        "### Targets",
+        "",
+        "| Target | Measured | Bound | Met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in targets(result):
+        met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
+        lines.append(f"| {row['target']} | {_fmt(row['ratio'], 2)} | {row['bound']} | {met} |")
+    lines += [
+        "",
+        "### Served, by concurrency",
+        "",
+        "| Server | Concurrency | Images/s | p50 ms | p95 ms | p99 ms | Errors | Mean batch | "
+        "Server parts ms (pre / queue / model / post) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for config, label in (("served", "batching on"), ("batching_off", "batching off")):
+        for s in result[config]["steps"]:
+            parts = " / ".join(f"{v:.0f}" for v in s["server_parts_ms"].values())
+            lines.append(
+                f"| {label} | {s['concurrency']} | {s['throughput']:.2f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | "
+                f"{s['p99_ms']:.0f} | {s['errors']} | {s['mean_batch_size']:.2f} | {parts} |"
+            )
+    lines += [
+        "",
+        "### In-process (decode, model, postprocess called directly; no gRPC, no batcher)",
+        "",
+        "| Batch size | Images/s | p50 ms, 640x480 | p50 ms, 12 MP |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in result["inprocess"]:
+        lines.append(
+            f"| {r['batch_size']} | {r['throughput']:.2f} | {_fmt(_p50(r['by_kind'], 'photo'), 0)} | "
+            f"{_fmt(_p50(r['by_kind'], 'large'), 0)} |"
+        )
+    served_sizes = result["served"]["batch_sizes"]
+    lines += [
+        "",
+        f"Batches served during the batching-on sweep (ModelInfo.batch_sizes, index = size - 1): `{served_sizes}`.",
+        "",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def update_performance_doc(json_path: Path, doc: Path = DOC) -> None:
+    result = json.loads(json_path.read_text())
+    section = render(result, json_path, json_path.with_suffix(".png"))
+    text = doc.read_text() if doc.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    doc.write_text(head + section + tail)
+
+
+def newest_result() -> Path:
+    candidates = sorted(p for p in (ROOT / "bench" / "results").glob("*.json") if not p.stem.endswith("-smoke"))
+    if not candidates:
+        raise SystemExit("no benchmark results yet: run `make bench`")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = Path(argv[0]) if argv else newest_result()
+    update_performance_doc(path)
+    for row in targets(json.loads(path.read_text())):
+        sys.stdout.write(f"{row['target']}: {_fmt(row['ratio'], 2)} ({row['bound']}) met={row['met']}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

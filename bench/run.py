@@ -1,0 +1,215 @@
+"""`make bench` / `python -m bench.run`: the whole benchmark in one run, then the JSON, the plot and the report.
+
+1. The in-process limit (bench.inprocess, its own process): decode, model, postprocess called directly.
+2. A real `python -m server` (random weights, free port) with the default batching, swept by bench.loadgen
+   (its own process) over the concurrency steps.
+3. The same server with batching off (SEGSERVE_MAX_BATCH_SIZE=1), same sweep.
+
+Durations come from flags or BENCH_* environment variables; BENCH_SMOKE=1 (or --smoke) is a run of
+well under a minute that checks the machinery, not the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.images import image_set
+from bench.plot import plot
+from bench.report import update_performance_doc
+from client import SegmentClient, SegmentError
+
+log = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SMOKE = {"concurrency": "1,4", "batch_sizes": "1,2", "warmup": 0.5, "duration": 1.5, "repeats": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def device_slug(machine: dict[str, Any]) -> str:
+    name = machine["device"] if machine["device"] != "cpu" else f"cpu-{machine['cores']}core-{machine['cpu']}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("(r)", "").replace("(tm)", "")).strip("-")[:60]
+
+
+def _json_lines(command: list[str], env: dict[str, str], timeout: float) -> list[dict[str, Any]]:
+    log.info("running %s", " ".join(command[1:]))
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def served_sweep(name: str, images: Path, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """Starts a server, waits for SERVING, runs the load generator against it, stops it."""
+    port = _free_port()
+    server_env = {**env, "SEGSERVE_WEIGHTS": "random", "SEGSERVE_HOST": "127.0.0.1", "SEGSERVE_PORT": str(port)}
+    server_env.update(_server_overrides(name))
+    log.info("starting server (%s) on port %d", name, port)
+    started = time.monotonic()
+    server_log = (images.parent / f"server-{name}.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server", "--log-level", "WARNING"], cwd=ROOT, env=server_env, stderr=server_log
+    )
+    try:
+        with SegmentClient(f"127.0.0.1:{port}") as client:
+            _wait_until_serving(client, server, Path(server_log.name))
+            ready_s = time.monotonic() - started
+            steps = _json_lines(
+                [
+                    sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{port}", "--images", str(images),
+                    "--concurrency", args.concurrency, "--warmup", str(args.warmup),
+                    "--duration", str(args.duration), "--repeats", str(args.repeats),
+                ],
+                env,
+                timeout=3600,
+            )  # fmt: skip
+            info = client.model_info()
+        return {
+            "name": name,
+            "settings": _server_overrides(name),
+            "ready_s": ready_s,
+            "steps": steps,
+            "batch_sizes": list(info.batch_sizes),
+        }
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server_log.close()
+
+
+def _wait_until_serving(client: SegmentClient, server: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Like client.wait_until_serving, but gives up at once, with the server's log, if the server exits."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited ({server.returncode}):\n{log_path.read_text()[-3000:]}")
+        try:
+            client.wait_until_serving(timeout=2)
+            return
+        except SegmentError:
+            continue
+    raise RuntimeError(f"server not serving after 300 s:\n{log_path.read_text()[-3000:]}")
+
+
+def _server_overrides(name: str) -> dict[str, str]:
+    return {"batching_off": {"SEGSERVE_MAX_BATCH_SIZE": "1"}}.get(name, {})
+
+
+def run(args: argparse.Namespace) -> Path:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    machine = machine_info()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="segserve-bench-") as tmp:
+        images = Path(tmp) / "images"
+        images.mkdir()
+        for k, image in enumerate(image_set()):
+            (images / f"{image.kind}-{k}-{image.name}.jpg").write_bytes(image.data)
+        inprocess = _json_lines(
+            [
+                sys.executable, "-m", "bench.inprocess", "--images", str(images), "--batch-sizes", args.batch_sizes,
+                "--duration", str(args.duration), "--repeats", str(args.repeats),
+            ],
+            env,
+            timeout=3600,
+        )  # fmt: skip
+        served = [served_sweep(name, images, args, env) for name in ("batching", "batching_off")]
+    result: dict[str, Any] = {
+        "date": date,
+        "machine": machine,
+        "run": {
+            "concurrency": [int(c) for c in args.concurrency.split(",")],
+            "warmup_s": args.warmup,
+            "window_s": args.duration,
+            "windows": args.repeats,
+            "smoke": args.smoke,
+            "wall_s": time.monotonic() - began,
+            "server_env": {k: v for k, v in os.environ.items() if k.startswith("SEGSERVE_")},
+        },
+        "inprocess": inprocess,
+        "served": served[0],
+        "batching_off": served[1],
+    }
+    out = (
+        Path(args.out) if args.out else RESULTS / f"{date}-{device_slug(machine)}{'-smoke' if args.smoke else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    log.info("wrote %s and %s in %.0f s", out, out.with_suffix(".png"), result["run"]["wall_s"])
+    if not args.smoke and not args.no_doc:
+        update_performance_doc(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s")
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default=env("BENCH_CONCURRENCY", "1,2,4,8,16"))
+    parser.add_argument("--batch-sizes", default=env("BENCH_BATCH_SIZES", "1,2,4,8"), help="for the in-process limit")
+    parser.add_argument("--warmup", type=float, default=float(env("BENCH_WARMUP", "3")))
+    parser.add_argument("--duration", type=float, default=float(env("BENCH_DURATION", "8")), help="seconds per window")
+    parser.add_argument("--repeats", type=int, default=int(env("BENCH_REPEATS", "3")), help="windows per step")
+    parser.add_argument("--smoke", action="store_true", default=env("BENCH_SMOKE", "") not in ("", "0"))
+    parser.add_argument("--out", default=env("BENCH_OUT"), help="JSON path (default bench/results/<date>-<device>)")
+    parser.add_argument("--no-doc", action="store_true", help="leave docs/performance.md alone")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The benchmark's arithmetic and outputs, on made-up samples (the real run is `make bench`, not a test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from bench.loadgen import Sample, summarise
+from bench.plot import plot
+from bench.report import BEGIN, END, targets, update_performance_doc
+
+
+def sample(finished: float, latency_s: float, kind: str = "photo", batch: int = 1, error: str | None = None) -> Sample:
+    return Sample(finished, latency_s, kind, error, batch, (1.0, 2.0, 3.0, 4.0))
+
+
+def test_summary_counts_windows_after_the_warmup_and_the_mean_batch() -> None:
+    start = 100.0
+    samples = [sample(100.5, 9.0)]  # in the warm-up window: not counted
+    samples += [sample(101.0 + k * 0.25, 0.1, batch=2) for k in range(4)]  # window 1: 4 images, two batches of 2
+    samples += [sample(102.0 + k * 0.5, 0.3, kind="large") for k in range(2)]  # window 2: 2 images alone
+    samples += [sample(102.9, 0.2, error="RESOURCE_EXHAUSTED")]
+    summary = summarise(samples, start, warmup_s=1.0, duration_s=1.0, repeats=2)
+    assert summary["throughput_windows"] == [4.0, 2.0]
+    assert summary["throughput"] == 3.0
+    assert summary["requests"] == 6 and summary["errors"] == 1
+    assert summary["error_codes"] == {"RESOURCE_EXHAUSTED": 1}
+    assert abs(summary["mean_batch_size"] - 6 / 4) < 1e-9  # 6 images in 4 batches
+    assert summary["by_kind"]["photo"]["count"] == 4 and abs(summary["by_kind"]["large"]["p50_ms"] - 300) < 1e-6
+    assert summary["server_parts_ms"] == {"preprocess": 1.0, "queue": 2.0, "inference": 3.0, "postprocess": 4.0}
+
+
+def step(concurrency: int, throughput: float, photo_ms: float = 100, large_ms: float = 150) -> dict[str, object]:
+    return {
+        "concurrency": concurrency,
+        "throughput": throughput,
+        "p50_ms": photo_ms,
+        "p95_ms": photo_ms,
+        "p99_ms": photo_ms * 2,
+        "errors": 0,
+        "mean_batch_size": 1.0,
+        "by_kind": {"photo": {"p50_ms": photo_ms}, "large": {"p50_ms": large_ms}},
+        "server_parts_ms": {"preprocess": 1.0, "queue": 2.0, "inference": 3.0, "postprocess": 4.0},
+    }
+
+
+def result(served_at_8: float, off_at_2: float) -> dict[str, object]:
+    return {
+        "date": "2026-01-01",
+        "machine": {
+            "device": "cpu",
+            "cpu": "Test CPU",
+            "cores": 2,
+            "torch": "2",
+            "torch_threads": 2,
+            "python": "3",
+            "load_average_at_start": [0.1, 0.2, 0.3],
+        },
+        "run": {"concurrency": [1, 2, 8], "warmup_s": 1, "window_s": 1, "windows": 3, "wall_s": 60},
+        "inprocess": [
+            {"batch_size": 1, "throughput": 9.0, "by_kind": {"photo": {"p50_ms": 95.0}}},
+            {"batch_size": 2, "throughput": 10.0, "by_kind": {}},
+        ],
+        "served": {"steps": [step(1, 9), step(2, 9.5), step(8, served_at_8)], "batch_sizes": [3, 1]},
+        "batching_off": {"steps": [step(1, 8.5), step(2, off_at_2), step(8, 9)], "batch_sizes": [5]},
+    }
+
+
+def test_targets_compute_ratios_and_verdicts() -> None:
+    rows = {row["bound"]: row for row in targets(result(served_at_8=9.5, off_at_2=9.0))}
+    assert abs(rows[">= 0.9"]["ratio"] - 0.95) < 1e-9 and rows[">= 0.9"]["met"] is True
+    assert rows[">= 1.0"]["met"] is True
+    assert abs(rows["<= 1.1"]["ratio"] - 100 / 95) < 1e-9 and rows["<= 1.1"]["met"] is True
+    assert rows["<= 2.0"]["ratio"] == 1.5
+
+    failing = {row["bound"]: row for row in targets(result(served_at_8=9.5, off_at_2=10.0))}
+    assert failing[">= 1.0"]["met"] is False and "(c=2)" in failing[">= 1.0"]["target"]
+    assert targets(result(served_at_8=8.0, off_at_2=9.0))[0]["met"] is False
+
+
+def test_report_rewrites_only_its_section_and_the_plot_is_a_png(tmp_path: Path) -> None:
+    data = result(served_at_8=9.5, off_at_2=9.0)
+    json_path = tmp_path / "run.json"
+    json_path.write_text(json.dumps(data))
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\nHand-written.\n\n{BEGIN}\nold table\n{END}\n\nMore prose.\n")
+    update_performance_doc(json_path, doc)
+    text = doc.read_text()
+    assert "Hand-written." in text and "More prose." in text and "old table" not in text
+    assert "| batching off | 2 | 9.00 |" in text and "Test CPU" in text
+    plot(data, tmp_path / "run.png")
+    with Image.open(tmp_path / "run.png") as image:
+        assert image.format == "PNG" and image.size[0] > 500
