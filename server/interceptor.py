@@ -29,6 +29,7 @@ log = logging.getLogger("segserve.access")
 REQUEST_ID_KEY = "x-request-id"
 _OUR_SERVICE = "/segserve."
 _SINGLE_IMAGE_METHODS = ("Segment", "SegmentUpload")
+DEADLINE_SLACK_S = 0.25
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -96,8 +97,11 @@ class _Call:
 
     def failed(self, exc: BaseException) -> None:
         if isinstance(exc, asyncio.CancelledError):
+            # The caller's clock runs out a moment before ours (the deadline travels as a timeout), and its
+            # cancellation arrives first: a call cancelled this close to its deadline ran out of time.
             remaining = self.context.time_remaining()
-            self.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            near_deadline = remaining is not None and remaining <= DEADLINE_SLACK_S
+            self.code = "DEADLINE_EXCEEDED" if near_deadline else "CANCELLED"
         elif isinstance(exc, grpc.aio.AbortError):
             self.code = _code_name(self.context.code())
         else:

@@ -63,7 +63,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     ) -> AsyncIterator[pb.SegmentResponse]:
         deadline = _deadline(context)
         results: asyncio.Queue[pb.SegmentResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        # Never more than the queue admits, so a lone stream is never refused for its own items.
+        window = asyncio.Semaphore(min(STREAM_WINDOW, self.pipeline.settings.max_queue))
 
         async def one(request: pb.SegmentRequest) -> None:
             try:
