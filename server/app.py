@@ -47,6 +47,7 @@ class App:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, so balancers stop sending; then let in-flight calls finish within the grace period."""
+        self.pipeline.draining = True  # calls that slip in before the listener closes are refused too
         await self.health.enter_graceful_shutdown()
         grace = self.pipeline.settings.grace_period_s if grace is None else grace
         await self.server.stop(grace)
