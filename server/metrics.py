@@ -12,7 +12,16 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -83,6 +92,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_resident_memory_bytes, open fds, CPU seconds, Python GC: what memory and leak alerts need.
+        ProcessCollector(registry=self.registry)
+        self.registry.register(GC_COLLECTOR)
+        self.registry.register(PLATFORM_COLLECTOR)
         self.requests = Counter(
             "segserve_requests",
             "Finished gRPC calls by method and status code.",

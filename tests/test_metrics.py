@@ -61,6 +61,7 @@ def test_counters_histograms_and_gauges_move_under_load(server: ServerThread, jp
     info = [key for key in after if key[0] == "segserve_model_info"]
     assert len(info) == 1 and dict(info[0][1])["model"] == "deeplabv3_mobilenet_v3_large"
     assert after[info[0]] == 1
+    assert value(after, "process_resident_memory_bytes") > 50 * 2**20
 
 
 def test_one_log_line_per_call_with_the_callers_request_id(
