@@ -74,6 +74,7 @@ UPLOAD_THRESHOLD = 200_000
 
 @pytest.mark.soak
 @pytest.mark.slow
+@pytest.mark.timeout(SOAK_SECONDS + 240)
 def test_soak_mixed_load_no_failed_good_request_and_bounded_memory(tmp_path: Path) -> None:
     metrics_port, port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
