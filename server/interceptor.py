@@ -127,7 +127,7 @@ class _Call:
         line: dict[str, object] = {"request_id": self.record.request_id, "method": self.short}
         if len(images) == 1 and self.short != "SegmentStream":
             note = images[0]
-            line.update(image_id=note.image_id, width=note.width, height=note.height, batch_size=note.batch_size)
+            line.update(image_id=note.image_id[:128], width=note.width, height=note.height, batch_size=note.batch_size)
         elif images:
             line.update(images=len(images), failed_images=sum(n.code != "OK" for n in images))
         line.update(ms=round(elapsed * 1000, 1), status=self.code)

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import SegmentClient
+from client import AsyncSegmentClient, SegmentClient
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server.metrics import Metrics
@@ -101,3 +101,20 @@ def test_each_app_has_its_own_registry() -> None:
     assert first.registry.get_sample_value("segserve_requests_total", {"method": "Segment", "code": "OK"}) == 1
     assert second.registry.get_sample_value("segserve_requests_total", {"method": "Segment", "code": "OK"}) is None
     assert first.serve("127.0.0.1", -1) is None  # -1 turns the endpoint off
+
+
+async def test_async_client_sends_its_request_id(
+    server: ServerThread, jpeg_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="segserve.access")
+    async with AsyncSegmentClient(server.target) as client:
+        await client.segment(jpeg_bytes, request_id="async-7")
+        results = [r async for r in client.segment_many([jpeg_bytes, jpeg_bytes], request_id="async-8")]
+    assert all(r.ok for r in results)
+    lines = {
+        json.loads(r.getMessage())["request_id"]: json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "segserve.access"
+    }
+    assert lines["async-7"]["method"] == "Segment" and lines["async-7"]["status"] == "OK"
+    assert lines["async-8"]["method"] == "SegmentStream" and lines["async-8"]["images"] == 2
