@@ -212,3 +212,43 @@ def test_a_stream_beyond_the_queue_gets_per_item_refusals_not_a_dead_stream(
     assert all(r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] for r in responses)
     for holder in holders:
         holder.result(timeout=60)
+
+
+def test_a_real_flood_gets_only_answers_and_refusals() -> None:
+    """The real model this time: 80 calls at once against a queue of 8. Each is answered or refused
+    RESOURCE_EXHAUSTED, nothing else; the latencies are printed for the record, not asserted."""
+    server = ServerThread(make_settings(max_queue=8, warmup=False))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.SegmenterStub(channel)
+            stub.Segment(pb.SegmentRequest(image=IMAGE), timeout=60)  # connected and warm
+            finished: dict[str, list[float]] = {"OK": [], "RESOURCE_EXHAUSTED": []}
+            others: list[str] = []
+            lock = threading.Lock()
+
+            def done(call: grpc.Future) -> None:
+                elapsed = time.monotonic() - started
+                error = call.exception()
+                code = "OK" if error is None else error.code().name  # type: ignore[attr-defined]
+                with lock:
+                    if code in finished:
+                        finished[code].append(elapsed)
+                    else:
+                        others.append(code)
+
+            started = time.monotonic()
+            calls = [stub.Segment.future(pb.SegmentRequest(image=IMAGE), timeout=60) for _ in range(80)]
+            for call in calls:
+                call.add_done_callback(done)
+            for call in calls:
+                call.exception(timeout=60)
+            wait_until(lambda: len(others) + sum(map(len, finished.values())) == len(calls), "every call is counted")
+    finally:
+        server.stop()
+    assert not others, others
+    assert finished["OK"] and finished["RESOURCE_EXHAUSTED"]
+    ok = sorted(finished["OK"])
+    print(
+        f"\nflood: {len(ok)} admitted (p50 {ok[len(ok) // 2] * 1000:.0f} ms, p99 {ok[int(len(ok) * 0.99)] * 1000:.0f} ms), "
+        f"{len(finished['RESOURCE_EXHAUSTED'])} refused (slowest refusal {max(finished['RESOURCE_EXHAUSTED']) * 1000:.0f} ms)"
+    )
