@@ -31,7 +31,7 @@ SOAK_SECONDS = float(os.environ.get("SEGSERVE_SOAK_SECONDS", "90"))
 THREADS = 3
 WARM_FRACTION = 0.25
 # Measured: see docs/operations.md (RSS growth after warm-up over a 90 s soak). Bound with headroom.
-RSS_GROWTH_BOUND = 96 * 1024 * 1024
+RSS_GROWTH_BOUND = 64 * 1024 * 1024
 
 
 def rss_of(pid: int) -> int:
