@@ -14,7 +14,7 @@ endif
 PROTO := protos/segserve/v1/segserve.proto
 TARGET ?= localhost:50051
 
-.PHONY: install run server test lint format protos bench clean
+.PHONY: install run server test lint format protos bench clean debug
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ run: $(STAMP)  ## the server on :50051
 	$(BIN)/python -m server
 
 server: run
+
+# The server under debugpy, on this machine's loopback only (debugpy runs any code sent to its port).
+# DEBUGPY_WAIT=1: start serving only once a debugger has attached. docs/debugging.md has the walk-through.
+DEBUGPY_PORT ?= 5678
+debug: $(STAMP)  ## the server under debugpy on 127.0.0.1:$(DEBUGPY_PORT)
+	$(BIN)/python -Xfrozen_modules=off -m debugpy --listen 127.0.0.1:$(DEBUGPY_PORT) \
+		$(if $(DEBUGPY_WAIT),--wait-for-client) -m server
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -9,16 +9,18 @@ DEFAULT_TARGET = os.environ.get("SEGSERVE_TARGET", "localhost:50051")
 MAX_RECEIVE_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024
 
-# Per-call balancing over every address a target resolves to (dns:///name:port, ipv4:a:p,b:p),
-# and a retry of calls that never reached a replica.
+# Per-call balancing over every address a target resolves to (dns:///name:port, ipv4:a:p,b:p), and
+# a retry, on another replica, of calls that failed with UNAVAILABLE before any response arrived
+# (a replica that died or drained mid-call). Every Segmenter method is safe to repeat: none has side
+# effects. gRPC retries a call only until its first response arrives and while what it sent still fits
+# the per-call retry buffer (RETRY_BUFFER_BYTES), so a SegmentStream that has started answering is
+# never replayed. No waitForReady: with every replica down a call fails at once rather than waiting
+# for its deadline. See docs/scaling.md.
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
-            "name": [
-                {"service": "segserve.v1.Segmenter", "method": "Segment"},
-                {"service": "segserve.v1.Segmenter", "method": "GetModelInfo"},
-            ],
+            "name": [{"service": "segserve.v1.Segmenter"}],
             "retryPolicy": {
                 "maxAttempts": 3,
                 "initialBackoff": "0.1s",
@@ -31,6 +33,11 @@ SERVICE_CONFIG = {
 }
 
 
+# gRPC's default (256 KiB) would leave most photos unretried; this covers any unary Segment and
+# uploads up to 8 MiB. The channel-wide cap (grpc.retry_buffer_size, 256 MiB) still bounds memory.
+RETRY_BUFFER_BYTES = 8 * 1024 * 1024
+
+
 def channel_options() -> list[tuple[str, object]]:
     return [
         # Masks and overlays of large photos exceed gRPC's 4 MiB default; the server sends at most this much.
@@ -39,4 +46,5 @@ def channel_options() -> list[tuple[str, object]]:
         ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
     ]

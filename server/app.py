@@ -61,11 +61,19 @@ class App:
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         # Masks and overlays can be larger than the image sent; the client accepts the same.
         ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
     ]
+    if settings.max_connection_age_s > 0:
+        # HTTP/2 connections outlive scale-ups; a GOAWAY now and then makes clients re-resolve and
+        # reconnect, so new replicas get their share (gRPC adds +-10% jitter against reconnect storms).
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
 
 
 def _read(path: str) -> bytes:

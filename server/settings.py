@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run the model once per expected shape before reporting SERVING.")
     grace_period_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
     log_level: str = Field("INFO", description="Python logging level.")
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds before a client connection is asked to reconnect, so clients spread onto replicas "
+        "added since (0: never).",
+    )
+    max_connection_age_grace_s: float = Field(
+        30.0, ge=0, description="Seconds calls on an aged connection get to finish before it is closed."
+    )
     metrics_port: int = Field(
         9464,
         ge=-1,

@@ -1,0 +1,89 @@
+# syntax=docker/dockerfile:1
+# segserve images, one file with three targets:
+#   server (the default, production): the gRPC server with the model's weights baked in; no debugpy.
+#   debug: server plus debugpy, for docker-compose.debug.yml and the dev container. Never deploy it.
+#   ui: the Gradio page; no torch.
+# docker build -t segserve .                                       # server, deeplabv3_mobilenet_v3_large
+# docker build --build-arg MODEL=deeplabv3_resnet50 -t segserve:r50 .
+# docker build --target ui -t segserve-ui .
+#
+# The source lives in /app and is not pip-installed (PYTHONPATH=/app), so a bind mount of the checkout
+# on /app replaces it: edit, restart, no rebuild.
+
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/app \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+# The containers run as this user (numeric in USER, so Kubernetes' runAsNonRoot can check it);
+# the code and packages stay root's, so the service cannot rewrite them.
+RUN useradd --create-home --uid 10001 --user-group app
+WORKDIR /app
+COPY pyproject.toml constraints.txt /build/
+COPY docker/requirements.py /build/docker/requirements.py
+
+# ---- the Gradio page ---------------------------------------------------------------------------------
+FROM base AS ui
+RUN python /build/docker/requirements.py --without torch torchvision debugpy > /build/requirements.txt \
+    && pip install -c /build/constraints.txt -r /build/requirements.txt
+COPY protos/ /app/protos/
+COPY client/ /app/client/
+COPY server/ /app/server/
+COPY gradio_ui/ /app/gradio_ui/
+USER 10001:10001
+ENV SEGSERVE_UI_HOST=0.0.0.0 \
+    SEGSERVE_UI_PORT=7860 \
+    SEGSERVE_UI_TARGET=dns:///server:50051 \
+    GRADIO_ANALYTICS_ENABLED=False
+EXPOSE 7860
+CMD ["python", "-m", "gradio_ui"]
+
+# ---- the server's runtime: dependencies, weights, code ------------------------------------------------
+FROM base AS runtime
+# A CPU build of torch is a fifth of the size of the default CUDA one. For a GPU image pass
+# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (and run with --gpus all).
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+RUN python /build/docker/requirements.py --without gradio debugpy > /build/requirements.txt \
+    && pip install -c /build/constraints.txt -r /build/requirements.txt
+
+# Weights at build time, before the code, so a code change does not download them again.
+ARG MODEL=deeplabv3_mobilenet_v3_large
+ENV TORCH_HOME=/opt/torch
+COPY docker/fetch_weights.py /build/docker/fetch_weights.py
+RUN python /build/docker/fetch_weights.py "${MODEL}"
+# pretrained: a missing cache is a start-up error, never a silent fall back to random weights.
+ENV SEGSERVE_MODEL=${MODEL} \
+    SEGSERVE_WEIGHTS=pretrained \
+    SEGSERVE_HOST=0.0.0.0 \
+    SEGSERVE_PORT=50051
+
+COPY protos/ /app/protos/
+COPY server/ /app/server/
+COPY client/ /app/client/
+USER 10001:10001
+EXPOSE 50051
+# Asks the gRPC health service: exit 0 only when SERVING, which is once the model is loaded and warmed up.
+# (Fixed port: change it here too if you change SEGSERVE_PORT.)
+HEALTHCHECK --interval=10s --timeout=8s --start-period=120s --retries=3 \
+    CMD ["python", "-m", "client", "health", "--target", "127.0.0.1:50051"]
+CMD ["python", "-m", "server"]
+
+# ---- debug: the server plus debugpy (remote code execution for whoever reaches its port) -----------------
+FROM runtime AS debug
+USER 0
+RUN python /build/docker/requirements.py --only debugpy > /build/requirements-debug.txt \
+    && pip install -c /build/constraints.txt -r /build/requirements-debug.txt
+USER 10001:10001
+# Inside the container only; docker-compose.debug.yml publishes it on the host's 127.0.0.1 alone.
+EXPOSE 5678
+CMD ["python", "-Xfrozen_modules=off", "-m", "debugpy", "--listen", "0.0.0.0:5678", "-m", "server"]
+
+# ---- server: the production image, and the default target (last stage) ----------------------------------
+FROM runtime AS server
