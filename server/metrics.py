@@ -133,10 +133,15 @@ class Metrics:
         self.registry.register(PipelineCollector(pipeline))
 
     def serve(self, host: str, port: int) -> int | None:
-        """Starts the /metrics HTTP endpoint; returns its port (0 picks a free one), None when disabled (-1)."""
+        """Starts the /metrics HTTP endpoint; returns its port (0 picks a free one), None when off (-1) or failed."""
         if port == METRICS_DISABLED:
             return None
-        self._http, self._http_thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        try:
+            self._http, self._http_thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        except OSError as exc:
+            # Serving matters more than being watched: say so loudly (the scrape target shows down) and go on.
+            log.error("metrics endpoint not started on %s:%d: %s; serving without it", host, port, exc)
+            return None
         bound = int(self._http.server_port)
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound

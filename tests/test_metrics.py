@@ -118,3 +118,14 @@ async def test_async_client_sends_its_request_id(
     }
     assert lines["async-7"]["method"] == "Segment" and lines["async-7"]["status"] == "OK"
     assert lines["async-8"]["method"] == "SegmentStream" and lines["async-8"]["images"] == 2
+
+
+def test_a_taken_metrics_port_is_logged_and_the_server_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    first = Metrics()
+    port = first.serve("127.0.0.1", 0)
+    assert port is not None
+    try:
+        assert Metrics().serve("127.0.0.1", port) is None
+    finally:
+        first.close()
+    assert any("metrics endpoint not started" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
