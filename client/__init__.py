@@ -3,6 +3,7 @@
 from client.aio import AsyncSegmentClient
 from client.errors import SegmentError
 from client.results import ClassShare, SegmentationResult, Timing
+from client.security import tls_credentials
 from client.sync import SegmentClient
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "SegmentError",
     "SegmentationResult",
     "Timing",
+    "tls_credentials",
 ]

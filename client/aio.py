@@ -8,7 +8,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.channel import DEFAULT_TARGET, channel_options
+from client.channel import DEFAULT_TARGET
 from client.errors import SegmentError
 from client.messages import (
     UPLOAD_THRESHOLD,
@@ -21,6 +21,7 @@ from client.messages import (
     upload_chunks,
 )
 from client.results import SegmentationResult, failed_result
+from client.security import open_aio_channel, request_metadata
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 
@@ -29,12 +30,17 @@ class AsyncSegmentClient:
     """`async with AsyncSegmentClient(target) as client: result = await client.segment(path)`."""
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0, upload_threshold: int = UPLOAD_THRESHOLD
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 60.0,
+        upload_threshold: int = UPLOAD_THRESHOLD,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.upload_threshold = upload_threshold
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self._channel = open_aio_channel(target, credentials)
         self._stub = pb_grpc.SegmenterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -47,6 +53,7 @@ class AsyncSegmentClient:
         overlay_opacity: float | None = None,
         image_id: str | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> SegmentationResult:
         data = image_bytes(image)
         image_id = image_id if image_id is not None else default_id(image)
@@ -54,9 +61,13 @@ class AsyncSegmentClient:
         timeout = self.timeout if timeout is None else timeout
         try:
             if len(data) > self.upload_threshold:
-                response = await self._stub.SegmentUpload(upload_chunks(image_id, data, options), timeout=timeout)
+                response = await self._stub.SegmentUpload(
+                    upload_chunks(image_id, data, options), timeout=timeout, metadata=request_metadata(request_id)
+                )
             else:
-                response = await self._stub.Segment(segment_request(image_id, data, options), timeout=timeout)
+                response = await self._stub.Segment(
+                    segment_request(image_id, data, options), timeout=timeout, metadata=request_metadata(request_id)
+                )
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc, image_id) from None
         return SegmentationResult.from_proto(response)
@@ -69,13 +80,16 @@ class AsyncSegmentClient:
         overlay: bool = False,
         overlay_opacity: float | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[SegmentationResult]:
         """As SegmentClient.segment_many: results in arrival order, failures as results with `error`."""
         options = Options(max_size, overlay, overlay_opacity)
         timeout = self.timeout if timeout is None else timeout
         deferred: list[tuple[str, bytes | OSError]] = []
         call = self._stub.SegmentStream(
-            stream_requests(images, options, self.upload_threshold, deferred), timeout=timeout
+            stream_requests(images, options, self.upload_threshold, deferred),
+            timeout=timeout,
+            metadata=request_metadata(request_id),
         )
         try:
             async for response in call:

@@ -6,6 +6,8 @@ import json
 import os
 
 DEFAULT_TARGET = os.environ.get("SEGSERVE_TARGET", "localhost:50051")
+MAX_RECEIVE_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Per-call balancing over every address a target resolves to (dns:///name:port, ipv4:a:p,b:p), and
 # a retry, on another replica, of calls that failed with UNAVAILABLE before any response arrived
@@ -38,9 +40,10 @@ RETRY_BUFFER_BYTES = 8 * 1024 * 1024
 
 def channel_options() -> list[tuple[str, object]]:
     return [
-        # Masks and overlays of large photos exceed gRPC's 4 MiB default.
-        ("grpc.max_receive_message_length", -1),
-        ("grpc.max_send_message_length", -1),
+        # Masks and overlays of large photos exceed gRPC's 4 MiB default; the server sends at most this much.
+        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+        # Unary requests stay under the upload threshold; this only catches a runaway caller before the network.
+        ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
         ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),

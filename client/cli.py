@@ -12,6 +12,7 @@ from tqdm import tqdm
 from client.channel import DEFAULT_TARGET
 from client.errors import SegmentError
 from client.results import SegmentationResult
+from client.security import tls_credentials
 from client.sync import SegmentClient
 
 
@@ -23,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server address, HOST:PORT or a gRPC target (env SEGSERVE_TARGET, default {DEFAULT_TARGET})",
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
+    tls = parser.add_argument_group("TLS (plaintext unless --ca-file or --tls is given)")
+    tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
+    tls.add_argument("--ca-file", type=Path, default=None, help="PEM CA file that signed the server's certificate")
+    tls.add_argument("--cert", type=Path, default=None, help="PEM client certificate (servers that require one)")
+    tls.add_argument("--key", type=Path, default=None, help="PEM private key of --cert")
     commands = parser.add_subparsers(dest="command", required=True)
 
     segment = commands.add_parser("segment", help="segment images; writes NAME.mask.png (and NAME.overlay.png)")
@@ -122,13 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {"segment": cmd_segment, "info": cmd_info, "health": cmd_health}[args.command]
     try:
-        with SegmentClient(args.target, timeout=args.timeout) as client:
+        credentials = None
+        if args.tls or args.ca_file or args.cert:
+            credentials = tls_credentials(args.ca_file, args.cert, args.key)
+        with SegmentClient(args.target, timeout=args.timeout, credentials=credentials) as client:
             return command(client, args)
     except SegmentError as exc:
         where = f" ({exc.image_id})" if exc.image_id else ""
         print(f"error{where}: {exc} [target {args.target}]", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.channel import DEFAULT_TARGET, channel_options
+from client.channel import DEFAULT_TARGET
 from client.errors import SegmentError
 from client.messages import (
     UPLOAD_THRESHOLD,
@@ -22,6 +22,7 @@ from client.messages import (
     upload_chunks,
 )
 from client.results import SegmentationResult, failed_result
+from client.security import open_channel, request_metadata
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 
@@ -41,11 +42,12 @@ class SegmentClient:
         timeout: float | None = 60.0,
         upload_threshold: int = UPLOAD_THRESHOLD,
         channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.upload_threshold = upload_threshold
-        self._channel = channel or grpc.insecure_channel(target, options=channel_options())
+        self._channel = channel or open_channel(target, credentials)
         self._stub = pb_grpc.SegmenterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -58,6 +60,7 @@ class SegmentClient:
         overlay_opacity: float | None = None,
         image_id: str | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> SegmentationResult:
         """Segment one image (bytes, a path or a PIL image); large ones go through SegmentUpload."""
         data = image_bytes(image)
@@ -66,9 +69,13 @@ class SegmentClient:
         timeout = self.timeout if timeout is None else timeout
         try:
             if len(data) > self.upload_threshold:
-                response = self._stub.SegmentUpload(upload_chunks(image_id, data, options), timeout=timeout)
+                response = self._stub.SegmentUpload(
+                    upload_chunks(image_id, data, options), timeout=timeout, metadata=request_metadata(request_id)
+                )
             else:
-                response = self._stub.Segment(segment_request(image_id, data, options), timeout=timeout)
+                response = self._stub.Segment(
+                    segment_request(image_id, data, options), timeout=timeout, metadata=request_metadata(request_id)
+                )
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc, image_id) from None
         return SegmentationResult.from_proto(response)
@@ -81,6 +88,7 @@ class SegmentClient:
         overlay: bool = False,
         overlay_opacity: float | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Iterator[SegmentationResult]:
         """Segment many images over one SegmentStream, yielding results as they arrive (any order).
 
@@ -93,7 +101,9 @@ class SegmentClient:
         deferred: list[tuple[str, bytes | OSError]] = []
         try:
             for response in self._stub.SegmentStream(
-                stream_requests(images, options, self.upload_threshold, deferred), timeout=timeout
+                stream_requests(images, options, self.upload_threshold, deferred),
+                timeout=timeout,
+                metadata=request_metadata(request_id),
             ):
                 yield SegmentationResult.from_proto(response)
         except grpc.RpcError as exc:

@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server.errors import ModelLoadError
+from server.interceptor import ObservingInterceptor
+from server.metrics import Metrics
 from server.pipeline import SegmentationPipeline
 from server.servicer import SegmenterServicer
 from server.settings import Settings
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -32,6 +35,8 @@ class App:
     port: int
     pipeline: SegmentationPipeline
     health: HealthServicer
+    metrics: Metrics | None = None
+    metrics_port: int | None = None
 
     async def start(self) -> None:
         """Starts answering at once (health NOT_SERVING), then loads and warms the model, then SERVING."""
@@ -42,10 +47,13 @@ class App:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, so balancers stop sending; then let in-flight calls finish within the grace period."""
+        self.pipeline.draining = True  # calls that slip in before the listener closes are refused too
         await self.health.enter_graceful_shutdown()
         grace = self.pipeline.settings.grace_period_s if grace is None else grace
         await self.server.stop(grace)
         await self.pipeline.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", SERVICE_NAME):
@@ -55,7 +63,8 @@ class App:
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", -1),
+        # Masks and overlays can be larger than the image sent; the client accepts the same.
+        ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
     ]
     if settings.max_connection_age_s > 0:
         # HTTP/2 connections outlive scale-ups; a GOAWAY now and then makes clients re-resolve and
@@ -67,10 +76,29 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is set; client certificates required when a client CA is set too."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    client_ca = _read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(settings.tls_key), _read(settings.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 async def create_app(settings: Settings, pipeline: SegmentationPipeline | None = None) -> App:
     """Builds everything and binds the port (0 picks a free one), without starting. Call inside the event loop."""
     pipeline = pipeline or SegmentationPipeline(settings)
-    server = grpc.aio.server(options=server_options(settings))
+    metrics = Metrics()
+    metrics.watch(pipeline)
+    server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics)])
     pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -79,8 +107,11 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    return App(server, port, pipeline, health_servicer)
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    metrics_port = metrics.serve(settings.host, settings.metrics_port)
+    return App(server, port, pipeline, health_servicer, metrics, metrics_port)
 
 
 async def serve(settings: Settings) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -59,7 +60,12 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
+        # Pillow's message names its own limit, not ours; say what the image declares and what we accept.
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"it declares {declared[1]} pixels" if declared else str(exc)
+        raise ImageTooLarge(
+            f"image refused as a decompression bomb: {what}; the limit is {limits.max_pixels} pixels"
+        ) from None
     except UnidentifiedImageError:
         raise InvalidImage(
             f"cannot identify image format ({len(data)} bytes starting {data[:8]!r}); "

@@ -85,6 +85,8 @@ class SegmentationPipeline:
         self._batcher: Batcher[np.ndarray, np.ndarray] | None = None
         self._admitted = 0
         self.ready = False
+        self.draining = False
+        """Set on shutdown: new requests are refused (UNAVAILABLE) while admitted ones finish."""
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -163,6 +165,8 @@ class SegmentationPipeline:
 
     async def segment(self, data: bytes, options: SegmentOptions, deadline: float | None = None) -> SegmentResult:
         """Segment one encoded image. `deadline` is a time.monotonic() value after which the model skips it."""
+        if self.draining:
+            raise NotReady("server is shutting down; retry on another replica")
         if not self.ready or self._batcher is None or self.runtime is None:
             raise NotReady("model is still loading" if not self.ready else "server is shutting down")
         max_size = self.effective_max_size(options)

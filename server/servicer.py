@@ -15,6 +15,7 @@ from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError
+from server.interceptor import ImageNote, note_image
 from server.pipeline import SegmentationPipeline
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,18 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     ) -> AsyncIterator[pb.SegmentResponse]:
         deadline = _deadline(context)
         results: asyncio.Queue[pb.SegmentResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        # Never more than the queue admits, so a lone stream is never refused for its own items.
+        window = asyncio.Semaphore(min(STREAM_WINDOW, self.pipeline.settings.max_queue))
 
         async def one(request: pb.SegmentRequest) -> None:
             try:
                 await results.put(await self._segment(request.id, request.image, request.options, deadline))
             except SegservError as exc:
+                note_image(ImageNote(request.id, code=exc.code.name))
                 await results.put(converters.error_to_proto(request.id, exc))
             except Exception:
                 log.exception("unexpected error in stream item %r", request.id)
+                note_image(ImageNote(request.id, code=grpc.StatusCode.INTERNAL.name))
                 await results.put(
                     pb.SegmentResponse(
                         id=request.id, error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
@@ -105,6 +109,10 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self, request_id: str, image: bytes, options: pb.SegmentOptions, deadline: float | None
     ) -> pb.SegmentResponse:
         result = await self.pipeline.segment(image, converters.options_from_proto(options), deadline)
+        t = result.timing
+        stages = {"preprocess": t.preprocess_ms, "queue": t.queue_ms, "inference": t.inference_ms}
+        stages["postprocess"] = t.postprocess_ms
+        note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
         return converters.result_to_proto(request_id, result)
 
     async def _upload(self, chunks: AsyncIterator[pb.ImageChunk], deadline: float | None) -> pb.SegmentResponse:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelName = Literal["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101"]
@@ -60,11 +61,34 @@ class Settings(BaseSettings):
     max_connection_age_grace_s: float = Field(
         30.0, ge=0, description="Seconds calls on an aged connection get to finish before it is closed."
     )
+    metrics_port: int = Field(
+        9464,
+        ge=-1,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (0 picks a free one, -1 turns it off).",
+    )
+    tls_cert: str | None = Field(
+        None, description="PEM certificate chain file; with tls_key, serve TLS instead of plaintext."
+    )
+    tls_key: str | None = Field(None, description="PEM private key file of tls_cert.")
+    tls_client_ca: str | None = Field(
+        None, description="PEM CA file; when set (with TLS), callers must present a client certificate it signed."
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_make_sense(self) -> Settings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs TLS: set tls_cert and tls_key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file {path}")
+        return self
 
     @property
     def worker_threads(self) -> int:
-        import os
-
         return self.workers or max(2, os.cpu_count() or 2)
 
 

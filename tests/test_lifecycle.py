@@ -31,7 +31,7 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subproc
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "SEGSERVE_METRICS_PORT": "0", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

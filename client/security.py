@@ -1,0 +1,42 @@
+"""Channels with or without TLS, and the request id sent with each call."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import grpc
+
+from client.channel import channel_options
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+def tls_credentials(
+    ca_file: str | Path | None = None, cert_file: str | Path | None = None, key_file: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS trusting `ca_file` (None: the system's roots); `cert_file` and `key_file` for client-certificate auth."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs both cert_file and key_file")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target, options=channel_options())
+    return grpc.secure_channel(target, credentials, options=channel_options())
+
+
+def open_aio_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=channel_options())
+    return grpc.aio.secure_channel(target, credentials, options=channel_options())
+
+
+def request_metadata(request_id: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The caller's request id (a fresh one when None), which the server writes in its log line for the call."""
+    return ((REQUEST_ID_KEY, request_id or uuid.uuid4().hex),)

@@ -1,0 +1,203 @@
+"""Per-call observation: Prometheus metrics and one structured log line per call.
+
+The interceptor wraps each handler, so it sees the call from arrival to answer, its status (OK,
+aborted, cancelled by the caller, past its deadline) and the request id from the caller's
+`x-request-id` metadata (one is made up when absent, and sent back in the trailing metadata).
+The servicer adds what only it knows (image size, batch size, stage times) through `note_image`,
+which writes to the current call's record through a context variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from server.metrics import Metrics
+
+log = logging.getLogger("segserve.access")
+
+REQUEST_ID_KEY = "x-request-id"
+_OUR_SERVICE = "/segserve."
+_SINGLE_IMAGE_METHODS = ("Segment", "SegmentUpload")
+DEADLINE_SLACK_S = 0.25
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass
+class ImageNote:
+    image_id: str
+    width: int = 0
+    height: int = 0
+    batch_size: int = 0
+    code: str = "OK"
+    stages_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CallRecord:
+    request_id: str
+    images: list[ImageNote] = field(default_factory=list)
+
+
+_current: ContextVar[CallRecord | None] = ContextVar("segserve_call", default=None)
+
+
+def current_request_id() -> str:
+    record = _current.get()
+    return record.request_id if record else ""
+
+
+def note_image(note: ImageNote) -> None:
+    """Called by the servicer for each image answered (or failed inside a stream)."""
+    record = _current.get()
+    if record is not None:
+        record.images.append(note)
+
+
+def _request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)[:128]
+    return uuid.uuid4().hex
+
+
+def _code_name(code: object) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    return "OK"
+
+
+class _Call:
+    """One call being observed: started on arrival, finished with its status."""
+
+    def __init__(self, metrics: Metrics, method: str, context: Context) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.short = method.rsplit("/", 1)[-1]
+        self.context = context
+        self.record = CallRecord(_request_id(context))
+        self.started = time.monotonic()
+        self.code = "OK"
+        _current.set(self.record)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.record.request_id),))
+        metrics.in_progress.labels(self.short).inc()
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            # The caller's clock runs out a moment before ours (the deadline travels as a timeout), and its
+            # cancellation arrives first: a call cancelled this close to its deadline ran out of time.
+            remaining = self.context.time_remaining()
+            near_deadline = remaining is not None and remaining <= DEADLINE_SLACK_S
+            self.code = "DEADLINE_EXCEEDED" if near_deadline else "CANCELLED"
+        elif isinstance(exc, grpc.aio.AbortError):
+            self.code = _code_name(self.context.code())
+        else:
+            self.code = "UNKNOWN"
+
+    def finish(self) -> None:
+        if self.code == "OK":
+            self.code = _code_name(self.context.code())
+        elapsed = time.monotonic() - self.started
+        m = self.metrics
+        m.in_progress.labels(self.short).dec()
+        m.requests.labels(self.short, self.code).inc()
+        m.latency.labels(self.short).observe(elapsed)
+        images = self.record.images
+        if not images and self.short in _SINGLE_IMAGE_METHODS:
+            m.images.labels(self.code).inc()  # refused before the servicer could note it
+        for note in images:
+            m.images.labels(note.code).inc()
+            for stage, ms in note.stages_ms.items():
+                m.stage.labels(stage).observe(ms / 1000)
+        if not self.method.startswith(_OUR_SERVICE):
+            return  # health checks and reflection: counted, not logged
+        line: dict[str, object] = {"request_id": self.record.request_id, "method": self.short}
+        if len(images) == 1 and self.short != "SegmentStream":
+            note = images[0]
+            line.update(image_id=note.image_id[:128], width=note.width, height=note.height, batch_size=note.batch_size)
+        elif images:
+            line.update(images=len(images), failed_images=sum(n.code != "OK" for n in images))
+        line.update(ms=round(elapsed * 1000, 1), status=self.code)
+        log.info("%s", json.dumps(line))
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = str(handler_call_details.method)
+        kind = (handler.request_streaming, handler.response_streaming)
+        behaviour = {
+            (False, False): handler.unary_unary,
+            (True, False): handler.stream_unary,
+            (False, True): handler.unary_stream,
+            (True, True): handler.stream_stream,
+        }[kind]
+        wrapped: Callable[..., Any]
+        if inspect.isasyncgenfunction(behaviour):
+            wrapped = self._wrap_generator(method, behaviour)
+        elif inspect.iscoroutinefunction(behaviour):
+            wrapped = self._wrap_coroutine(method, behaviour)
+        else:
+            return handler  # a synchronous handler; none of ours
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[kind]
+        return make(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_coroutine(self, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def observed(request: Any, context: Context) -> Any:
+            call = _Call(self.metrics, method, context)
+            try:
+                return await behaviour(request, context)
+            except BaseException as exc:
+                call.failed(exc)
+                raise
+            finally:
+                call.finish()
+
+        return observed
+
+    def _wrap_generator(
+        self, method: str, behaviour: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
+            call = _Call(self.metrics, method, context)
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException as exc:
+                call.failed(exc)
+                raise
+            finally:
+                call.finish()
+
+        return observed

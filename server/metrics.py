@@ -1,0 +1,153 @@
+"""Prometheus metrics, one registry per app (several servers in one process never clash).
+
+Per-request figures are counted by server.interceptor; the pipeline's state (queue depth, batch
+sizes, model) is read at scrape time by a collector, so the request path carries no metric calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.pipeline import SegmentationPipeline
+
+log = logging.getLogger(__name__)
+
+METRICS_DISABLED = -1
+
+# From a lone 64-pixel image on a GPU (milliseconds) to a full queue on a busy CPU (tens of seconds).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class PipelineCollector(Collector):
+    """Reads the pipeline at scrape time: admitted requests, batch sizes served, the model being served."""
+
+    def __init__(self, pipeline: SegmentationPipeline) -> None:
+        self.pipeline = pipeline
+
+    def collect(self) -> Iterator[Metric]:
+        pipeline = self.pipeline
+        yield GaugeMetricFamily(
+            "segserve_queue_depth",
+            "Requests admitted and not yet answered (bounded by SEGSERVE_MAX_QUEUE).",
+            value=pipeline.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "segserve_queue_limit",
+            "SEGSERVE_MAX_QUEUE: requests beyond it are refused.",
+            value=pipeline.settings.max_queue,
+        )
+        counts = pipeline.batch_size_counts
+        buckets = []
+        running = 0
+        for size, count in enumerate(counts, start=1):
+            running += count
+            buckets.append((str(size), float(running)))
+        buckets.append(("+Inf", float(running)))
+        yield HistogramMetricFamily(
+            "segserve_batch_size",
+            "Images per model batch.",
+            buckets=buckets,
+            sum_value=float(sum(size * count for size, count in enumerate(counts, start=1))),
+        )
+        runtime = pipeline.runtime
+        info = GaugeMetricFamily(
+            "segserve_model_info",
+            "The model being served (value 1; 0 while it loads).",
+            labels=["model", "weights", "device", "max_size", "max_batch_size"],
+        )
+        s = pipeline.settings
+        info.add_metric(
+            [
+                s.model,
+                runtime.weights_description if runtime else "loading",
+                runtime.device_name if runtime else "loading",
+                str(s.max_size),
+                str(s.max_batch_size),
+            ],
+            1.0 if pipeline.ready else 0.0,
+        )
+        yield info
+
+
+class Metrics:
+    """The per-request instruments and their registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        # process_resident_memory_bytes, open fds, CPU seconds, Python GC: what memory and leak alerts need.
+        ProcessCollector(registry=self.registry)
+        self.registry.register(GC_COLLECTOR)
+        self.registry.register(PLATFORM_COLLECTOR)
+        self.requests = Counter(
+            "segserve_requests",
+            "Finished gRPC calls by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "segserve_request_seconds",
+            "Time from a call's arrival to its answer, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "segserve_requests_in_progress", "gRPC calls being handled, by method.", ["method"], registry=self.registry
+        )
+        self.images = Counter(
+            "segserve_images",
+            "Images answered (stream items included) by status code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "segserve_stage_seconds",
+            "Per image: preprocess (decode, resize), queue (waiting for the model), inference (the model time "
+            "of the batch the image ran in), postprocess (upsample, PNG).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def watch(self, pipeline: SegmentationPipeline) -> None:
+        self.registry.register(PipelineCollector(pipeline))
+
+    def serve(self, host: str, port: int) -> int | None:
+        """Starts the /metrics HTTP endpoint; returns its port (0 picks a free one), None when off (-1) or failed."""
+        if port == METRICS_DISABLED:
+            return None
+        try:
+            self._http, self._http_thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        except OSError as exc:
+            # Serving matters more than being watched: say so loudly (the scrape target shows down) and go on.
+            log.error("metrics endpoint not started on %s:%d: %s; serving without it", host, port, exc)
+            return None
+        bound = int(self._http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,98 @@
+"""SIGTERM under load, against the real process: in-flight calls finish, new ones get UNAVAILABLE, exit 0."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos.segserve.v1 import segserve_pb2 as pb
+from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
+from tests.conftest import encode, photo_like
+from tests.test_lifecycle import free_port, start_server, wait_for_status
+
+GRACE_S = 30.0
+IN_FLIGHT = 6
+
+
+def in_progress(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "segserve_requests_in_progress" and sample.labels.get("method") == "Segment"
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_drains_in_flight_refuses_new_and_exits_zero() -> None:
+    metrics_port = free_port()
+    process, target = start_server(
+        "--weights", "random", "--no-warmup", "--max-batch-size", "1", "--metrics-port", str(metrics_port),
+        env={"SEGSERVE_GRACE_PERIOD_S": str(GRACE_S)},
+    )  # fmt: skip
+    try:
+        wait_for_status(target, health_pb2.HealthCheckResponse.SERVING, timeout=120)
+        # One at a time through the model at the default size, with overlays: each takes a good while on a CPU.
+        image = encode(photo_like(1024, 768), "JPEG")
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.SegmenterStub(channel)
+            in_flight = [
+                stub.Segment.future(
+                    pb.SegmentRequest(id=str(i), image=image, options=pb.SegmentOptions(overlay=True)), timeout=120
+                )
+                for i in range(IN_FLIGHT)
+            ]
+            deadline = time.monotonic() + 60
+            while in_progress(metrics_port) < IN_FLIGHT:
+                assert time.monotonic() < deadline, "requests never all arrived"
+                time.sleep(0.005)
+            assert sum(f.done() for f in in_flight) < IN_FLIGHT, (
+                "everything finished before SIGTERM; test proves nothing"
+            )
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+
+            # A call that reaches the server before it handles the signal is in flight like the others;
+            # from the moment health stops saying SERVING, every new call must be refused.
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                except grpc.RpcError:
+                    break
+                if status != health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.001)
+            # New calls, on the open connection and on new ones, are refused with UNAVAILABLE until the process is gone.
+            refusals: list[grpc.StatusCode] = []
+            while process.poll() is None and time.monotonic() - signalled < GRACE_S:
+                for stub_for_new in (stub, pb_grpc.SegmenterStub(grpc.insecure_channel(target))):
+                    try:
+                        stub_for_new.Segment(pb.SegmentRequest(id="new", image=image), timeout=5)
+                        refusals.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as exc:
+                        refusals.append(exc.code())
+                time.sleep(0.05)
+
+            results = [f.result(timeout=GRACE_S) for f in in_flight]
+        output, _ = process.communicate(timeout=GRACE_S)
+        exited_after = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert sorted(r.id for r in results) == [str(i) for i in range(IN_FLIGHT)]
+    assert all(r.width == 1024 and r.overlay_png for r in results)
+    assert refusals, "no call was tried during the drain"
+    assert set(refusals) == {grpc.StatusCode.UNAVAILABLE}, refusals
+    assert process.returncode == 0, output
+    assert exited_after < GRACE_S, f"took {exited_after:.1f}s"
+    assert "Traceback" not in output and "shutting down" in output
+    print(f"drain: {len(refusals)} new calls refused; exit {exited_after:.2f}s after SIGTERM")
