@@ -68,7 +68,7 @@ COPY protos/ /app/protos/
 COPY server/ /app/server/
 COPY client/ /app/client/
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 9464
 # Asks the gRPC health service: exit 0 only when SERVING, which is once the model is loaded and warmed up.
 # (Fixed port: change it here too if you change SEGSERVE_PORT.)
 HEALTHCHECK --interval=10s --timeout=8s --start-period=120s --retries=3 \

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -92,6 +94,16 @@ def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
             127 + 120 * np.sin(x / max(width, 1) * fx * 6.28 + phase) * np.cos(y / max(height, 1) * fy * 6.28)
         )
     return Image.fromarray(np.stack(channels, axis=-1).clip(0, 255).astype(np.uint8))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header is rewritten to claim width x height: a few dozen bytes."""
+    data = bytearray(encode(Image.new("L", (1, 1))))
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
 
 
 @pytest.fixture

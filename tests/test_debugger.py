@@ -135,6 +135,7 @@ def test_breakpoint_in_decode_image_stops_with_the_image_among_the_locals(tmp_pa
         PYDEVD_DISABLE_FILE_VALIDATION="1",
         SEGSERVE_HOST="127.0.0.1",
         SEGSERVE_PORT="0",
+        SEGSERVE_METRICS_PORT="0",
         SEGSERVE_WEIGHTS="random",
         SEGSERVE_DEVICE="cpu",
         SEGSERVE_MAX_SIZE="64",

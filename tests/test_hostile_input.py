@@ -4,8 +4,6 @@ get a mask of the right size, and the server stays SERVING with bounded memory a
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from collections.abc import Callable
 
 import grpc
@@ -21,21 +19,11 @@ from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server.errors import ImageTooLarge, InvalidImage
 from server.imaging import Limits, decode_image
-from tests.conftest import ServerThread, encode, photo_like
+from tests.conftest import ServerThread, encode, photo_like, png_declaring
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid 1x1 PNG whose header is rewritten to claim width x height: a few dozen bytes."""
-    data = bytearray(encode(Image.new("L", (1, 1))))
-    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    return bytes(data)
 
 
 def cmyk_jpeg() -> bytes:

@@ -94,7 +94,10 @@ def test_pieces_fit_together() -> None:
     main = container(deployment)
     env = env_of(deployment)
     port = int(env["SEGSERVE_PORT"])
-    assert [p["containerPort"] for p in main["ports"]] == [port]
+    metrics_port = int(env["SEGSERVE_METRICS_PORT"])
+    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"grpc": port, "metrics": metrics_port}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics_port)
 
     # Kubernetes' native gRPC probes on the health service: readiness on the Segmenter itself.
     assert main["readinessProbe"]["grpc"] == {"port": port, "service": SERVICE_NAME}

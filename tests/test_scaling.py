@@ -107,6 +107,7 @@ def start_replica(host: str, port: int, log_dir: Path) -> Replica:
         "grace-period-s": 5,
         "max-connection-age-s": CONNECTION_AGE_S,
         "max-connection-age-grace-s": 5,
+        "metrics-port": 0,  # a free port each: replicas must not compete for 9464
     }
     args = [item for name, value in flags.items() for item in (f"--{name}", str(value))]
     with log.open("wb") as out:

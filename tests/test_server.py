@@ -15,7 +15,7 @@ from PIL import Image
 from client import SegmentClient, SegmentError
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from tests.conftest import TEST_MAX_SIZE, ServerThread, encode, make_settings, photo_like
+from tests.conftest import TEST_MAX_SIZE, ServerThread, encode, make_settings, photo_like, png_declaring
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_error_codes_and_messages(
     code: grpc.StatusCode,
     words: str,
 ) -> None:
-    data = {None: jpeg_bytes, "bomb": encode(Image.new("1", (30000, 30000)))}.get(image, image)  # type: ignore[call-overload]
+    data = {None: jpeg_bytes, "bomb": png_declaring(30000, 30000)}.get(image, image)  # type: ignore[call-overload]
     with pytest.raises(grpc.RpcError) as info:
         stub.Segment(pb.SegmentRequest(image=data, options=pb.SegmentOptions(**options)))
     assert info.value.code() == code
