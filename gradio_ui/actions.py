@@ -13,6 +13,7 @@ from PIL import Image
 from client import SegmentationResult, SegmentClient, SegmentError
 from client.channel import channel_options
 from gradio_ui import render
+from gradio_ui.components import UnreadableUpload
 from gradio_ui.errors import describe_error
 from protos.segserve.v1 import segserve_pb2 as pb
 
@@ -70,6 +71,8 @@ class PageActions:
         """Overlay, colour mask, legend, timing, status line and model panel for one photo."""
         if not image_path:
             return None, None, "", "", render.status("Drop a photo, paste one or pick an example."), self._panel()
+        if isinstance(image_path, UnreadableUpload):
+            return None, None, "", "", render.status(str(image_path), "error"), self._panel()
         name = Path(image_path).name
         try:
             data = Path(image_path).read_bytes()

@@ -9,6 +9,7 @@ import gradio as gr
 
 from gradio_ui import render
 from gradio_ui.actions import PageActions
+from gradio_ui.components import readable_uploads
 from gradio_ui.examples import EXAMPLES, example_photos
 from gradio_ui.settings import UISettings
 
@@ -59,6 +60,7 @@ def build_app(settings: UISettings, actions: PageActions | None = None) -> gr.Bl
                         height=380,
                         elem_id="segserve-input",
                     )
+                    readable_uploads(image)
                     segment = gr.Button("Segment", variant="primary", elem_id="segserve-segment")
                     if examples:
                         gr.Examples(

@@ -93,7 +93,7 @@ def timing(t: Timing, model_size: tuple[int, int], size: tuple[int, int]) -> str
 CSS = """
 .segserve-status { padding: 10px 14px; border-radius: 8px; margin: 4px 0; line-height: 1.45;
   border: 1px solid var(--border-color-primary); background: var(--background-fill-secondary);
-  color: var(--body-text-color); }
+  color: var(--body-text-color); overflow-wrap: anywhere; }
 .segserve-ok { border-color: #16a34a; }
 .segserve-warning { border-color: #d97706; background: rgba(217, 119, 6, 0.12); }
 .segserve-error { border-color: #dc2626; background: rgba(220, 38, 38, 0.12); font-weight: 600; }

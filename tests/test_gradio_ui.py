@@ -197,6 +197,25 @@ def test_undecodable_photo_is_a_readable_error(page, pages, cat_photo, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_file_that_is_not_an_image_is_a_readable_error(page, pages, tmp_path):
+    live, _ = pages
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("these are words, not pixels\n")
+    open_page(page, live.url)
+    page.locator("#segserve-input input[type=file]").set_input_files(str(notes))
+    page.locator("#segserve-segment").click()
+    error = page.locator("#segserve-status .segserve-error")
+    error.wait_for()
+    assert (
+        error.inner_text().strip()
+        == "“notes.jpg” is not an image we can read: send a JPEG, PNG, WebP, GIF, BMP or TIFF."
+    )
+    page.screenshot(path=str(tmp_path / "not-an-image.png"), full_page=True)
+    assert error.is_visible()
+    assert "Traceback" not in page.content()
+
+
+@pytest.mark.slow
 def test_server_down_is_a_readable_error(page, pages, cat_photo, tmp_path):
     _, dead = pages
     target = dead.process.args[dead.process.args.index("--target") + 1]  # type: ignore[union-attr]
