@@ -32,7 +32,11 @@ def model_panel(info: pb.ModelInfo) -> str:
         ("Batching", f"up to {info.max_batch_size} images, {info.max_batch_delay_ms:g} ms"),
         ("Batches served", str(served)),
     ]
-    facts = "".join(f"<div><dt>{escape(k)}</dt><dd>{escape(v)}</dd></div>" for k, v in rows)
+    # Long values (the fallback's explanation) are cut; the full text is in the tooltip and the warning below.
+    facts = "".join(
+        f'<div><dt>{escape(k)}</dt><dd title="{escape(v)}">{escape(v if len(v) <= 48 else v[:45] + "…")}</dd></div>'
+        for k, v in rows
+    )
     html = f'<dl class="segserve-facts" id="segserve-model">{facts}</dl>'
     if not info.weights_are_trained:
         html += (
