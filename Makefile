@@ -25,10 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)  ## the server on :50051
-	$(BIN)/python -m server
+run: $(STAMP)  ## the server on :50051 and the Gradio page on http://localhost:7860; Ctrl-C stops both
+	$(BIN)/python -m gradio_ui.launch
 
-server: run
+server: $(STAMP)  ## the server alone
+	$(BIN)/python -m server
 
 # The server under debugpy, on this machine's loopback only (debugpy runs any code sent to its port).
 # DEBUGPY_WAIT=1: start serving only once a debugger has attached. docs/debugging.md has the walk-through.

@@ -1,0 +1,1 @@
+"""segserve's Gradio page: segment photos in the browser through the client library (`python -m gradio_ui`)."""
