@@ -20,6 +20,7 @@ import platform
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,30 @@ def _server_overrides(name: str) -> dict[str, str]:
     return {"batching_off": {"SEGSERVE_MAX_BATCH_SIZE": "1"}}.get(name, {})
 
 
+def merge_inprocess_runs(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per batch size from both in-process runs: throughput is the median of all their windows,
+    each latency the median of the runs' p50s."""
+    if not after:
+        return before
+    merged = []
+    for first, second in zip(before, after, strict=True):
+        assert first["batch_size"] == second["batch_size"]
+        windows = first["throughput_windows"] + second["throughput_windows"]
+        by_kind = {}
+        for kind in first.get("by_kind", {}).keys() & second.get("by_kind", {}).keys():
+            a, b = first["by_kind"][kind], second["by_kind"][kind]
+            by_kind[kind] = {"count": a["count"] + b["count"], "p50_ms": statistics.median([a["p50_ms"], b["p50_ms"]])}
+        merged.append(
+            {
+                "batch_size": first["batch_size"],
+                "throughput": statistics.median(windows),
+                "throughput_windows": windows,
+                "by_kind": by_kind,
+            }
+        )
+    return merged
+
+
 def run(args: argparse.Namespace) -> Path:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     machine = machine_info()
@@ -154,15 +179,16 @@ def run(args: argparse.Namespace) -> Path:
         images.mkdir()
         for k, image in enumerate(image_set()):
             (images / f"{image.kind}-{k}-{image.name}.jpg").write_bytes(image.data)
-        inprocess = _json_lines(
-            [
-                sys.executable, "-m", "bench.inprocess", "--images", str(images), "--batch-sizes", args.batch_sizes,
-                "--duration", str(args.duration), "--repeats", str(args.repeats),
-            ],
-            env,
-            timeout=3600,
-        )  # fmt: skip
+        inprocess_command = [
+            sys.executable, "-m", "bench.inprocess", "--images", str(images), "--batch-sizes", args.batch_sizes,
+            "--duration", str(args.duration), "--repeats", str(args.repeats),
+        ]  # fmt: skip
+        # The in-process limit runs before and after the served sweeps, so that a machine whose speed
+        # drifts over minutes (a shared VM does) does not favour one side of the ratios.
+        before = _json_lines(inprocess_command, env, timeout=3600)
         served = [served_sweep(name, images, args, env) for name in ("batching", "batching_off")]
+        after = [] if args.smoke else _json_lines(inprocess_command, env, timeout=3600)
+        inprocess = merge_inprocess_runs(before, after)
     result: dict[str, Any] = {
         "date": date,
         "machine": machine,
@@ -176,6 +202,7 @@ def run(args: argparse.Namespace) -> Path:
             "server_env": {k: v for k, v in os.environ.items() if k.startswith("SEGSERVE_")},
         },
         "inprocess": inprocess,
+        "inprocess_runs": [before, after],
         "served": served[0],
         "batching_off": served[1],
     }

@@ -93,3 +93,28 @@ def test_report_rewrites_only_its_section_and_the_plot_is_a_png(tmp_path: Path) 
     plot(data, tmp_path / "run.png")
     with Image.open(tmp_path / "run.png") as image:
         assert image.format == "PNG" and image.size[0] > 500
+
+
+def test_inprocess_runs_before_and_after_are_merged_by_median() -> None:
+    from bench.run import merge_inprocess_runs
+
+    before = [
+        {
+            "batch_size": 1,
+            "throughput": 10.0,
+            "throughput_windows": [9.0, 10.0, 11.0],
+            "by_kind": {"photo": {"count": 3, "p50_ms": 80.0}},
+        }
+    ]
+    after = [
+        {
+            "batch_size": 1,
+            "throughput": 7.0,
+            "throughput_windows": [6.0, 7.0, 8.0],
+            "by_kind": {"photo": {"count": 2, "p50_ms": 100.0}},
+        }
+    ]
+    (row,) = merge_inprocess_runs(before, after)
+    assert row["throughput"] == 8.5 and row["throughput_windows"] == [9.0, 10.0, 11.0, 6.0, 7.0, 8.0]
+    assert row["by_kind"]["photo"] == {"count": 5, "p50_ms": 90.0}
+    assert merge_inprocess_runs(before, []) == before
