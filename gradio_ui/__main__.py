@@ -9,14 +9,14 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from gradio_ui.settings import ui_settings_from_args
+from server.settings import validation_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = ui_settings_from_args(argv)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"segserve page: invalid settings: {problems}", file=sys.stderr)
+        print(f"segserve page: invalid settings: {validation_problems(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from gradio_ui.app import launch  # gradio is slow to import: only after the flags are known good

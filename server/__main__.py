@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from server.app import serve
-from server.settings import Settings, settings_from_args
+from server.settings import Settings, settings_from_args, validation_problems
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -25,8 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"segserve: invalid settings: {problems}", file=sys.stderr)
+        print(f"segserve: invalid settings: {validation_problems(exc)}", file=sys.stderr)
         return 2
     _configure_logging(settings)
     return asyncio.run(serve(settings))

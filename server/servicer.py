@@ -110,8 +110,12 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     ) -> pb.SegmentResponse:
         result = await self.pipeline.segment(image, converters.options_from_proto(options), deadline)
         t = result.timing
-        stages = {"preprocess": t.preprocess_ms, "queue": t.queue_ms, "inference": t.inference_ms}
-        stages["postprocess"] = t.postprocess_ms
+        stages = {
+            "preprocess": t.preprocess_ms,
+            "queue": t.queue_ms,
+            "inference": t.inference_ms,
+            "postprocess": t.postprocess_ms,
+        }
         note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
         return converters.result_to_proto(request_id, result)
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelName = Literal["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101"]
@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     @property
     def worker_threads(self) -> int:
         return self.workers or max(2, os.cpu_count() or 2)
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """A pydantic ValidationError as one readable line: 'max_batch_size: Input should be ...; port: ...'."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
 def _flag(name: str) -> str:
