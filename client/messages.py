@@ -77,3 +77,20 @@ def stream_requests(
             deferred.append((image_id, data))
             continue
         yield segment_request(image_id, data, options)
+
+
+@dataclass(frozen=True)
+class SingleCall:
+    """One image's call: Segment with one message, or SegmentUpload in chunks when it is large."""
+
+    image_id: str
+    upload: bool
+    request: pb.SegmentRequest | Iterator[pb.ImageChunk]
+
+
+def single_call(image: ImageInput, options: Options, image_id: str | None, upload_threshold: int) -> SingleCall:
+    data = image_bytes(image)
+    image_id = image_id if image_id is not None else default_id(image)
+    if len(data) > upload_threshold:
+        return SingleCall(image_id, True, upload_chunks(image_id, data, options))
+    return SingleCall(image_id, False, segment_request(image_id, data, options))

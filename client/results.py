@@ -6,6 +6,7 @@ import io
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import grpc
 import numpy as np
 from PIL import Image
 
@@ -99,3 +100,8 @@ def failed_result(image_id: str, error: SegmentError) -> SegmentationResult:
     return SegmentationResult.from_proto(
         pb.SegmentResponse(id=image_id, error=pb.Error(code=error.code.value[0], message=error.message))
     )
+
+
+def unreadable_result(image_id: str, error: OSError) -> SegmentationResult:
+    """An image of segment_many that could not even be read from disk."""
+    return failed_result(image_id, SegmentError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read image: {error}"))

@@ -5,23 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import DEFAULT_TARGET
 from client.errors import SegmentError
-from client.messages import (
-    UPLOAD_THRESHOLD,
-    ImageInput,
-    Options,
-    default_id,
-    image_bytes,
-    segment_request,
-    stream_requests,
-    upload_chunks,
-)
-from client.results import SegmentationResult, failed_result
+from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
+from client.results import SegmentationResult, failed_result, unreadable_result
 from client.security import open_channel, request_metadata
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
@@ -63,21 +55,13 @@ class SegmentClient:
         request_id: str | None = None,
     ) -> SegmentationResult:
         """Segment one image (bytes, a path or a PIL image); large ones go through SegmentUpload."""
-        data = image_bytes(image)
-        image_id = image_id if image_id is not None else default_id(image)
-        options = Options(max_size, overlay, overlay_opacity)
+        call = single_call(image, Options(max_size, overlay, overlay_opacity), image_id, self.upload_threshold)
+        method: Any = self._stub.SegmentUpload if call.upload else self._stub.Segment
         timeout = self.timeout if timeout is None else timeout
         try:
-            if len(data) > self.upload_threshold:
-                response = self._stub.SegmentUpload(
-                    upload_chunks(image_id, data, options), timeout=timeout, metadata=request_metadata(request_id)
-                )
-            else:
-                response = self._stub.Segment(
-                    segment_request(image_id, data, options), timeout=timeout, metadata=request_metadata(request_id)
-                )
+            response = method(call.request, timeout=timeout, metadata=request_metadata(request_id))
         except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc, image_id) from None
+            raise SegmentError.from_rpc_error(exc, call.image_id) from None
         return SegmentationResult.from_proto(response)
 
     def segment_many(
@@ -110,9 +94,7 @@ class SegmentClient:
             raise SegmentError.from_rpc_error(exc) from None
         for image_id, item in deferred:
             if isinstance(item, OSError):
-                yield failed_result(
-                    image_id, SegmentError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read image: {item}")
-                )
+                yield unreadable_result(image_id, item)
                 continue
             try:
                 yield self.segment(
