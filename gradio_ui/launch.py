@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from client import SegmentClient, SegmentError
 from gradio_ui.settings import build_parser, ui_settings_from_args
-from server.settings import Settings
+from server.settings import Settings, validation_problems
 
 log = logging.getLogger("gradio_ui.launch")
 
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_settings = Settings()
         ui = ui_settings_from_args(argv, parser)
     except ValidationError as exc:
-        print(f"segserve: invalid settings: {exc}", file=sys.stderr)
+        print(f"segserve: invalid settings: {validation_problems(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if "target" not in ui.model_fields_set:
