@@ -168,7 +168,7 @@ class SegmentationPipeline:
         if self.draining:
             raise NotReady("server is shutting down; retry on another replica")
         if not self.ready or self._batcher is None or self.runtime is None:
-            raise NotReady("model is still loading" if not self.ready else "server is shutting down")
+            raise NotReady("model is still loading")
         max_size = self.effective_max_size(options)
         opacity = self.overlay_opacity(options)
         if self._admitted >= self.settings.max_queue:

@@ -35,7 +35,11 @@ def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> Image.Image:
 def class_shares(mask: Image.Image, labels: tuple[Label, ...]) -> list[ClassShare]:
     """Classes present in the mask with their share of its pixels, largest first."""
     counts = np.asarray(mask.histogram()[: len(labels)], dtype=np.int64)
-    total = mask.size[0] * mask.size[1]
+    return _shares(counts, mask.size[0] * mask.size[1], labels)
+
+
+def _shares(counts: np.ndarray, total: int, labels: tuple[Label, ...]) -> list[ClassShare]:
+    """Pixel counts per class to the classes present, largest share first."""
     order = np.argsort(-counts, kind="stable")
     return [ClassShare(int(i), labels[i].name, float(counts[i] / total)) for i in order if counts[i] > 0]
 
@@ -63,9 +67,7 @@ def class_shares_of_upsampled(
     col_repeats = np.bincount(_nearest_sources(size[0], width), minlength=width)
     weights = np.outer(row_repeats, col_repeats).ravel()
     counts = np.bincount(label_map.ravel(), weights=weights, minlength=len(labels))[: len(labels)].astype(np.int64)
-    total = size[0] * size[1]
-    order = np.argsort(-counts, kind="stable")
-    return [ClassShare(int(i), labels[i].name, float(counts[i] / total)) for i in order if counts[i] > 0]
+    return _shares(counts, size[0] * size[1], labels)
 
 
 def encode_png(image: Image.Image) -> bytes:
