@@ -95,6 +95,14 @@ class _Call:
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.record.request_id),))
         metrics.in_progress.labels(self.short).inc()
 
+    def __enter__(self) -> _Call:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self.failed(exc)
+        self.finish()
+
     def failed(self, exc: BaseException) -> None:
         if isinstance(exc, asyncio.CancelledError):
             # The caller's clock runs out a moment before ours (the deadline travels as a timeout), and its
@@ -175,14 +183,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
     def _wrap_coroutine(self, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: Context) -> Any:
-            call = _Call(self.metrics, method, context)
-            try:
+            with _Call(self.metrics, method, context):
                 return await behaviour(request, context)
-            except BaseException as exc:
-                call.failed(exc)
-                raise
-            finally:
-                call.finish()
 
         return observed
 
@@ -190,14 +192,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self, method: str, behaviour: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = _Call(self.metrics, method, context)
-            try:
+            with _Call(self.metrics, method, context):
                 async for response in behaviour(request, context):
                     yield response
-            except BaseException as exc:
-                call.failed(exc)
-                raise
-            finally:
-                call.finish()
 
         return observed

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -15,13 +15,12 @@ from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError
-from server.interceptor import ImageNote, note_image
+from server.interceptor import Context, ImageNote, note_image
 from server.pipeline import SegmentationPipeline
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Context = grpc.aio.ServicerContext[Any, Any]
 
 # Images in flight per SegmentStream call; beyond this the stream stops reading until one finishes.
 STREAM_WINDOW = 16
