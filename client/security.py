@@ -25,10 +25,15 @@ def tls_credentials(
     )
 
 
-def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+def open_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    extra_options: list[tuple[str, object]] | None = None,
+) -> grpc.Channel:
+    options = [*channel_options(), *(extra_options or [])]
     if credentials is None:
-        return grpc.insecure_channel(target, options=channel_options())
-    return grpc.secure_channel(target, credentials, options=channel_options())
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def open_aio_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:

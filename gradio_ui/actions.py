@@ -11,7 +11,7 @@ import grpc
 from PIL import Image
 
 from client import SegmentationResult, SegmentClient, SegmentError
-from client.channel import channel_options
+from client.security import open_channel
 from gradio_ui import render
 from gradio_ui.components import UnreadableUpload
 from gradio_ui.errors import describe_error
@@ -37,7 +37,7 @@ class PageActions:
 
     def __init__(self, target: str, timeout_s: float = 60.0) -> None:
         self.target = target
-        channel = grpc.insecure_channel(target, options=[*channel_options(), *RECONNECT_OPTIONS])
+        channel = open_channel(target, extra_options=RECONNECT_OPTIONS)
         self.client = SegmentClient(target, timeout=timeout_s, channel=channel)
 
     def close(self) -> None:
