@@ -108,6 +108,7 @@ def cmd_info(client: SegmentClient, args: argparse.Namespace) -> int:
     print(f"model:          {info.model}")
     print(f"weights:        {info.weights}")
     print(f"device:         {info.device}")
+    print(f"runtime:        {info.runtime}")
     print(f"max size:       {info.max_size}")
     print(f"max batch size: {info.max_batch_size} (delay {info.max_batch_delay_ms:g} ms, queue {info.max_queue})")
     served = ", ".join(f"{i + 1}x{n}" for i, n in enumerate(info.batch_sizes) if n)

@@ -28,6 +28,7 @@ def model_panel(info: pb.ModelInfo) -> str:
         ("Model", info.model),
         ("Weights", info.weights),
         ("Device", info.device),
+        ("Runtime", info.runtime),
         ("Max size", f"{info.max_size} px"),
         ("Batching", f"up to {info.max_batch_size} images, {info.max_batch_delay_ms:g} ms"),
         ("Batches served", str(served)),

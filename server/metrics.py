@@ -71,14 +71,15 @@ class PipelineCollector(Collector):
         info = GaugeMetricFamily(
             "segserve_model_info",
             "The model being served (value 1; 0 while it loads).",
-            labels=["model", "weights", "device", "max_size", "max_batch_size"],
+            labels=["model", "weights", "device", "runtime", "max_size", "max_batch_size"],
         )
         s = pipeline.settings
         info.add_metric(
             [
                 s.model,
-                runtime.weights_description if runtime else "loading",
+                runtime.facts.weights_description if runtime else "loading",
                 runtime.device_name if runtime else "loading",
+                runtime.description if runtime else "loading",
                 str(s.max_size),
                 str(s.max_batch_size),
             ],

@@ -1,7 +1,10 @@
-"""DeepLabV3 runtime: loading, weights fallback and batched inference. Knows torch, never protobuf."""
+"""DeepLabV3 weights: building the torchvision module, the pretrained/random/file fallbacks, a fingerprint.
+
+Every runtime (server/runtimes/) starts from the module loaded here. Knows torch, never protobuf."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -9,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.models import segmentation as tvseg
 
 from server.errors import ModelLoadError
-from server.labels import VOC_CLASSES, Label, make_labels
+from server.labels import VOC_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -122,56 +124,18 @@ def load_model(model_name: str, weights: str) -> LoadedModel:
     return LoadedModel(_load_state_dict_file(builder, path), f"file:{path}", True, mean, std)
 
 
-class ModelRuntime:
-    """Runs batches of same-shaped RGB images through DeepLabV3 and returns label maps.
+def without_aux_head(module: nn.Module) -> nn.Module:
+    """The auxiliary head only helps training; dropping it saves a third of the compute."""
+    if getattr(module, "aux_classifier", None) is not None:
+        module.aux_classifier = None  # type: ignore[assignment]
+    return module
 
-    Not thread-safe by design: the batcher calls it from one worker thread.
-    """
 
-    def __init__(
-        self,
-        model_name: str,
-        weights: str,
-        device: str = "auto",
-        channels_last: bool = True,
-        half: bool = False,
-        torch_threads: int = 0,
-    ) -> None:
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        self.model_name = model_name
-        self.device = resolve_device(device)
-        loaded = load_model(model_name, weights)
-        module = loaded.module
-        # The auxiliary head only helps training; dropping it saves a third of the compute.
-        if getattr(module, "aux_classifier", None) is not None:
-            module.aux_classifier = None  # type: ignore[assignment]
-        self.channels_last = channels_last
-        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
-        module = module.eval().to(self.device, dtype=self.dtype)
-        if channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        self.module = module
-        self.weights_description = loaded.weights_description
-        self.weights_trained = loaded.trained
-        self.labels: tuple[Label, ...] = make_labels(VOC_CLASSES)
-        self._mean = torch.tensor(loaded.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(loaded.std, device=self.device).view(1, 3, 1, 1)
-
-    @property
-    def device_name(self) -> str:
-        return str(self.device)
-
-    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """uint8 HxWx3 arrays of one shape in, one uint8 HxW label map per image out."""
-        if not images:
-            return []
-        batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-            x = ((x - self._mean) / self._std).to(self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = self.module(x)["out"]
-            labels = logits.argmax(dim=1).to(torch.uint8)
-        return list(labels.cpu().numpy())
+def weights_fingerprint(module: nn.Module) -> str:
+    """A hash of every tensor in the state_dict (names, dtypes, shapes, values): equal iff the weights are."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        value = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{value.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()

@@ -21,7 +21,6 @@ from server.batcher import Batcher
 from server.errors import InvalidOptions, NotReady, Overloaded
 from server.imaging import DecodedImage, Limits, decode_image
 from server.labels import Label
-from server.model import ModelRuntime
 from server.postprocess import (
     ClassShare,
     blend_overlay,
@@ -30,6 +29,8 @@ from server.postprocess import (
     encode_png,
     upsample_labels,
 )
+from server.runtimes import Runtime
+from server.runtimes.factory import create_runtime
 from server.settings import MIN_MAX_SIZE, Settings
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _shape_of(array: np.ndarray) -> tuple[int, ...]:
 class SegmentationPipeline:
     """Owns the model runtime, the batcher and the worker pool. Create inside the server's event loop."""
 
-    def __init__(self, settings: Settings, runtime: ModelRuntime | None = None) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.settings = settings
         self.limits = Limits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.runtime = runtime
@@ -94,11 +95,7 @@ class SegmentationPipeline:
         """Load the model (unless one was given) and warm it up, off the event loop."""
         loop = asyncio.get_running_loop()
         if self.runtime is None:
-            s = self.settings
-            self.runtime = await loop.run_in_executor(
-                self._pool,
-                partial(ModelRuntime, s.model, s.weights, s.device, s.channels_last, s.half, s.torch_threads),
-            )
+            self.runtime = await loop.run_in_executor(self._pool, create_runtime, self.settings)
         runtime = self.runtime
         self._batcher = Batcher(
             runtime.predict,
@@ -111,7 +108,11 @@ class SegmentationPipeline:
             await loop.run_in_executor(self._pool, self._warm_up)
         self.ready = True
         log.info(
-            "model %s ready on %s (weights: %s)", runtime.model_name, runtime.device_name, runtime.weights_description
+            "model %s ready on %s with %s (weights: %s)",
+            runtime.facts.model_name,
+            runtime.device_name,
+            runtime.description,
+            runtime.facts.weights_description,
         )
 
     def _warm_up(self) -> None:
@@ -135,7 +136,7 @@ class SegmentationPipeline:
     def labels(self) -> tuple[Label, ...]:
         if self.runtime is None:
             raise NotReady("model is still loading")
-        return self.runtime.labels
+        return self.runtime.facts.labels
 
     @property
     def batch_size_counts(self) -> list[int]:
@@ -214,7 +215,7 @@ class SegmentationPipeline:
         overlay_png = None
         if decoded.full_image is not None:
             overlay_png = encode_png(blend_overlay(decoded.full_image, mask, opacity))
-        shares = class_shares_of_upsampled(labels, decoded.original_size, self.runtime.labels)
+        shares = class_shares_of_upsampled(labels, decoded.original_size, self.runtime.facts.labels)
         return encode_mask_png(mask), overlay_png, shares
 
     async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

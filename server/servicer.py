@@ -143,13 +143,14 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         runtime = pipeline.runtime
         return pb.ModelInfo(
             model=s.model,
-            weights=runtime.weights_description if runtime else "loading",
+            weights=runtime.facts.weights_description if runtime else "loading",
             device=runtime.device_name if runtime else "loading",
             max_size=s.max_size,
             max_batch_size=s.max_batch_size,
             labels=converters.labels_to_proto(pipeline.labels) if runtime else [],
-            weights_are_trained=bool(runtime and runtime.weights_trained),
+            weights_are_trained=bool(runtime and runtime.facts.weights_trained),
             batch_sizes=pipeline.batch_size_counts,
             max_batch_delay_ms=s.max_batch_delay_ms,
             max_queue=s.max_queue,
+            runtime=runtime.description if runtime else "loading",
         )

@@ -11,6 +11,8 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelName = Literal["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101"]
+RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 MIN_MAX_SIZE = 16
 
@@ -29,6 +31,24 @@ class Settings(BaseSettings):
         "random, or a path to a state_dict file.",
     )
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+    runtime: RuntimeName = Field(
+        "auto",
+        description="Engine that runs the model: auto (the fastest installed for the device), torch, onnxruntime "
+        "or openvino.",
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="fp32; fp16 or bf16 (torch on CUDA); int8 (onnxruntime, statically quantized; masks differ "
+        "slightly).",
+    )
+    cache_dir: str = Field(
+        "auto",
+        description="Folder for exported graphs (auto: $XDG_CACHE_HOME/segserve or ~/.cache/segserve; a temp "
+        "folder when not writable).",
+    )
+    capture: bool = Field(
+        False, description="torch on CUDA: capture CUDA graphs per input shape (torch.compile reduce-overhead)."
+    )
     max_size: int = Field(
         512, ge=MIN_MAX_SIZE, description="Longest image side fed to the model; also the cap on the per-request option."
     )
@@ -46,9 +66,10 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="Largest unary gRPC message; bigger images go through SegmentUpload."
     )
     workers: int = Field(0, ge=0, description="Threads for decoding and encoding (0: one per CPU core).")
-    torch_threads: int = Field(0, ge=0, description="Threads torch uses on the CPU (0: torch's default).")
+    inference_threads: int = Field(
+        0, ge=0, description="Threads the runtime uses for one model call on the CPU (0: one per CPU core)."
+    )
     channels_last: bool = Field(True, description="Run the model in channels_last memory format.")
-    half: bool = Field(False, description="Run in float16 on CUDA (ignored on the CPU).")
     warmup: bool = Field(True, description="Run the model once per expected shape before reporting SERVING.")
     grace_period_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -140,7 +140,7 @@ def test_breakpoint_in_decode_image_stops_with_the_image_among_the_locals(tmp_pa
         SEGSERVE_DEVICE="cpu",
         SEGSERVE_MAX_SIZE="64",
         SEGSERVE_WORKERS="2",
-        SEGSERVE_TORCH_THREADS="1",
+        SEGSERVE_INFERENCE_THREADS="1",
         SEGSERVE_GRACE_PERIOD_S="1",
     )
     launch = debug_launch_config()

@@ -314,6 +314,7 @@ class ModelInfo(_message.Message):
     BATCH_SIZES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_DELAY_MS_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """deeplabv3_mobilenet_v3_large, deeplabv3_resnet50 or deeplabv3_resnet101."""
     weights: _builtins.str
@@ -330,6 +331,11 @@ class ModelInfo(_message.Message):
     """
     max_batch_delay_ms: _builtins.float
     max_queue: _builtins.int
+    runtime: _builtins.str
+    """The engine running the model and how: "onnxruntime 1.32.0 (CPUExecutionProvider,
+    fp32, 2 threads)", "openvino 2026.4.1 (CPU, fp32, 2 threads)", "torch 2.14.1 eager
+    (cuda:0, fp16, channels_last)". "loading" until the model is ready.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Label]: ...
     @_builtins.property
@@ -349,10 +355,11 @@ class ModelInfo(_message.Message):
         batch_sizes: _abc.Iterable[_builtins.int] | None = ...,
         max_batch_delay_ms: _builtins.float = ...,
         max_queue: _builtins.int = ...,
+        runtime: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_sizes", b"batch_sizes", "device", b"device", "labels", b"labels", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_size", b"max_batch_size", "max_queue", b"max_queue", "max_size", b"max_size", "model", b"model", "weights", b"weights", "weights_are_trained", b"weights_are_trained"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_sizes", b"batch_sizes", "device", b"device", "labels", b"labels", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_size", b"max_batch_size", "max_queue", b"max_queue", "max_size", b"max_size", "model", b"model", "runtime", b"runtime", "weights", b"weights", "weights_are_trained", b"weights_are_trained"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
