@@ -1,9 +1,10 @@
 """The in-process limit: the server's own decode, model and postprocess calls, without gRPC or the batcher.
 
-`python -m bench.inprocess --images DIR --batch-sizes 1,2,4,8` prints one JSON object per batch size.
-Images are taken round-robin from the same set the load generator sends; each batch is decoded, run
-through the model and postprocessed in a plain loop. Settings (model, threads, channels_last...) come
-from the same SEGSERVE_* environment the server reads.
+`python -m bench.inprocess --images DIR --batch-sizes 1,2,4,8 [--runtime NAME] [--precision P]` prints
+one JSON object per batch size. Images are taken round-robin from the same set the load generator sends;
+each batch is decoded, run through the model and postprocessed in a plain loop. Other settings (model,
+threads, channels_last...) come from the same SEGSERVE_* environment the server reads; the runtime is
+built by the server's own factory, so it is exactly what a server with those settings would run.
 """
 
 from __future__ import annotations
@@ -19,22 +20,23 @@ import numpy as np
 
 from bench.loadgen import load_images
 from server.imaging import Limits, decode_image
-from server.model import ModelRuntime
 from server.postprocess import class_shares_of_upsampled, encode_mask_png, upsample_labels
+from server.runtimes import Runtime
+from server.runtimes.factory import create_runtime
 from server.settings import Settings
 
 
-def _one_batch(runtime: ModelRuntime, settings: Settings, batch: list[bytes], limits: Limits) -> None:
+def _one_batch(runtime: Runtime, settings: Settings, batch: list[bytes], limits: Limits) -> None:
     decoded = [decode_image(data, settings.max_size, limits) for data in batch]
     labels = runtime.predict([np.asarray(d.model_input, dtype=np.uint8) for d in decoded])
     for label_map, image in zip(labels, decoded, strict=True):
         mask = upsample_labels(label_map, image.original_size)
         encode_mask_png(mask)
-        class_shares_of_upsampled(label_map, image.original_size, runtime.labels)
+        class_shares_of_upsampled(label_map, image.original_size, runtime.facts.labels)
 
 
 def measure(
-    runtime: ModelRuntime,
+    runtime: Runtime,
     settings: Settings,
     images: list[tuple[str, bytes]],
     batch_size: int,
@@ -72,15 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured window")
     parser.add_argument("--repeats", type=int, default=3, help="measured windows per batch size")
+    parser.add_argument("--runtime", help="SEGSERVE_RUNTIME for this run (default: the environment's, or auto)")
+    parser.add_argument("--precision", help="SEGSERVE_PRECISION for this run")
     args = parser.parse_args(argv)
     from pathlib import Path
 
     images = load_images(Path(args.images))
-    settings = Settings()
-    s = settings
-    runtime = ModelRuntime(s.model, "random", s.device, s.channels_last, s.half, s.torch_threads)
+    overrides: dict[str, Any] = {"weights": "random"}
+    overrides |= {k: v for k, v in (("runtime", args.runtime), ("precision", args.precision)) if v}
+    settings = Settings(**overrides)
+    runtime = create_runtime(settings)
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         result = measure(runtime, settings, images, batch_size, args.repeats, args.duration)
+        result |= {"runtime": runtime.description, "precision": settings.precision}
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
     return 0

@@ -1,9 +1,13 @@
 """`make bench` / `python -m bench.run`: the whole benchmark in one run, then the JSON, the plot and the report.
 
-1. The in-process limit (bench.inprocess, its own process): decode, model, postprocess called directly.
-2. A real `python -m server` (random weights, free port) with the default batching, swept by bench.loadgen
+1. The in-process limit (bench.inprocess, its own process): decode, model, postprocess called directly,
+   with the default runtime (before and after the served sweeps), then with every other runtime and
+   precision installed (torch, onnxruntime, openvino, onnxruntime int8), fewer windows each.
+2. A real `python -m server` (random weights, free port) with the default settings, swept by bench.loadgen
    (its own process) over the concurrency steps.
 3. The same server with batching off (SEGSERVE_MAX_BATCH_SIZE=1), same sweep.
+4. The same server with SEGSERVE_RUNTIME=torch, at concurrency 8 only (the runtime target's step).
+5. Pixel agreement of each runtime with torch (bench.agreement, on the known-answer test model).
 
 Durations come from flags or BENCH_* environment variables; BENCH_SMOKE=1 (or --smoke) is a run of
 well under a minute that checks the machinery, not the numbers.
@@ -37,7 +41,12 @@ log = logging.getLogger("bench")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SMOKE = {"concurrency": "1,4", "batch_sizes": "1,2", "warmup": 0.5, "duration": 1.5, "repeats": 1}
+SMOKE = {"concurrency": "1,8", "batch_sizes": "1,2", "warmup": 0.5, "duration": 1.5, "repeats": 1}
+RUNTIME_TARGET_CONCURRENCY = 8
+# The other runtimes' in-process rows: the batch sizes that matter on a CPU, and fewer windows, so that
+# `make bench` stays under 15 minutes on 2 cores.
+OTHER_RUNTIME_BATCH_SIZES = "1,4"
+OTHER_RUNTIME_REPEATS = 2
 
 
 def _free_port() -> int:
@@ -85,7 +94,9 @@ def _json_lines(command: list[str], env: dict[str, str], timeout: float) -> list
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def served_sweep(name: str, images: Path, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+def served_sweep(
+    name: str, images: Path, args: argparse.Namespace, env: dict[str, str], concurrency: str | None = None
+) -> dict[str, Any]:
     """Starts a server, waits for SERVING, runs the load generator against it, stops it."""
     port = _free_port()
     server_env = {**env, "SEGSERVE_WEIGHTS": "random", "SEGSERVE_HOST": "127.0.0.1", "SEGSERVE_PORT": str(port)}
@@ -103,7 +114,7 @@ def served_sweep(name: str, images: Path, args: argparse.Namespace, env: dict[st
             steps = _json_lines(
                 [
                     sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{port}", "--images", str(images),
-                    "--concurrency", args.concurrency, "--warmup", str(args.warmup),
+                    "--concurrency", concurrency or args.concurrency, "--warmup", str(args.warmup),
                     "--duration", str(args.duration), "--repeats", str(args.repeats),
                 ],
                 env,
@@ -116,6 +127,7 @@ def served_sweep(name: str, images: Path, args: argparse.Namespace, env: dict[st
             "ready_s": ready_s,
             "steps": steps,
             "batch_sizes": list(info.batch_sizes),
+            "runtime": info.runtime,
         }
     finally:
         server.send_signal(signal.SIGTERM)
@@ -142,7 +154,34 @@ def _wait_until_serving(client: SegmentClient, server: subprocess.Popen[bytes], 
 
 
 def _server_overrides(name: str) -> dict[str, str]:
-    return {"batching_off": {"SEGSERVE_MAX_BATCH_SIZE": "1"}}.get(name, {})
+    return {"batching_off": {"SEGSERVE_MAX_BATCH_SIZE": "1"}, "torch": {"SEGSERVE_RUNTIME": "torch"}}.get(name, {})
+
+
+def runtime_variants() -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The default runtime (what a server with this environment runs) and every other installed variant."""
+    from server.model import resolve_device
+    from server.runtimes.factory import choose_runtime, importable
+    from server.settings import Settings
+
+    settings = Settings()  # the same SEGSERVE_* environment the server and bench.inprocess read
+    default = {
+        "runtime": choose_runtime(settings.runtime, resolve_device(settings.device), settings.precision),
+        "precision": settings.precision,
+    }
+    candidates = [{"runtime": name, "precision": "fp32"} for name in ("torch", "onnxruntime", "openvino")]
+    candidates.append({"runtime": "onnxruntime", "precision": "int8"})
+    others = [c for c in candidates if c != default and (c["runtime"] == "torch" or importable(c["runtime"]))]
+    return default, others
+
+
+def inprocess_command(images: Path, args: argparse.Namespace, variant: dict[str, str], other: bool) -> list[str]:
+    return [
+        sys.executable, "-m", "bench.inprocess", "--images", str(images),
+        "--batch-sizes", args.batch_sizes if not other or args.smoke else OTHER_RUNTIME_BATCH_SIZES,
+        "--duration", str(args.duration),
+        "--repeats", str(args.repeats if not other or args.smoke else OTHER_RUNTIME_REPEATS),
+        "--runtime", variant["runtime"], "--precision", variant["precision"],
+    ]  # fmt: skip
 
 
 def merge_inprocess_runs(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -158,8 +197,10 @@ def merge_inprocess_runs(before: list[dict[str, Any]], after: list[dict[str, Any
         for kind in first.get("by_kind", {}).keys() & second.get("by_kind", {}).keys():
             a, b = first["by_kind"][kind], second["by_kind"][kind]
             by_kind[kind] = {"count": a["count"] + b["count"], "p50_ms": statistics.median([a["p50_ms"], b["p50_ms"]])}
+        labels: dict[str, Any] = {k: first[k] for k in ("runtime", "precision") if k in first}
         merged.append(
             {
+                **labels,
                 "batch_size": first["batch_size"],
                 "throughput": statistics.median(windows),
                 "throughput_windows": windows,
@@ -179,16 +220,20 @@ def run(args: argparse.Namespace) -> Path:
         images.mkdir()
         for k, image in enumerate(image_set()):
             (images / f"{image.kind}-{k}-{image.name}.jpg").write_bytes(image.data)
-        inprocess_command = [
-            sys.executable, "-m", "bench.inprocess", "--images", str(images), "--batch-sizes", args.batch_sizes,
-            "--duration", str(args.duration), "--repeats", str(args.repeats),
-        ]  # fmt: skip
+        default, others = runtime_variants()
+        default_command = inprocess_command(images, args, default, other=False)
         # The in-process limit runs before and after the served sweeps, so that a machine whose speed
         # drifts over minutes (a shared VM does) does not favour one side of the ratios.
-        before = _json_lines(inprocess_command, env, timeout=3600)
+        before = _json_lines(default_command, env, timeout=3600)
         served = [served_sweep(name, images, args, env) for name in ("batching", "batching_off")]
-        after = [] if args.smoke else _json_lines(inprocess_command, env, timeout=3600)
+        served_torch = served_sweep("torch", images, args, env, str(RUNTIME_TARGET_CONCURRENCY))
+        after = [] if args.smoke else _json_lines(default_command, env, timeout=3600)
         inprocess = merge_inprocess_runs(before, after)
+        runtimes = [{**default, "default": True, "rows": inprocess}]
+        for variant in others:
+            rows = _json_lines(inprocess_command(images, args, variant, other=True), env, timeout=3600)
+            runtimes.append({**variant, "default": False, "rows": rows})
+        agreement = _json_lines([sys.executable, "-m", "bench.agreement"], env, timeout=3600)
     result: dict[str, Any] = {
         "date": date,
         "machine": machine,
@@ -205,6 +250,9 @@ def run(args: argparse.Namespace) -> Path:
         "inprocess_runs": [before, after],
         "served": served[0],
         "batching_off": served[1],
+        "served_torch": served_torch,
+        "runtimes": runtimes,
+        "agreement": agreement,
     }
     out = (
         Path(args.out) if args.out else RESULTS / f"{date}-{device_slug(machine)}{'-smoke' if args.smoke else ''}.json"

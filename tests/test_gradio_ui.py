@@ -136,7 +136,8 @@ def open_page(page, url: str):  # type: ignore[no-untyped-def]
 def test_segment_one_photo_shows_overlay_legend_and_timing(page, pages, cat_photo, tmp_path):
     live, _ = pages
     open_page(page, live.url)
-    assert "deeplabv3_mobilenet_v3_large" in page.locator("#segserve-model").inner_text()
+    panel = page.locator("#segserve-model").inner_text()
+    assert "deeplabv3_mobilenet_v3_large" in panel and "Runtime" in panel and "onnxruntime" in panel
     warning = page.locator("#segserve-random-warning")
     assert warning.is_visible() and "random weights" in warning.inner_text()
 

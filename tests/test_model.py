@@ -11,7 +11,9 @@ from torchvision.models import segmentation as tvseg
 
 from server import model as model_module
 from server.errors import ModelLoadError
-from server.model import ModelRuntime, load_model
+from server.model import load_model
+from server.runtimes.factory import create_runtime
+from server.settings import Settings
 
 
 @pytest.fixture
@@ -74,7 +76,7 @@ def test_unknown_model_and_device() -> None:
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_batch_equals_single_and_labels_are_in_range(channels_last: bool) -> None:
     torch.manual_seed(0)
-    runtime = ModelRuntime("deeplabv3_mobilenet_v3_large", "random", "cpu", channels_last=channels_last)
+    runtime = create_runtime(Settings(runtime="torch", weights="random", device="cpu", channels_last=channels_last))
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
     together = runtime.predict(images)

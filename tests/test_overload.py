@@ -13,7 +13,10 @@ import pytest
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server.model import ModelRuntime
+from server import pipeline as pipeline_module
+from server.runtimes import Runtime
+from server.runtimes.factory import create_runtime
+from server.settings import Settings
 from tests.conftest import ServerThread, encode, make_settings, photo_like
 
 MAX_QUEUE = 4
@@ -22,26 +25,32 @@ IMAGE = encode(photo_like(64, 48), "JPEG")
 
 
 class Gate:
-    """Wraps ModelRuntime.predict: batches wait while the gate is shut; every batch's size is recorded."""
+    """Wraps a runtime's predict: batches wait while the gate is shut; every batch's size is recorded."""
 
-    def __init__(self, original: Callable[[ModelRuntime, list[np.ndarray]], list[np.ndarray]]) -> None:
-        self.original = original
+    def __init__(self) -> None:
         self.open = threading.Event()
         self.open.set()
         self.batches: list[int] = []
 
-    def predict(self, runtime: ModelRuntime, images: list[np.ndarray]) -> list[np.ndarray]:
-        assert self.open.wait(60), "gate never opened"
-        self.batches.append(len(images))
-        return self.original(runtime, images)
+    def gated_runtime(self, settings: Settings) -> Runtime:
+        runtime = create_runtime(settings)
+        original: Callable[[list[np.ndarray]], list[np.ndarray]] = runtime.predict
+
+        def predict(images: list[np.ndarray]) -> list[np.ndarray]:
+            assert self.open.wait(60), "gate never opened"
+            self.batches.append(len(images))
+            return original(images)
+
+        runtime.predict = predict  # type: ignore[method-assign]
+        return runtime
 
 
 @pytest.fixture(scope="module")
 def gated() -> Iterator[tuple[ServerThread, Gate]]:
-    gate = Gate(ModelRuntime.predict)
+    gate = Gate()
     with pytest.MonkeyPatch.context() as patch:
-        # The batcher binds runtime.predict at start-up, so the session server keeps the real one.
-        patch.setattr(ModelRuntime, "predict", lambda runtime, images: gate.predict(runtime, images))
+        # Only the runtime built while the patch holds is gated; the session server keeps its own.
+        patch.setattr(pipeline_module, "create_runtime", gate.gated_runtime)
         server = ServerThread(
             make_settings(max_queue=MAX_QUEUE, max_batch_size=2, max_image_bytes=MAX_IMAGE_BYTES, warmup=False)
         )

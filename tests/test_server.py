@@ -114,6 +114,7 @@ def test_get_model_info(client: SegmentClient) -> None:
     assert info.model == "deeplabv3_mobilenet_v3_large"
     assert info.weights == "random" and not info.weights_are_trained
     assert info.device == "cpu" and info.max_size == TEST_MAX_SIZE and info.max_batch_size == 8
+    assert info.runtime.startswith("onnxruntime ") and "CPUExecutionProvider" in info.runtime
     assert len(info.labels) == 21
     assert (info.labels[15].name, info.labels[15].color) == ("person", "#c08080")
 

@@ -1,0 +1,88 @@
+"""Pixel agreement of every runtime and precision with torch fp32, on a model whose masks depend on the image.
+
+`python -m bench.agreement` prints one JSON object per runtime variant. Random weights (what the speed runs
+use) paint one class everywhere, so agreement is measured on the known-answer test model
+(tests/known_model.py: trained once, cached) over rendered scenes at the size it was trained for. On a CUDA
+machine the torch fp16 and bf16 variants are compared too (their bound is 99%, the graph runtimes' 99.9%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.runtimes import Runtime
+from server.runtimes.factory import create_runtime, importable
+from server.settings import Settings
+
+MAX_SIZE = 128
+SHAPES = ((96, 128), (128, 96), (128, 128))
+
+
+def variants() -> list[dict[str, str]]:
+    """Every runtime and precision that can run here, torch fp32 on the CPU (the reference) first."""
+    found = [{"runtime": "torch", "precision": "fp32", "device": "cpu"}]
+    found += [{"runtime": name, "precision": "fp32", "device": "cpu"} for name in ("onnxruntime", "openvino")]
+    found.append({"runtime": "onnxruntime", "precision": "int8", "device": "cpu"})
+    found = [v for v in found if v["runtime"] == "torch" or importable(v["runtime"])]
+    if torch.cuda.is_available():
+        found += [{"runtime": "torch", "precision": p, "device": "cuda"} for p in ("fp32", "fp16", "bf16")]
+    return found
+
+
+def scenes(count: int) -> list[np.ndarray]:
+    from tests.known_model import random_shapes, render_scene
+
+    rng = np.random.default_rng(2026)
+    out = []
+    for k in range(count):
+        height, width = SHAPES[k % len(SHAPES)]
+        out.append(render_scene(width, height, random_shapes(rng), seed=k)[0])
+    return out
+
+
+def _labels(runtime: Runtime, images: list[np.ndarray]) -> list[np.ndarray]:
+    return [runtime.predict([image])[0] for image in images]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.agreement", description=__doc__.splitlines()[0])
+    parser.add_argument("--scenes", type=int, default=24)
+    args = parser.parse_args(argv)
+    from tests.known_model import MODEL_NAME, known_weights
+
+    weights = str(known_weights())
+    images = scenes(args.scenes)
+    reference: list[np.ndarray] | None = None
+    with tempfile.TemporaryDirectory(prefix="segserve-agreement-") as cache:
+        for variant in variants():
+            settings = Settings(
+                model=MODEL_NAME,
+                weights=weights,
+                max_size=MAX_SIZE,
+                cache_dir=cache,
+                **variant,  # type: ignore[arg-type]
+            )
+            runtime = create_runtime(settings)
+            labels = _labels(runtime, images)
+            if reference is None:
+                reference = labels
+            agreement = float(np.mean([(a == b).mean() for a, b in zip(labels, reference, strict=True)]))
+            row: dict[str, Any] = {
+                **variant,
+                "description": runtime.description,
+                "agreement_with_torch_fp32": agreement,
+            }
+            sys.stdout.write(json.dumps(row) + "\n")
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Runtimes: which one `auto` picks, one-line start-up errors, and agreement with torch on a model whose
+masks depend on the image (the known-answer model; random weights paint one class everywhere)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from server.errors import ModelLoadError
+from server.runtimes import Runtime, factory
+from server.runtimes.factory import choose_runtime, create_runtime
+from tests.conftest import known_settings
+from tests.known_model import CLASS_OF, Shape, iou, random_shapes, render_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+GRAPH_RUNTIMES = ["onnxruntime", "openvino"]
+# (height, width): the trained scale, portrait, landscape, odd sizes the graph never saw at export.
+SHAPES = [(128, 128), (128, 96), (96, 128), (77, 101)]
+BATCH_SIZES = [1, 3]
+
+
+def without(monkeypatch: pytest.MonkeyPatch, *missing: str) -> None:
+    real = factory.importable
+    monkeypatch.setattr(factory, "importable", lambda name: name not in missing and real(name))
+
+
+def test_auto_on_the_cpu_is_onnxruntime_then_openvino_then_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert choose_runtime("auto", CPU, "fp32") == "onnxruntime"
+    without(monkeypatch, "onnxruntime")
+    assert choose_runtime("auto", CPU, "fp32") == "openvino"
+    without(monkeypatch, "onnxruntime", "openvino")
+    assert choose_runtime("auto", CPU, "fp32") == "torch"
+
+
+def test_auto_on_cuda_and_for_other_precisions() -> None:
+    cuda = torch.device("cuda")
+    assert choose_runtime("auto", cuda, "fp32") == "torch"
+    assert choose_runtime("auto", cuda, "fp16") == "torch"
+    assert choose_runtime("auto", CPU, "int8") == "onnxruntime"
+    assert choose_runtime("openvino", CPU, "fp32") == "openvino"  # a name given is a name taken
+
+
+def test_a_runtime_asked_for_but_not_installed_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    without(monkeypatch, "openvino")
+    with pytest.raises(ModelLoadError, match=r"runtime openvino asked for .* not installed") as info:
+        choose_runtime("openvino", CPU, "fp32")
+    assert "\n" not in str(info.value)
+
+
+def test_the_server_refuses_to_start_with_an_uninstalled_runtime(tmp_path: Path) -> None:
+    """A real `python -m server`, with openvino made unimportable by a shadowing package."""
+    fake = tmp_path / "openvino"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('openvino hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "server", "--runtime", "openvino", "--weights", "random", "--device", "cpu"),
+            *("--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--max-size", "64"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot start: runtime openvino asked for" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"runtime": "torch", "precision": "fp16"}, "needs a CUDA device"),
+        ({"runtime": "torch", "capture": True}, "SEGSERVE_CAPTURE needs a CUDA device"),
+        ({"runtime": "openvino", "precision": "int8"}, "int8 is offered by the onnxruntime runtime only"),
+        ({"runtime": "onnxruntime", "precision": "bf16"}, "torch-on-CUDA option"),
+    ],
+    ids=["fp16-on-cpu", "capture-on-cpu", "int8-openvino", "bf16-onnxruntime"],
+)
+def test_options_a_runtime_does_not_offer_here_are_one_line_errors(
+    overrides: dict[str, object], words: str, tmp_path: Path
+) -> None:
+    from tests.conftest import make_settings
+
+    with pytest.raises(ModelLoadError, match=words) as info:
+        create_runtime(make_settings(cache_dir=str(tmp_path), **overrides))
+    assert "\n" not in str(info.value)
+
+
+# ---- agreement, on the known-answer model -----------------------------------------------------------
+
+
+def scenes(height: int, width: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [render_scene(width, height, random_shapes(rng, 2), seed=seed * 100 + k) for k in range(count)]
+
+
+@pytest.fixture(scope="module")
+def known_runtimes(known_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Runtime]:
+    cache = tmp_path_factory.mktemp("graphs")
+    return {
+        name: create_runtime(known_settings(known_weights, runtime=name, cache_dir=str(cache)))
+        for name in ["torch", *GRAPH_RUNTIMES]
+    }
+
+
+def test_the_known_model_segments_under_torch(known_runtimes: dict[str, Runtime]) -> None:
+    """Agreement below means something only if torch's masks follow the image."""
+    image, truth = render_scene(128, 96, [Shape("red", "disc", 0.3, 0.5, 0.25), Shape("blue", "box", 0.72, 0.5, 0.2)])
+    (labels,) = known_runtimes["torch"].predict([image])
+    assert iou(labels, truth, CLASS_OF["red"]) >= 0.8 and iou(labels, truth, CLASS_OF["blue"]) >= 0.8
+
+
+@pytest.mark.parametrize("name", GRAPH_RUNTIMES)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{h}x{w}" for h, w in SHAPES])
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_label_maps_equal_torchs_on_at_least_999_per_mille_of_pixels(
+    known_runtimes: dict[str, Runtime], name: str, shape: tuple[int, int], batch_size: int
+) -> None:
+    images = [image for image, _ in scenes(*shape, batch_size, seed=shape[0] + shape[1] + batch_size)]
+    expected = known_runtimes["torch"].predict(images)
+    got = known_runtimes[name].predict(images)
+    assert len(got) == batch_size
+    for reference, labels in zip(expected, got, strict=True):
+        assert labels.shape == shape and labels.dtype == np.uint8
+        assert len(np.unique(reference)) > 1, "the reference mask is one class: the comparison would prove nothing"
+        agreement = float((labels == reference).mean())
+        assert agreement >= 0.999, f"{name} agrees with torch on {agreement:.4%} of pixels"
+
+
+@pytest.mark.parametrize("name", ["torch", *GRAPH_RUNTIMES])
+def test_a_batch_gives_each_image_what_it_gets_alone(known_runtimes: dict[str, Runtime], name: str) -> None:
+    images = [image for image, _ in scenes(96, 128, 4, seed=7)]
+    runtime = known_runtimes[name]
+    together = runtime.predict(images)
+    assert len({m.tobytes() for m in together}) == len(images), "masks should differ between these scenes"
+    for image, batched in zip(images, together, strict=True):
+        assert np.array_equal(runtime.predict([image])[0], batched)
+
+
+def test_descriptions_name_the_engine(known_runtimes: dict[str, Runtime]) -> None:
+    assert known_runtimes["onnxruntime"].description.startswith("onnxruntime 1.")
+    assert "CPUExecutionProvider" in known_runtimes["onnxruntime"].description
+    assert known_runtimes["openvino"].description.startswith("openvino 20")
+    assert known_runtimes["torch"].description.startswith(f"torch {torch.__version__} eager (cpu, fp32")
+
+
+def test_int8_is_opt_in_and_still_segments(known_weights: Path, tmp_path: Path) -> None:
+    from server.settings import Settings
+
+    assert Settings.model_fields["precision"].default == "fp32"
+    runtime = create_runtime(known_settings(known_weights, precision="int8", cache_dir=str(tmp_path)))
+    assert "int8" in runtime.description and runtime.description.startswith("onnxruntime")
+    image, truth = render_scene(128, 96, [Shape("green", "disc", 0.35, 0.5, 0.25), Shape("red", "box", 0.7, 0.5, 0.2)])
+    (labels,) = runtime.predict([image])
+    assert iou(labels, truth, CLASS_OF["green"]) >= 0.7 and iou(labels, truth, CLASS_OF["red"]) >= 0.7
