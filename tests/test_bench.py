@@ -100,8 +100,20 @@ def with_runtimes(data: dict[str, object], torch_at_8: float, fastest: float) ->
             {"runtime": "onnxruntime", "precision": "int8", "default": False, "rows": rows(50.0, 40.0)},
         ],
         "agreement": [
-            {"runtime": "openvino", "precision": "fp32", "device": "cpu", "description": "ov", "agreement_with_torch_fp32": 0.9995},
-            {"runtime": "onnxruntime", "precision": "int8", "device": "cpu", "description": "i8", "agreement_with_torch_fp32": 0.97},
+            {
+                "runtime": "openvino",
+                "precision": "fp32",
+                "device": "cpu",
+                "description": "ov",
+                "agreement_with_torch_fp32": 0.9995,
+            },
+            {
+                "runtime": "onnxruntime",
+                "precision": "int8",
+                "device": "cpu",
+                "description": "i8",
+                "agreement_with_torch_fp32": 0.97,
+            },
         ],
     }
 
