@@ -196,3 +196,22 @@ def test_captured_graphs_on_cuda_match_eager(known_weights: Path, tmp_path: Path
             got = captured.predict(images)
         for a, b in zip(eager.predict(images), got, strict=True):
             assert float((a == b).mean()) >= 0.999
+
+
+def test_onnxruntime_on_cuda_takes_tensorrt_then_cuda_and_says_so_when_neither_is_there(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The provider choice, checked on any machine: which providers exist is what onnxruntime reports."""
+    import onnxruntime as ort
+
+    from server.runtimes.onnxruntime_runtime import providers_for
+
+    assert providers_for(CPU, tmp_path) == ["CPUExecutionProvider"]
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: everything)
+    chosen = providers_for(torch.device("cuda:1"), tmp_path)
+    assert [p[0] for p in chosen] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    assert chosen[0][1]["trt_engine_cache_path"] == str(tmp_path / "tensorrt") and chosen[1][1]["device_id"] == "1"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ModelLoadError, match="no CUDA provider"):
+        providers_for(torch.device("cuda"), tmp_path)

@@ -46,6 +46,7 @@ def providers_for(device: torch.device, cache_root: Path) -> list[str | tuple[st
     index = str(device.index or 0)
     chosen: list[str | tuple[str, dict[str, str]]] = []
     if "TensorrtExecutionProvider" in available:
+        (cache_root / "tensorrt").mkdir(parents=True, exist_ok=True)
         chosen.append(
             (
                 "TensorrtExecutionProvider",
