@@ -55,9 +55,16 @@ def _normalisation(weights_enum: Any) -> tuple[tuple[float, ...], tuple[float, .
         return _DEFAULT_MEAN, _DEFAULT_STD
 
 
+RANDOM_WEIGHTS_SEED = 0
+
+
 def _build_random(builder: Callable[..., nn.Module]) -> nn.Module:
-    # weights_backbone=None too: otherwise torchvision would try to download ImageNet backbone weights.
-    return builder(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES), aux_loss=False)
+    # The same random weights on every start: their fingerprint, and so the cached exported graph, stays valid
+    # (a fresh draw each start would export again and leave another graph in the cache every time).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        # weights_backbone=None too: otherwise torchvision would try to download ImageNet backbone weights.
+        return builder(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES), aux_loss=False)
 
 
 def _load_state_dict_file(builder: Callable[..., nn.Module], path: Path) -> nn.Module:

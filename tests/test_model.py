@@ -84,3 +84,24 @@ def test_batch_equals_single_and_labels_are_in_range(channels_last: bool) -> Non
     assert all(m.shape == (48, 64) and m.dtype == np.uint8 and m.max() <= 20 for m in together)
     for image, batched in zip(images, together, strict=True):
         assert np.array_equal(runtime.predict([image])[0], batched)
+
+
+def test_random_weights_are_the_same_on_every_start() -> None:
+    """So their fingerprint, and the exported graph cached under it, survive a restart."""
+    from server.model import weights_fingerprint
+
+    torch.manual_seed(123)
+    first = weights_fingerprint(load_model("deeplabv3_mobilenet_v3_large", "random").module)
+    torch.manual_seed(456)
+    second = weights_fingerprint(load_model("deeplabv3_mobilenet_v3_large", "random").module)
+    assert first == second
+
+
+def test_the_weights_fingerprint_sees_one_changed_value(tmp_path: Path) -> None:
+    from server.model import weights_fingerprint
+
+    module = load_model("deeplabv3_mobilenet_v3_large", "random").module
+    before = weights_fingerprint(module)
+    with torch.no_grad():
+        module.state_dict()["classifier.4.bias"][3] += 1e-6
+    assert weights_fingerprint(module) != before
