@@ -63,7 +63,18 @@ def test_the_server_refuses_to_start_with_an_uninstalled_runtime(tmp_path: Path)
     done = subprocess.run(
         [
             *(sys.executable, "-m", "server", "--runtime", "openvino", "--weights", "random", "--device", "cpu"),
-            *("--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--max-size", "64"),
+            *(
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--max-size",
+                "64",
+                "--grace-period-s",
+                "0",
+            ),
         ],
         cwd=ROOT,
         env=env,
@@ -161,6 +172,13 @@ def test_int8_is_opt_in_and_still_segments(known_weights: Path, tmp_path: Path) 
     assert Settings.model_fields["precision"].default == "fp32"
     runtime = create_runtime(known_settings(known_weights, precision="int8", cache_dir=str(tmp_path)))
     assert "int8" in runtime.description and runtime.description.startswith("onnxruntime")
+    import onnx
+
+    from server.runtimes.onnxruntime_runtime import OnnxRuntimeRuntime
+
+    assert isinstance(runtime, OnnxRuntimeRuntime)
+    ops = {node.op_type for node in onnx.load(str(runtime.graph)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops, "the graph served is not quantized"
     image, truth = render_scene(128, 96, [Shape("green", "disc", 0.35, 0.5, 0.25), Shape("red", "box", 0.7, 0.5, 0.2)])
     (labels,) = runtime.predict([image])
     assert iou(labels, truth, CLASS_OF["green"]) >= 0.7 and iou(labels, truth, CLASS_OF["red"]) >= 0.7

@@ -67,6 +67,7 @@ class OnnxRuntimeRuntime:
     ) -> None:
         self.facts = facts
         self.device = device
+        self.graph = graph
         threads = cpu_threads(threads)
         self.session = ort.InferenceSession(
             str(graph), session_options(threads), providers=providers_for(device, cache_root)
