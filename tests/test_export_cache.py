@@ -150,3 +150,22 @@ def test_a_restart_reuses_the_graph_and_garbage_in_it_is_rebuilt(
         masks_are_right(server)
     finally:
         server.stop()
+
+
+def test_the_graph_key_follows_weights_runtime_precision_and_export_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.model import load_model
+    from server.runtimes import factory
+    from tests.conftest import make_settings
+
+    settings = make_settings()
+    loaded = load_model(settings.model, "random")
+    base = factory.graph_key(settings, loaded, "w1", "onnxruntime", "fp32")
+    assert base == factory.graph_key(settings, loaded, "w1", "onnxruntime", "fp32")
+    others = [
+        factory.graph_key(settings, loaded, "w2", "onnxruntime", "fp32"),
+        factory.graph_key(settings, loaded, "w1", "openvino", "fp32"),
+        factory.graph_key(settings, loaded, "w1", "onnxruntime", "int8"),
+    ]
+    monkeypatch.setattr(factory, "source_sha256", lambda path: "edited export code")
+    others.append(factory.graph_key(settings, loaded, "w1", "onnxruntime", "fp32"))
+    assert all(other != base for other in others) and len({json.dumps(o, sort_keys=True) for o in others}) == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import logging
 from pathlib import Path
@@ -55,6 +56,11 @@ def facts_of(settings: Settings, loaded: LoadedModel) -> ModelFacts:
 
 
 @functools.cache
+def source_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+@functools.cache
 def _library_version(name: str) -> str:
     return str(importlib.import_module(name).__version__) if name != "openvino" else _openvino_version()
 
@@ -68,8 +74,7 @@ def _openvino_version() -> str:
 def graph_key(
     settings: Settings, loaded: LoadedModel, weights_sha256: str, runtime: str, precision: str
 ) -> dict[str, str]:
-    from server.runtimes.graph_export import EXPORT_VERSION, OPSET
-    from server.runtimes.int8 import INT8_VERSION
+    from server.runtimes import graph_export, int8
 
     key = {
         "model": settings.model,
@@ -77,13 +82,14 @@ def graph_key(
         "mean_std": repr((loaded.mean, loaded.std)),
         "torch": torch.__version__,
         "onnx": _library_version("onnx"),
-        "export_version": EXPORT_VERSION,
-        "opset": str(OPSET),
+        # The export code itself, hashed: an edit to it can never be served from a graph the old code made.
+        "export_code_sha256": source_sha256(graph_export.__file__),
+        "opset": str(graph_export.OPSET),
         "runtime": f"{runtime} {_library_version(runtime)}",
         "precision": precision,
     }
     if precision == "int8":
-        key |= {"int8_version": INT8_VERSION, "calibration_size": str(settings.max_size)}
+        key |= {"int8_code_sha256": source_sha256(int8.__file__), "calibration_size": str(settings.max_size)}
     return key
 
 

@@ -18,8 +18,6 @@ from server.model import LoadedModel, without_aux_head
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = "1"
-"""Bump when the exported graph changes (inputs, outputs, what happens inside), so cached files are rebuilt."""
 OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "labels"

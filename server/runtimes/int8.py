@@ -18,8 +18,6 @@ from server.runtimes.graph_export import INPUT_NAME
 log = logging.getLogger(__name__)
 
 CALIBRATION_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-INT8_VERSION = "1"
-"""Bump when the calibration or the quantization recipe changes."""
 
 
 def calibration_images(max_size: int) -> list[np.ndarray]:
