@@ -102,7 +102,7 @@ def start_replica(host: str, port: int, log_dir: Path) -> Replica:
         "weights": "random",
         "device": "cpu",
         "max-size": 64,
-        "torch-threads": 1,  # three replicas share two cores
+        "inference-threads": 1,  # three replicas share two cores
         "workers": 1,
         "grace-period-s": 5,
         "max-connection-age-s": CONNECTION_AGE_S,
