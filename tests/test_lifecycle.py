@@ -78,7 +78,9 @@ def test_not_serving_until_warmed_up_then_serving() -> None:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    app = asyncio.run_coroutine_threadsafe(create_app(settings, SegmentationPipeline(settings, runtime)), loop).result(30)
+    app = asyncio.run_coroutine_threadsafe(create_app(settings, SegmentationPipeline(settings, runtime)), loop).result(
+        30
+    )
     starting = asyncio.run_coroutine_threadsafe(app.start(), loop)
     target = f"127.0.0.1:{app.port}"
 

@@ -13,7 +13,6 @@ from server import model as model_module
 from server.errors import ModelLoadError
 from server.model import ModelRuntime, load_model
 
-
 MODEL = "deeplabv3_mobilenet_v3_large"
 PRETRAINED = tvseg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1
 
@@ -59,7 +58,9 @@ def test_offline_holds_on_a_machine_with_the_weights_cached(monkeypatch: pytest.
     monkeypatch.setenv("TORCH_HOME", str(machine_home))
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(PRETRAINED.url).name
     cached.parent.mkdir(parents=True)
-    torch.save(tvseg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, aux_loss=True).state_dict(), cached)
+    torch.save(
+        tvseg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, aux_loss=True).state_dict(), cached
+    )
     # As such a machine would: the cached file is loaded, nothing is downloaded.
     assert load_model(MODEL, "auto").weights_description == f"pretrained:{PRETRAINED.name}"
     refused = go_offline(monkeypatch, tmp_path / "empty-torch-home")
