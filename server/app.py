@@ -122,7 +122,7 @@ async def serve(settings: Settings) -> int:
 
     def on_signal(sig: signal.Signals) -> None:
         if not stop.is_set():  # the count shows an operator (and the drain test) what the signal found to finish
-            log.info("%s with %d requests in flight", sig.name, app.pipeline.in_flight)
+            log.info("%s received; requests in flight: %d", sig.name, app.pipeline.in_flight)
         stop.set()
 
     for sig in HANDLED_SIGNALS:

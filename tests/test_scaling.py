@@ -344,6 +344,6 @@ def test_draining_replica_costs_no_request(replicas: list[Replica]) -> None:
     assert victim.process.wait(15) == 0, victim.log_tail()
     assert errors == [], errors
     # The replica counts what it held when the signal arrived: a drain with nothing to finish proves nothing.
-    found = re.search(r"SIGTERM with (\d+) requests in flight", victim.log.read_text(errors="replace"))
+    found = re.search(r"SIGTERM received; requests in flight: (\d+)", victim.log.read_text(errors="replace"))
     assert found, f"SIGTERM never reached the replica\n{victim.log_tail()}"
     assert int(found[1]) > 0, victim.log_tail()
