@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -128,7 +128,7 @@ class SegmentClient:
         frame_format: str = DEFAULT_FRAME_FORMAT,
         timeout: float | None = None,
         request_id: str | None = None,
-    ) -> Iterator[FrameResult]:
+    ) -> Generator[FrameResult]:
         """Segment a video file (any format FFmpeg reads) or an iterable of frames, yielding one FrameResult
         per frame, in frame order, over one SegmentStream.
 
@@ -209,7 +209,7 @@ class SegmentClient:
             with changed:
                 changed.notify_all()
 
-    def segment_frames(self, frames: Iterable[Frame], **options: Any) -> Iterator[FrameResult]:
+    def segment_frames(self, frames: Iterable[Frame], **options: Any) -> Generator[FrameResult]:
         """segment_video for frames the caller already has: numpy arrays (RGB) or PIL images."""
         return self.segment_video(frames, **options)
 
