@@ -1,0 +1,205 @@
+"""Video over SegmentStream: the library (sync and asyncio) and `python -m client segment-video`.
+
+Masks are judged with the known-answer model: a red disc ("person", class 15) moves across the clip, and
+each frame's mask must find it where it was drawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client import AsyncSegmentClient, SegmentClient
+from client.video import probe, read_frames
+from tests.known_model import CLASS_OF, iou
+from tests.video_clips import centroid_x, shapes_frames, write_shapes_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+RED = CLASS_OF["red"]
+FRAMES = 24
+# H.264 at crf 20 and a JPEG per frame blur the disc's rim a little; the model alone scores >= 0.8.
+MIN_IOU = 0.7
+# VOC palette colour of class 15, "person".
+PERSON_RGB = (192, 128, 128)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray]]:
+    path = tmp_path_factory.mktemp("clip") / "disc.mp4"
+    return path, write_shapes_clip(path, FRAMES, rate=Fraction(25))
+
+
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_masks_follow_the_disc(masks: list[np.ndarray], truths: list[np.ndarray]) -> None:
+    scores = [iou(mask, truth, RED) for mask, truth in zip(masks, truths, strict=True)]
+    assert min(scores) >= MIN_IOU, scores
+    xs = [centroid_x(mask, RED) for mask in masks]
+    drawn = [centroid_x(truth, RED) for truth in truths]
+    assert np.allclose(xs, drawn, atol=3), (xs, drawn)  # within 3 px of where it was drawn, every frame
+
+
+@pytest.mark.slow
+def test_segment_video_yields_every_frame_in_order_and_the_masks_follow_the_disc(known_server, clip):
+    path, truths = clip
+    with SegmentClient(known_server.target) as client:
+        results = list(client.segment_video(path, window=4))
+    assert [r.index for r in results] == list(range(FRAMES))
+    assert all(r.ok and not r.reused for r in results)
+    assert {r.mask.shape for r in results} == {(120, 160)}
+    assert_masks_follow_the_disc([r.mask for r in results], truths)
+
+
+@pytest.mark.slow
+def test_asyncio_twin_gives_the_same_frames_in_order(known_server, clip):
+    path, truths = clip
+
+    async def segment() -> list[np.ndarray]:
+        async with AsyncSegmentClient(known_server.target) as client:
+            return [r.mask async for r in client.segment_video(path, window=3)]
+
+    masks = asyncio.run(segment())
+    assert len(masks) == FRAMES
+    assert_masks_follow_the_disc(masks, truths)
+
+
+@pytest.mark.slow
+def test_segment_frames_holds_at_most_a_window_of_frames(known_server):
+    frames, truths = shapes_frames(40, 160, 120)
+    window = 3
+    pulled = 0
+
+    def source() -> Iterator[object]:
+        nonlocal pulled
+        for i, frame in enumerate(frames):
+            pulled += 1
+            yield Image.fromarray(frame) if i % 2 else frame  # PIL images and arrays alike
+
+    seen = []
+    with SegmentClient(known_server.target) as client:
+        for result in client.segment_frames(source(), window=window):
+            # Frames handed back so far, plus at most `window` held, plus one taken and waiting for room.
+            assert pulled <= result.index + 1 + window + 1, (pulled, result.index)
+            seen.append(result.mask)
+    assert len(seen) == 40
+    assert_masks_follow_the_disc(seen, truths)
+
+
+@pytest.mark.slow
+def test_every_k_sends_one_frame_in_k_and_reuses_its_mask(known_server):
+    frames, _ = shapes_frames(10, 160, 120)
+    with SegmentClient(known_server.target) as client:
+        before = sum((i + 1) * n for i, n in enumerate(client.model_info().batch_sizes))
+        results = list(client.segment_frames(frames, every=3))
+        after = sum((i + 1) * n for i, n in enumerate(client.model_info().batch_sizes))
+    assert after - before == 4  # frames 0, 3, 6 and 9 reached the model
+    assert [r.reused for r in results] == [i % 3 != 0 for i in range(10)]
+    assert results[4].result is results[3].result and results[3].result is not results[0].result
+    assert [r.index for r in results] == list(range(10))
+    assert all(np.array_equal(r.frame, frames[r.index]) for r in results)  # each frame is its own
+
+
+@pytest.mark.slow
+def test_cli_writes_a_clip_of_the_same_frames_size_and_rate_with_masks_that_follow(known_server, clip, tmp_path):
+    path, truths = clip
+    out, masks_dir = tmp_path / "out.mp4", tmp_path / "masks"
+    done = run_cli(
+        "--target", known_server.target, "segment-video", str(path), "--out", str(out), "--masks-dir", str(masks_dir)
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    source, written = probe(path), probe(out)
+    assert (written.width, written.height, written.rate) == (source.width, source.height, source.rate)
+    assert len(list(read_frames(out))) == FRAMES
+    assert "frame/s" in done.stderr  # the progress bar
+    names = sorted(p.name for p in masks_dir.iterdir())
+    assert names == [f"{i:06d}.png" for i in range(FRAMES)]
+    masks = [np.asarray(Image.open(masks_dir / name)) for name in names]
+    assert_masks_follow_the_disc(masks, truths)
+    # The overlay: the disc tinted towards the person colour, the background as it was.
+    first = next(read_frames(out))
+    original = next(read_frames(path))
+    inside, outside = truths[0] == RED, truths[0] == 0
+    assert np.abs(first[outside].astype(int) - original[outside]).mean() < 4
+    tinted = first[inside].mean(axis=0)
+    expected = (original[inside].mean(axis=0) + PERSON_RGB) / 2
+    assert np.abs(tinted - expected).max() < 12, (tinted, expected)
+
+
+@pytest.mark.slow
+def test_cli_mask_video_is_the_colour_mask(known_server, clip, tmp_path):
+    path, truths = clip
+    out = tmp_path / "mask.mkv"
+    done = run_cli(
+        "--target", known_server.target, "segment-video", str(path), "--out", str(out), "--mask", "--every", "2"
+    )
+    assert done.returncode == 0, done.stderr
+    frames = list(read_frames(out))
+    assert len(frames) == FRAMES and probe(out).rate == Fraction(25)
+    for index in (0, 1, 12):
+        truth = truths[index - index % 2]  # odd frames show the mask of the frame before
+        assert np.abs(frames[index][truth == RED].mean(axis=0) - PERSON_RGB).max() < 12
+        assert frames[index][truth == 0].mean() < 12  # background is black in the VOC palette
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("notes.mp4", b"these are words, not frames\n" * 20, "notes.mp4 is not a video we can read"),
+        ("photo.png", None, "photo.png is an image, not a video"),
+    ],
+)
+def test_cli_file_that_is_not_a_video_is_one_readable_line(tmp_path, name, content, expected):
+    path = tmp_path / name
+    if content is None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), "white").save(buffer, format="PNG")
+        content = buffer.getvalue()
+    path.write_bytes(content)
+    done = run_cli("--target", "127.0.0.1:1", "segment-video", str(path), "--out", str(tmp_path / "o.mp4"))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_leaves_a_playable_shorter_clip(known_server, tmp_path):
+    path = tmp_path / "long.mp4"
+    write_shapes_clip(path, 300)
+    out, masks_dir = tmp_path / "cut.mp4", tmp_path / "masks"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client", "--target", known_server.target, "segment-video", str(path),
+         "--out", str(out), "--masks-dir", str(masks_dir), "--window", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (masks_dir.is_dir() and len(list(masks_dir.iterdir())) >= 5):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted: wrote" in stderr and "Traceback" not in stderr
+    written = len(list(read_frames(out)))  # decodes to the end: the file was finished, not cut off
+    assert 5 <= written < 300
+    assert f"wrote {written} frames" in stderr
+    assert probe(out).rate == Fraction(25)
