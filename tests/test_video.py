@@ -203,3 +203,18 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_playable_shorter_clip(known_server, t
     assert 5 <= written < 300
     assert f"wrote {written} frames" in stderr
     assert probe(out).rate == Fraction(25)
+
+
+def test_frames_the_server_refuses_come_back_in_order_with_their_error(server, tmp_path):
+    frames, _ = shapes_frames(6, 64, 48)
+    with SegmentClient(server.target) as client:
+        results = list(client.segment_frames(frames, max_size=5, window=2))  # sizes 1-15 are refused
+    assert [r.index for r in results] == list(range(6))
+    assert all(r.error is not None and r.error.code.name == "INVALID_ARGUMENT" for r in results)
+    path = tmp_path / "small.mp4"
+    write_shapes_clip(path, 6, 64, 48)
+    done = run_cli(
+        "--target", server.target, "segment-video", str(path), "--out", str(tmp_path / "o.mp4"), "--max-size", "5"
+    )
+    assert done.returncode == 1 and "error: 6 of 6 frames failed" in done.stderr and "Traceback" not in done.stderr
+    assert len(list(read_frames(tmp_path / "o.mp4"))) == 6  # written unsegmented, the frame count kept
