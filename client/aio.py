@@ -153,10 +153,6 @@ class AsyncSegmentClient:
                 source_failures.append(exc)
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     await call.done_writing()
-            finally:
-                async with changed:
-                    window_.sending_done = True
-                    changed.notify_all()
 
         async def receive() -> None:
             try:
@@ -192,7 +188,9 @@ class AsyncSegmentClient:
             call.cancel()
             for task in tasks:
                 task.cancel()
-            source.close()
+            # A worker thread may still be inside next(source); then the generator closes when collected.
+            with contextlib.suppress(ValueError):
+                source.close()
 
     async def segment_frames(self, frames: Iterable[Frame], **options: Any) -> AsyncIterator[FrameResult]:
         """segment_video for frames the caller already has: numpy arrays (RGB) or PIL images."""

@@ -109,7 +109,6 @@ class FrameWindow:
         self.every = every
         self.options = options or Options()
         self.frame_format = frame_format
-        self.sending_done = False
         self.answers_done = False
         self._held: dict[int, np.ndarray] = {}
         self._answers: dict[int, SegmentationResult] = {}

@@ -162,9 +162,6 @@ class SegmentClient:
                 source_failures.append(exc)
             finally:
                 source.close()
-                with changed:
-                    window_.sending_done = True
-                    changed.notify_all()
 
         call = self._stub.SegmentStream(requests(), timeout=timeout, metadata=request_metadata(request_id))
 
