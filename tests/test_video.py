@@ -29,8 +29,10 @@ from tests.video_clips import centroid_x, shapes_frames, write_shapes_clip
 ROOT = Path(__file__).resolve().parents[1]
 RED = CLASS_OF["red"]
 FRAMES = 24
-# H.264 at crf 20 and a JPEG per frame blur the disc's rim a little; the model alone scores >= 0.8.
-MIN_IOU = 0.7
+# The known-answer model scores 0.73-0.92 on these discs (lossless frames, per frame); H.264 and JPEG cost
+# a little more. A mask of the wrong frame scores ~0.3: the disc hops ~24 px from frame to frame.
+MIN_IOU = 0.65
+MIN_MEAN_IOU = 0.75
 # VOC palette colour of class 15, "person".
 PERSON_RGB = (192, 128, 128)
 
@@ -49,7 +51,7 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
 
 def assert_masks_follow_the_disc(masks: list[np.ndarray], truths: list[np.ndarray]) -> None:
     scores = [iou(mask, truth, RED) for mask, truth in zip(masks, truths, strict=True)]
-    assert min(scores) >= MIN_IOU, scores
+    assert min(scores) >= MIN_IOU and np.mean(scores) >= MIN_MEAN_IOU, scores
     xs = [centroid_x(mask, RED) for mask in masks]
     drawn = [centroid_x(truth, RED) for truth in truths]
     assert np.allclose(xs, drawn, atol=3), (xs, drawn)  # within 3 px of where it was drawn, every frame
@@ -152,10 +154,13 @@ def test_cli_mask_video_is_the_colour_mask(known_server, clip, tmp_path):
     assert done.returncode == 0, done.stderr
     frames = list(read_frames(out))
     assert len(frames) == FRAMES and probe(out).rate == Fraction(25)
-    for index in (0, 1, 12):
+    person = [np.abs(f.astype(int) - PERSON_RGB).sum(axis=2) < 60 for f in frames]
+    black = [f.astype(int).sum(axis=2) < 60 for f in frames]  # background is black in the VOC palette
+    for index in range(FRAMES):
         truth = truths[index - index % 2]  # odd frames show the mask of the frame before
-        assert np.abs(frames[index][truth == RED].mean(axis=0) - PERSON_RGB).max() < 12
-        assert frames[index][truth == 0].mean() < 12  # background is black in the VOC palette
+        assert iou(person[index].astype(np.uint8), (truth == RED).astype(np.uint8), 1) >= MIN_IOU, index
+        assert black[index][truth == 0].mean() > 0.97, index
+    assert np.abs(frames[1].astype(int) - frames[0]).mean() < 2  # frame 1 reuses frame 0's mask as it is
 
 
 @pytest.mark.parametrize(

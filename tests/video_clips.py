@@ -1,4 +1,4 @@
-"""Synthetic clips for the video tests: the known-answer model's scenes with a red disc moving across."""
+"""Synthetic clips for the video tests: the known-answer model's scenes with a red disc moving about."""
 
 from __future__ import annotations
 
@@ -11,17 +11,22 @@ import numpy as np
 from client.video import VideoWriter
 from tests.known_model import Shape, render_scene
 
+# Frame i shows the disc at stop (7 * i) mod 24 of 24 stops across the middle: consecutive frames are ~24 px
+# apart at 160 px wide, so a mask handed back for the wrong frame lands visibly off the disc.
+_STOPS, _HOP = 24, 7
 
-def disc_at(index: int, count: int) -> Shape:
-    """The red disc of frame `index`: left to right across the middle, a fixed size."""
-    return Shape("red", "disc", cx=0.25 + 0.5 * index / max(count - 1, 1), cy=0.5, size=0.22)
+
+def disc_at(index: int) -> Shape:
+    """The red disc of frame `index`, a fixed size, hopping along the middle row."""
+    stop = (index * _HOP) % _STOPS
+    return Shape("red", "disc", cx=0.25 + 0.5 * stop / (_STOPS - 1), cy=0.5, size=0.22)
 
 
 def shapes_frames(count: int, width: int, height: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`count` RGB frames and their true labels; the background stays put, as a fixed camera's would."""
     frames, truths = [], []
     for index in range(count):
-        frame, truth = render_scene(width, height, [disc_at(index, count)], seed=0)
+        frame, truth = render_scene(width, height, [disc_at(index)], seed=0)
         frames.append(frame)
         truths.append(truth)
     return frames, truths
