@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from client import AsyncSegmentClient, SegmentClient
+from client.frames import FrameResult
 from client.video import probe, read_frames
 from tests.known_model import CLASS_OF, iou
 from tests.video_clips import centroid_x, shapes_frames, write_shapes_clip
@@ -54,7 +55,17 @@ def assert_masks_follow_the_disc(masks: list[np.ndarray], truths: list[np.ndarra
     assert min(scores) >= MIN_IOU and np.mean(scores) >= MIN_MEAN_IOU, scores
     xs = [centroid_x(mask, RED) for mask in masks]
     drawn = [centroid_x(truth, RED) for truth in truths]
-    assert np.allclose(xs, drawn, atol=3), (xs, drawn)  # within 3 px of where it was drawn, every frame
+    # Within 5 px of where it was drawn, every frame; the disc hops 18 px or more between frames.
+    assert np.abs(np.subtract(xs, drawn)).max() <= 5, np.round(np.subtract(xs, drawn), 1)
+
+
+def mixed_shapes() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Landscape and portrait frames in turn: the server batches one shape at a time, so its answers come
+    back out of order (0, 1, 3, 5, 7, 2, 6... in a trial run)."""
+    landscape, landscape_truths = shapes_frames(16, 160, 120)
+    portrait, portrait_truths = shapes_frames(16, 120, 160)
+    frames = [landscape[i] if i % 2 == 0 else portrait[i] for i in range(16)]
+    return frames, [landscape_truths[i] if i % 2 == 0 else portrait_truths[i] for i in range(16)]
 
 
 @pytest.mark.slow
@@ -72,13 +83,28 @@ def test_segment_video_yields_every_frame_in_order_and_the_masks_follow_the_disc
 def test_asyncio_twin_gives_the_same_frames_in_order(known_server, clip):
     path, truths = clip
 
-    async def segment() -> list[np.ndarray]:
-        async with AsyncSegmentClient(known_server.target) as client:
-            return [r.mask async for r in client.segment_video(path, window=3)]
+    mixed, mixed_truths = mixed_shapes()
 
-    masks = asyncio.run(segment())
+    async def segment() -> tuple[list[np.ndarray], list[FrameResult]]:
+        async with AsyncSegmentClient(known_server.target) as client:
+            masks = [r.mask async for r in client.segment_video(path, window=3)]
+            return masks, [r async for r in client.segment_frames(mixed, window=8)]
+
+    masks, mixed_results = asyncio.run(segment())
     assert len(masks) == FRAMES
     assert_masks_follow_the_disc(masks, truths)
+    assert [r.index for r in mixed_results] == list(range(16))
+    assert_masks_follow_the_disc([r.mask for r in mixed_results], mixed_truths)
+
+
+@pytest.mark.slow
+def test_answers_that_arrive_out_of_order_are_handed_back_in_frame_order(known_server):
+    frames, truths = mixed_shapes()
+    with SegmentClient(known_server.target) as client:
+        results = list(client.segment_frames(frames, window=8))
+    assert [r.index for r in results] == list(range(16))
+    assert [r.mask.shape for r in results] == [t.shape for t in truths]
+    assert_masks_follow_the_disc([r.mask for r in results], truths)
 
 
 @pytest.mark.slow
