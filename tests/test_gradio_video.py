@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 from client.video import probe, read_frames
+from gradio_ui.actions import PageActions
+from gradio_ui.video import VideoActions
 from tests.conftest import ServerThread
 from tests.known_model import CLASS_OF
-from tests.test_gradio_ui import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, Page, open_page
+from tests.test_gradio_ui import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, Page, free_port, open_page
 from tests.video_clips import centroid_x, write_shapes_clip, write_y4m
 
 LIVE_SECONDS = 10
@@ -127,3 +129,32 @@ def test_video_tab_returns_a_playable_segmented_clip(tab, video_page, tmp_path):
     for index in (0, 19):
         tinted = np.abs(frames[index].astype(int) - original[index]).sum(axis=2) > 30
         assert abs(centroid_x(tinted.astype(np.uint8), 1) - centroid_x(truths[index], CLASS_OF["red"])) < 4
+
+
+# -- without a browser -------------------------------------------------------------------------------
+
+
+def test_video_tab_says_in_one_sentence_that_a_file_is_not_a_video(server, tmp_path):
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("these are words, not frames\n" * 20)
+    actions = PageActions(server.target, timeout_s=30)
+    try:
+        updates = list(VideoActions(actions.client, actions._describe).segment_clip(str(notes), 128, 0.5, 1))
+    finally:
+        actions.close()
+    clip, status = updates[-1]
+    assert clip is None and "segserve-error" in status
+    assert "“notes.mp4” is not a video we can read: Invalid data found when processing input" in status
+
+
+def test_live_tab_says_in_one_sentence_that_the_server_is_down(tmp_path):
+    target = f"127.0.0.1:{free_port()}"
+    actions = PageActions(target, timeout_s=5)
+    try:
+        overlay, status, stats = VideoActions(actions.client, actions._describe).segment_live(
+            np.zeros((48, 64, 3), np.uint8), 128, 0.5, None
+        )
+    finally:
+        actions.close()
+    assert overlay is None and stats is not None and stats.frames == 0
+    assert f"Cannot reach the segmentation server at {target} — is it running?" in status and "segserve-error" in status
