@@ -14,7 +14,7 @@ endif
 PROTO := protos/segserve/v1/segserve.proto
 TARGET ?= localhost:50051
 
-.PHONY: install run server test lint format protos bench bench-smoke clean debug
+.PHONY: install run server test lint format protos bench bench-smoke bench-video clean debug
 
 install: $(STAMP)
 
@@ -62,6 +62,9 @@ bench: $(STAMP)  ## load sweep against a real server, in-process limit, batching
 
 bench-smoke: $(STAMP)  ## the same machinery in well under a minute; numbers meaningless
 	$(BIN)/python -m bench.run --smoke
+
+bench-video: $(STAMP)  ## video: clip frames/s at max sizes 512 and 256, live-tab latency; docs/performance.md
+	$(BIN)/python -m bench.video --doc
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

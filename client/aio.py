@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -11,6 +13,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import DEFAULT_TARGET
 from client.errors import SegmentError
+from client.frames import (
+    DEFAULT_FRAME_FORMAT,
+    DEFAULT_WINDOW,
+    Frame,
+    FrameResult,
+    FrameWindow,
+    VideoInput,
+    frame_source,
+)
 from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.security import open_aio_channel, request_metadata
@@ -95,6 +106,96 @@ class AsyncSegmentClient:
                 )
             except SegmentError as exc:
                 yield failed_result(image_id, exc)
+
+    async def segment_video(
+        self,
+        path_or_frames: VideoInput,
+        *,
+        max_size: int = 0,
+        every: int = 1,
+        window: int = DEFAULT_WINDOW,
+        frame_format: str = DEFAULT_FRAME_FORMAT,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[FrameResult]:
+        """As SegmentClient.segment_video: one FrameResult per frame, in frame order, over one stream.
+
+        Reading, decoding and encoding frames run in a worker thread, so the event loop stays free.
+        """
+        window_ = FrameWindow(window, every, Options(max_size), frame_format)
+        source = frame_source(path_or_frames)
+        changed = asyncio.Condition()
+        failures: list[BaseException] = []  # of the call: end at once
+        source_failures: list[BaseException] = []  # of the frames: raised after the frames already sent
+        # Written to as frames come, so the sender can wait for room in the window (the stubs' types
+        # only know the request-iterator form).
+        open_stream: Any = self._stub.SegmentStream
+        call = open_stream(timeout=timeout, metadata=request_metadata(request_id))
+
+        def next_request(frames: Iterator[tuple[int, Any]]) -> tuple[int, Any, pb.SegmentRequest | None] | None:
+            item = next(frames, None)
+            return None if item is None else (*item, window_.request_for(*item))
+
+        async def send() -> None:
+            try:
+                while (item := await asyncio.to_thread(next_request, source)) is not None:
+                    index, frame, request = item
+                    async with changed:
+                        await changed.wait_for(lambda: not window_.full)
+                        window_.hold(index, frame)
+                        changed.notify_all()
+                    if request is not None:
+                        await call.write(request)
+                await call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                pass  # the call ended; receive() reports why
+            except Exception as exc:
+                source_failures.append(exc)
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    await call.done_writing()
+
+        async def receive() -> None:
+            try:
+                async for response in call:
+                    async with changed:
+                        window_.answer(response)
+                        changed.notify_all()
+            except grpc.RpcError as exc:
+                failures.append(SegmentError.from_rpc_error(exc))
+            except SegmentError as exc:
+                failures.append(exc)
+            finally:
+                async with changed:
+                    window_.answers_done = True
+                    changed.notify_all()
+
+        tasks = [asyncio.create_task(send()), asyncio.create_task(receive())]
+        try:
+            while True:
+                async with changed:
+                    await changed.wait_for(lambda: window_.has_ready() or window_.answers_done or bool(failures))
+                    ready = window_.pop_ready()
+                    changed.notify_all()
+                for result in ready:
+                    yield result
+                if not ready and (window_.answers_done or failures):
+                    break
+            await asyncio.gather(*tasks)
+            if failures or source_failures:
+                raise (failures or source_failures)[0]
+            window_.check_complete()
+        finally:
+            call.cancel()
+            for task in tasks:
+                task.cancel()
+            # A worker thread may still be inside next(source); then the generator closes when collected.
+            with contextlib.suppress(ValueError):
+                source.close()
+
+    async def segment_frames(self, frames: Iterable[Frame], **options: Any) -> AsyncIterator[FrameResult]:
+        """segment_video for frames the caller already has: numpy arrays (RGB) or PIL images."""
+        async for result in self.segment_video(frames, **options):
+            yield result
 
     async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
         try:

@@ -1,4 +1,4 @@
-"""`python -m client`: segment images, show model info, check health. Errors are one line, never a traceback."""
+"""`python -m client`: segment images and videos, show model info, check health. Errors: one line, no traceback."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from client.errors import SegmentError
 from client.results import SegmentationResult
 from client.security import tls_credentials
 from client.sync import SegmentClient
+from client.video_command import add_parser as add_video_parser
+from client.video_command import cmd_segment_video
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
             type=float if name == "--timeout" else str,
             help=argparse.SUPPRESS,
         )
+
+    add_video_parser(commands)
 
     for name, help_text in (
         ("info", "print the model being served"),
@@ -127,7 +131,12 @@ def cmd_health(client: SegmentClient, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"segment": cmd_segment, "info": cmd_info, "health": cmd_health}[args.command]
+    command = {
+        "segment": cmd_segment,
+        "segment-video": cmd_segment_video,
+        "info": cmd_info,
+        "health": cmd_health,
+    }[args.command]
     try:
         credentials = None
         if args.tls or args.ca_file or args.cert:

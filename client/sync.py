@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -12,6 +13,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import DEFAULT_TARGET
 from client.errors import SegmentError
+from client.frames import (
+    DEFAULT_FRAME_FORMAT,
+    DEFAULT_WINDOW,
+    Frame,
+    FrameResult,
+    FrameWindow,
+    VideoInput,
+    frame_source,
+)
 from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.security import open_channel, request_metadata
@@ -107,6 +117,98 @@ class SegmentClient:
                 )
             except SegmentError as exc:
                 yield failed_result(image_id, exc)
+
+    def segment_video(
+        self,
+        path_or_frames: VideoInput,
+        *,
+        max_size: int = 0,
+        every: int = 1,
+        window: int = DEFAULT_WINDOW,
+        frame_format: str = DEFAULT_FRAME_FORMAT,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Generator[FrameResult]:
+        """Segment a video file (any format FFmpeg reads) or an iterable of frames, yielding one FrameResult
+        per frame, in frame order, over one SegmentStream.
+
+        At most `window` frames are held at a time (sent and unanswered, or answered and waiting for an
+        earlier one), so a long video never sits in memory. With `every` K > 1 only every K-th frame is
+        sent; the frames in between reuse its mask (`reused` is True). A frame the server refuses yields
+        a result with `error` set. `timeout` bounds the whole stream (None: no limit). A file that is not
+        a video raises client.video.NotAVideoError.
+        """
+        window_ = FrameWindow(window, every, Options(max_size), frame_format)
+        source = frame_source(path_or_frames)
+        changed = threading.Condition()
+        stopped = threading.Event()
+        failures: list[BaseException] = []  # of the call: end at once
+        source_failures: list[BaseException] = []  # of the frames: raised after the frames already sent
+
+        def requests() -> Iterator[pb.SegmentRequest]:
+            # Runs on gRPC's sending thread: it blocks here while the window is full.
+            try:
+                for index, frame in source:
+                    request = window_.request_for(index, frame)
+                    with changed:
+                        changed.wait_for(lambda: not window_.full or stopped.is_set())
+                        if stopped.is_set():
+                            return
+                        window_.hold(index, frame)
+                        changed.notify_all()
+                    if request is not None:
+                        yield request
+            except Exception as exc:
+                source_failures.append(exc)
+            finally:
+                source.close()
+
+        call = self._stub.SegmentStream(requests(), timeout=timeout, metadata=request_metadata(request_id))
+
+        def read_answers() -> None:
+            try:
+                for response in call:
+                    with changed:
+                        window_.answer(response)
+                        changed.notify_all()
+            except grpc.RpcError as exc:
+                if not stopped.is_set():
+                    failures.append(SegmentError.from_rpc_error(exc))
+            except SegmentError as exc:
+                failures.append(exc)
+            finally:
+                with changed:
+                    window_.answers_done = True
+                    changed.notify_all()
+
+        # A reader of its own: with `every` > 1, frames become ready when taken from the source, with no
+        # answer to wake a caller that waits on the stream.
+        reader = threading.Thread(target=read_answers, name="segment-video-answers", daemon=True)
+        reader.start()
+        try:
+            while True:
+                with changed:
+                    # A timeout so that Ctrl-C reaches a caller waiting here.
+                    while not (window_.has_ready() or window_.answers_done or failures):
+                        changed.wait(0.25)
+                    ready = window_.pop_ready()
+                    changed.notify_all()
+                yield from ready
+                if not ready and (window_.answers_done or failures):
+                    break
+            reader.join()
+            if failures or source_failures:
+                raise (failures or source_failures)[0]
+            window_.check_complete()
+        finally:
+            stopped.set()
+            call.cancel()  # type: ignore[no-untyped-call]
+            with changed:
+                changed.notify_all()
+
+    def segment_frames(self, frames: Iterable[Frame], **options: Any) -> Generator[FrameResult]:
+        """segment_video for frames the caller already has: numpy arrays (RGB) or PIL images."""
+        return self.segment_video(frames, **options)
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
         try:

@@ -12,6 +12,7 @@ from gradio_ui.actions import PageActions
 from gradio_ui.components import readable_uploads
 from gradio_ui.examples import EXAMPLES, example_photos
 from gradio_ui.settings import UISettings
+from gradio_ui.video import VideoActions
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,14 @@ THEME = gr.themes.Soft(
 )
 # Segmentation calls mostly wait on the server, which batches concurrent requests.
 CONCURRENCY = 8
+# How often the browser posts a camera frame. The page segments the newest one whenever the previous
+# answer is back, so this caps the live rate rather than setting it.
+LIVE_FRAME_EVERY_S = 0.05
 
 
 def build_app(settings: UISettings, actions: PageActions | None = None) -> gr.Blocks:
     actions = actions or PageActions(settings.target, settings.timeout_s)
+    video_actions = VideoActions(actions.client, actions._describe)
     examples = example_photos()
     demo = gr.Blocks(title=TITLE, analytics_enabled=False)
     with demo:
@@ -108,6 +113,46 @@ def build_app(settings: UISettings, actions: PageActions | None = None) -> gr.Bl
                 )  # fmt: skip
                 many_status = gr.HTML("", elem_id="segserve-many-status")
 
+            with gr.Tab("Live", id="live"):
+                gr.Markdown(
+                    "Segment your camera live: press record under the camera. Frames go to the server one at a "
+                    "time; when it falls behind, older frames are skipped so the overlay stays current."
+                )
+                with gr.Row(equal_height=False):
+                    camera = gr.Image(
+                        sources=["webcam"], streaming=True, type="numpy", label="Camera", height=380,
+                        elem_id="segserve-camera",
+                    )  # fmt: skip
+                    live_overlay = gr.Image(
+                        label="Live overlay", format="jpeg", interactive=False, height=380,
+                        elem_id="segserve-live-overlay",
+                    )  # fmt: skip
+                live_stats = gr.HTML(
+                    render.status("Allow the camera, then press record to start."), elem_id="segserve-live-stats"
+                )
+                live_session = gr.State(None)
+
+            with gr.Tab("Video", id="video"):
+                gr.Markdown(
+                    "Upload a short clip: every frame goes through one `SegmentStream`, and you get back a clip "
+                    "of the same size, length and frame rate with the classes coloured in."
+                )
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1):
+                        clip = gr.Video(sources=["upload"], label="Clip", height=320, elem_id="segserve-clip")
+                        every = gr.Slider(
+                            1, 10, value=1, step=1, label="Segment every K-th frame",
+                            info="The frames in between reuse the last mask: faster, a little less exact.",
+                            elem_id="segserve-every",
+                        )  # fmt: skip
+                        segment_clip = gr.Button("Segment clip", variant="primary", elem_id="segserve-segment-clip")
+                    with gr.Column(scale=1):
+                        clip_out = gr.Video(
+                            label="Segmented clip", interactive=False, height=320, buttons=["download"],
+                            elem_id="segserve-clip-out",
+                        )  # fmt: skip
+                        clip_status = gr.HTML("", elem_id="segserve-clip-status")
+
         single_outputs: list[Any] = [overlay, mask, legend, timing, single_status, model_panel]
         single_inputs: list[Any] = [image, max_size, opacity]
         demo.load(actions.load_page, outputs=[model_panel, max_size], show_progress="hidden")
@@ -118,6 +163,18 @@ def build_app(settings: UISettings, actions: PageActions | None = None) -> gr.Bl
         segment_all.click(
             actions.segment_many, [files, max_size, opacity], [gallery, many_status], concurrency_limit=CONCURRENCY
         )
+        camera.stream(
+            video_actions.segment_live,
+            [camera, max_size, opacity, live_session],
+            [live_overlay, live_stats, live_session],
+            stream_every=LIVE_FRAME_EVERY_S,
+            concurrency_limit=CONCURRENCY,
+            show_progress="hidden",
+        )
+        segment_clip.click(
+            video_actions.segment_clip, [clip, max_size, opacity, every], [clip_out, clip_status],
+            concurrency_limit=CONCURRENCY, show_progress="minimal",
+        )  # fmt: skip
     return demo
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from server.batch_sizing import BatchSizer
 from server.batcher import Batcher
 from server.errors import InvalidOptions, NotReady, Overloaded
-from server.imaging import DecodedImage, Limits, decode_image
+from server.imaging import DecodedImage, Limits, decode_image, let_pillow_accept
 from server.labels import Label
 from server.postprocess import (
     ClassShare,
@@ -81,6 +81,7 @@ class SegmentationPipeline:
     def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.settings = settings
         self.limits = Limits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        let_pillow_accept(settings.max_image_pixels)
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="prepost")
         self._batcher: Batcher[np.ndarray, np.ndarray] | None = None

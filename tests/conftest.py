@@ -21,6 +21,8 @@ from server.app import App, create_app
 from server.settings import Settings
 from tests import known_model
 
+pytest_plugins = ["tests.no_skips"]
+
 TEST_MAX_SIZE = 64
 
 
