@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 GRAPH_RUNTIMES = ("onnxruntime", "openvino")
 CPU_PREFERENCE = ("onnxruntime", "openvino")
 """auto on the CPU: the first of these that imports. onnxruntime first: it measured faster on this CPU kind
-(79 vs 83 ms per 384x512 image, issue 12; bench.run measures both on each machine). On CUDA auto is torch."""
+(384x512, 2 threads: 79 vs 83 ms per image in issue 12; 167 vs 185 ms at batch 1 and 172 vs 203 at batch 4
+measured interleaved on a busy machine while building this; bench.run measures both on each machine).
+On CUDA auto is torch."""
 
 
 def importable(name: str) -> bool:
