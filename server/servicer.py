@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
-from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError
+from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.interceptor import Context, ImageNote, note_image
-from server.pipeline import SegmentationPipeline
+from server.pipeline import AdmissionSlot, SegmentationPipeline
+from server.stream_window import Place, StreamWindow
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Images in flight per SegmentStream call; beyond this the stream stops reading until one finishes.
+# Images a SegmentStream call holds at once, from reading the request until its response is sent;
+# beyond this the stream stops reading until a response has been written.
 STREAM_WINDOW = 16
 
 
@@ -60,54 +62,89 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     async def SegmentStream(
         self, request_iterator: AsyncIterator[pb.SegmentRequest], context: Context
     ) -> AsyncIterator[pb.SegmentResponse]:
+        pipeline = self.pipeline
         deadline = _deadline(context)
-        results: asyncio.Queue[pb.SegmentResponse | None] = asyncio.Queue()
         # Never more than the queue admits, so a lone stream is never refused for its own items.
-        window = asyncio.Semaphore(min(STREAM_WINDOW, self.pipeline.settings.max_queue))
+        window: StreamWindow[pb.SegmentResponse] = StreamWindow(
+            min(STREAM_WINDOW, pipeline.settings.max_queue), pipeline.streams
+        )
+        items: set[asyncio.Task[None]] = set()
 
-        async def one(request: pb.SegmentRequest) -> None:
+        async def one(place: Place[pb.SegmentResponse], request: pb.SegmentRequest) -> None:
             try:
-                await results.put(await self._segment(request.id, request.image, request.options, deadline))
+                place.admission = pipeline.admit()
+                response = await self._segment(request.id, request.image, request.options, deadline, place.admission)
             except SegservError as exc:
                 note_image(ImageNote(request.id, code=exc.code.name))
-                await results.put(converters.error_to_proto(request.id, exc))
+                response = converters.error_to_proto(request.id, exc)
             except Exception:
                 log.exception("unexpected error in stream item %r", request.id)
                 note_image(ImageNote(request.id, code=grpc.StatusCode.INTERNAL.name))
-                await results.put(
-                    pb.SegmentResponse(
-                        id=request.id, error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
-                    )
+                response = pb.SegmentResponse(
+                    id=request.id, error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
                 )
-            finally:
-                window.release()
+            window.deliver(place, response)
 
         async def read_all() -> None:
-            async with asyncio.TaskGroup() as group:
-                async for request in request_iterator:
-                    await window.acquire()
-                    group.create_task(one(request))
-            await results.put(None)
+            error: BaseException | None = None
+            try:
+                requests = aiter(request_iterator)
+                while True:
+                    place = await window.place()  # before reading: a full window leaves requests unread
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        place.release()
+                        break
+                    item = asyncio.create_task(one(place, request))
+                    items.add(item)
+                    item.add_done_callback(items.discard)
+            except Exception as exc:
+                error = exc
+            finally:
+                # Whatever stopped the reading, the images already read are answered, then the stream ends.
+                if items:
+                    await asyncio.wait(set(items))
+                window.end(error)
 
+        pipeline.streams.open_streams += 1
         reader = asyncio.create_task(read_all())
         try:
-            while (response := await results.get()) is not None:
-                yield response
+            while (place := await window.next_ready()) is not None:
+                assert place.response is not None
+                yield place.response
+                place.release()  # grpc resumes this generator only once the write has completed
             await reader
+            if window.error is not None:
+                await self._abort_for_request_side(context, window.error)
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            for task in (reader, *items):
+                task.cancel()
+            await asyncio.gather(reader, *items, return_exceptions=True)
+            window.close()
+            pipeline.streams.open_streams -= 1
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         return await _guarded(context, self._model_info())
 
     # ---- helpers --------------------------------------------------------------------------
 
+    @staticmethod
+    async def _abort_for_request_side(context: Context, error: BaseException) -> None:
+        if isinstance(error, DecodeError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a stream request could not be parsed: {error}")
+        log.error("stream request side failed", exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error reading the stream; see the server log")
+
     async def _segment(
-        self, request_id: str, image: bytes, options: pb.SegmentOptions, deadline: float | None
+        self,
+        request_id: str,
+        image: bytes,
+        options: pb.SegmentOptions,
+        deadline: float | None,
+        slot: AdmissionSlot | None = None,
     ) -> pb.SegmentResponse:
-        result = await self.pipeline.segment(image, converters.options_from_proto(options), deadline)
+        result = await self.pipeline.segment(image, converters.options_from_proto(options), deadline, slot)
         t = result.timing
         stages = {
             "preprocess": t.preprocess_ms,
@@ -119,23 +156,42 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         return converters.result_to_proto(request_id, result)
 
     async def _upload(self, chunks: AsyncIterator[pb.ImageChunk], deadline: float | None) -> pb.SegmentResponse:
-        limit = self.pipeline.limits.max_bytes
-        first: pb.ImageChunk | None = None
-        parts: list[bytes] = []
-        total = 0
-        async for chunk in chunks:
-            if first is None:
-                first = chunk
-            elif chunk.id or chunk.HasField("options"):
-                raise InvalidOptions("id and options belong on the first chunk only")
-            total += len(chunk.data)
-            if total > limit:
-                # Refuse now, without reading (and buffering) the rest of the upload.
-                raise ImageTooLarge(f"upload passed {limit} bytes, the image size limit")
-            parts.append(chunk.data)
+        pipeline = self.pipeline
+        limit = pipeline.limits.max_bytes
+        chunk_iterator = aiter(chunks)
+        first = await self._next_chunk(chunk_iterator)
         if first is None:
             raise InvalidImage("upload had no chunks")
-        return await self._segment(first.id, b"".join(parts), first.options, deadline)
+        # Everything that can refuse the call is asked now, before the rest of the upload is read.
+        pipeline.check_options(converters.options_from_proto(first.options))
+        with pipeline.admit() as slot, pipeline.uploads.hold() as hold:
+            parts: list[bytes] = []
+            total = 0
+            chunk: pb.ImageChunk | None = first
+            while chunk is not None:
+                if chunk is not first and (chunk.id or chunk.HasField("options")):
+                    raise InvalidOptions("id and options belong on the first chunk only")
+                total += len(chunk.data)
+                if total > limit:
+                    # Refuse now, without reading (and buffering) the rest of the upload.
+                    raise ImageTooLarge(f"upload passed {limit} bytes, the image size limit")
+                hold.add(len(chunk.data))
+                parts.append(chunk.data)
+                chunk = await self._next_chunk(chunk_iterator)
+            image = b"".join(parts)
+            del parts
+            return await self._segment(first.id, image, first.options, deadline, slot)
+
+    async def _next_chunk(self, chunks: AsyncIterator[pb.ImageChunk]) -> pb.ImageChunk | None:
+        idle = self.pipeline.settings.upload_idle_timeout_s
+        try:
+            return await asyncio.wait_for(anext(chunks), idle)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise UploadStalled(
+                f"upload stalled: no chunk for {idle:g} s (SEGSERVE_UPLOAD_IDLE_TIMEOUT_S); its bytes were freed"
+            ) from None
 
     async def _model_info(self) -> pb.ModelInfo:
         pipeline = self.pipeline
