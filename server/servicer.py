@@ -14,9 +14,10 @@ from google.protobuf.message import DecodeError
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
+from server.buffers import UploadHold
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.interceptor import Context, ImageNote, note_image
-from server.pipeline import AdmissionSlot, SegmentationPipeline
+from server.pipeline import AdmissionSlot, SegmentationPipeline, SegmentOptions
 from server.stream_window import Place, StreamWindow
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,22 @@ def _deadline(context: Context) -> float | None:
 
 
 async def _guarded(context: Context, call: Awaitable[T]) -> T:
-    """Runs a call, turning SegservError into its status and anything else into INTERNAL (logged)."""
+    """Runs a call, turning SegservError into its status and anything else into INTERNAL (logged).
+
+    The abort happens outside the except blocks on purpose: raised inside, the abort's exception would
+    chain the error, whose traceback holds the failed call's frames (an upload's chunks among their
+    locals) until the cyclic collector runs; that counts objects, not bytes, and refused uploads piled
+    up by gigabytes."""
     try:
         return await call
     except SegservError as exc:
-        await context.abort(exc.code, exc.message)
+        code, message = exc.code, exc.message
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception:
         log.exception("unexpected error")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+    await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
 
 
@@ -52,7 +59,12 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.pipeline = pipeline
 
     async def Segment(self, request: pb.SegmentRequest, context: Context) -> pb.SegmentResponse:
-        return await _guarded(context, self._segment(request.id, request.image, request.options, _deadline(context)))
+        return await _guarded(
+            context,
+            self._segment(
+                request.id, request.image, converters.options_from_proto(request.options), _deadline(context)
+            ),
+        )
 
     async def SegmentUpload(
         self, request_iterator: AsyncIterator[pb.ImageChunk], context: Context
@@ -73,7 +85,9 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         async def one(place: Place[pb.SegmentResponse], request: pb.SegmentRequest) -> None:
             try:
                 place.admission = pipeline.admit()
-                response = await self._segment(request.id, request.image, request.options, deadline, place.admission)
+                response = await self._segment(
+                    request.id, request.image, converters.options_from_proto(request.options), deadline, place.admission
+                )
             except SegservError as exc:
                 note_image(ImageNote(request.id, code=exc.code.name))
                 response = converters.error_to_proto(request.id, exc)
@@ -140,11 +154,11 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self,
         request_id: str,
         image: bytes,
-        options: pb.SegmentOptions,
+        options: SegmentOptions,
         deadline: float | None,
         slot: AdmissionSlot | None = None,
     ) -> pb.SegmentResponse:
-        result = await self.pipeline.segment(image, converters.options_from_proto(options), deadline, slot)
+        result = await self.pipeline.segment(image, options, deadline, slot)
         t = result.timing
         stages = {
             "preprocess": t.preprocess_ms,
@@ -157,17 +171,26 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
 
     async def _upload(self, chunks: AsyncIterator[pb.ImageChunk], deadline: float | None) -> pb.SegmentResponse:
         pipeline = self.pipeline
-        limit = pipeline.limits.max_bytes
         chunk_iterator = aiter(chunks)
         first = await self._next_chunk(chunk_iterator)
         if first is None:
             raise InvalidImage("upload had no chunks")
+        image_id, options = first.id, converters.options_from_proto(first.options)
         # Everything that can refuse the call is asked now, before the rest of the upload is read.
-        pipeline.check_options(converters.options_from_proto(first.options))
+        pipeline.check_options(options)
         with pipeline.admit() as slot, pipeline.uploads.hold() as hold:
-            parts: list[bytes] = []
-            total = 0
-            chunk: pb.ImageChunk | None = first
+            image = await self._receive_upload(first, chunk_iterator, hold)
+            del first
+            return await self._segment(image_id, image, options, deadline, slot)
+
+    async def _receive_upload(
+        self, first: pb.ImageChunk, chunk_iterator: AsyncIterator[pb.ImageChunk], hold: UploadHold
+    ) -> bytes:
+        limit = self.pipeline.limits.max_bytes
+        parts: list[bytes] = []
+        total = 0
+        chunk: pb.ImageChunk | None = first
+        try:
             while chunk is not None:
                 if chunk is not first and (chunk.id or chunk.HasField("options")):
                     raise InvalidOptions("id and options belong on the first chunk only")
@@ -178,9 +201,10 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 hold.add(len(chunk.data))
                 parts.append(chunk.data)
                 chunk = await self._next_chunk(chunk_iterator)
-            image = b"".join(parts)
-            del parts
-            return await self._segment(first.id, image, first.options, deadline, slot)
+            return b"".join(parts)
+        finally:
+            parts.clear()  # not left to whoever keeps this frame alive (a refusal's traceback)
+            chunk = None
 
     async def _next_chunk(self, chunks: AsyncIterator[pb.ImageChunk]) -> pb.ImageChunk | None:
         idle = self.pipeline.settings.upload_idle_timeout_s
