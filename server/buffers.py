@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from server.errors import Overloaded
 
+# The client library's chunk size: an upload starts only while the budget has room for one such chunk.
+MIN_ROOM = 1024 * 1024
+
 
 class UploadBudget:
     """Bytes of upload chunks held at once across all calls. Single event loop: no locking needed."""
@@ -29,15 +32,22 @@ class UploadHold:
         self.budget = budget
         self.held = 0
 
+    def check_room(self) -> None:
+        """Before an upload's first chunk is read: refuse at once when not even one more chunk would fit."""
+        self._refuse_past(min(MIN_ROOM, self.budget.limit), "an upload")
+
     def add(self, size: int) -> None:
+        self._refuse_past(size, f"this chunk of {size} bytes")
+        self.budget.in_flight += size
+        self.held += size
+
+    def _refuse_past(self, size: int, what: str) -> None:
         budget = self.budget
         if budget.in_flight + size > budget.limit:
             raise Overloaded(
-                f"server busy: uploads in progress hold {budget.in_flight} bytes and this chunk of {size} "
-                f"would pass SEGSERVE_UPLOAD_BUDGET_BYTES={budget.limit}; retry later or on another replica"
+                f"server busy: uploads in progress hold {budget.in_flight} bytes and {what} would pass "
+                f"SEGSERVE_UPLOAD_BUDGET_BYTES={budget.limit}; retry later or on another replica"
             )
-        budget.in_flight += size
-        self.held += size
 
     def release(self) -> None:
         self.budget.in_flight -= self.held

@@ -39,6 +39,7 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 DEFAULT_OVERLAY_OPACITY = 0.5
+OVERLAY_WORKERS = 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class SegmentationPipeline:
         self.limits = Limits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="prepost")
+        # Overlays are the one step that needs the full-size image (and a few full-size copies while
+        # blending): one at a time bounds that memory whatever is queued, and small requests' decoding
+        # and masks never wait behind seconds of overlay work in the shared pool.
+        self._overlay_pool = ThreadPoolExecutor(max_workers=OVERLAY_WORKERS, thread_name_prefix="overlay")
         self._batcher: Batcher[np.ndarray, np.ndarray] | None = None
         self._admitted = 0
         self.uploads = UploadBudget(settings.upload_budget_bytes)
@@ -151,6 +156,7 @@ class SegmentationPipeline:
         if self._batcher is not None:
             await self._batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._overlay_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- info -----------------------------------------------------------------------------
 
@@ -228,16 +234,19 @@ class SegmentationPipeline:
         started = time.monotonic()
         with self._batcher.expecting():
             # Never the full-size image here: it would sit in the batcher's queue for the whole wait
-            # (150 MB at the pixel limit); overlays decode it again after the model, in the worker pool.
+            # (150 MB at the pixel limit); overlays decode it again after the model (_render_overlay).
             decoded = await self._in_pool(decode_image, data, max_size, self.limits)
             model_input = np.asarray(decoded.model_input, dtype=np.uint8)
         preprocessed = time.monotonic()
         batch = await self._batcher.submit(model_input, deadline)
         inferred = time.monotonic()
-        overlay_source = data if options.overlay else None
-        mask_png, overlay_png, classes = await self._in_pool(
-            self._postprocess, batch.output, decoded.original_size, overlay_source, opacity
-        )
+        mask_png, classes = await self._in_pool(self._postprocess, batch.output, decoded.original_size)
+        overlay_png = None
+        if options.overlay:
+            overlay_png = await asyncio.get_running_loop().run_in_executor(
+                self._overlay_pool,
+                partial(self._render_overlay, batch.output, decoded.original_size, data, opacity),
+            )
         finished = time.monotonic()
         timing = Timing(
             preprocess_ms=(preprocessed - started) * 1000,
@@ -251,16 +260,14 @@ class SegmentationPipeline:
         model_width, model_height = decoded.model_input.size
         return SegmentResult(width, height, model_width, model_height, mask_png, overlay_png, classes, timing)
 
-    def _postprocess(
-        self, labels: np.ndarray, size: tuple[int, int], overlay_source: bytes | None, opacity: float
-    ) -> tuple[bytes, bytes | None, list[ClassShare]]:
+    def _postprocess(self, labels: np.ndarray, size: tuple[int, int]) -> tuple[bytes, list[ClassShare]]:
         assert self.runtime is not None
-        mask = upsample_labels(labels, size)
-        overlay_png = None
-        if overlay_source is not None:
-            overlay_png = encode_png(blend_overlay(decode_full_image(overlay_source, self.limits), mask, opacity))
         shares = class_shares_of_upsampled(labels, size, self.runtime.labels)
-        return encode_mask_png(mask), overlay_png, shares
+        return encode_mask_png(upsample_labels(labels, size)), shares
+
+    def _render_overlay(self, labels: np.ndarray, size: tuple[int, int], data: bytes, opacity: float) -> bytes:
+        full = decode_full_image(data, self.limits)
+        return encode_png(blend_overlay(full, upsample_labels(labels, size), opacity))
 
     async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -171,14 +172,15 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
 
     async def _upload(self, chunks: AsyncIterator[pb.ImageChunk], deadline: float | None) -> pb.SegmentResponse:
         pipeline = self.pipeline
-        chunk_iterator = aiter(chunks)
-        first = await self._next_chunk(chunk_iterator)
-        if first is None:
-            raise InvalidImage("upload had no chunks")
-        image_id, options = first.id, converters.options_from_proto(first.options)
-        # Everything that can refuse the call is asked now, before the rest of the upload is read.
-        pipeline.check_options(options)
+        # Asked before the first chunk is even read: a refused caller's bytes are never copied into Python.
         with pipeline.admit() as slot, pipeline.uploads.hold() as hold:
+            hold.check_room()
+            chunk_iterator = aiter(chunks)
+            first = await self._next_chunk(chunk_iterator)
+            if first is None:
+                raise InvalidImage("upload had no chunks")
+            image_id, options = first.id, converters.options_from_proto(first.options)
+            pipeline.check_options(options)
             image = await self._receive_upload(first, chunk_iterator, hold)
             del first
             return await self._segment(image_id, image, options, deadline, slot)
@@ -187,24 +189,27 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self, first: pb.ImageChunk, chunk_iterator: AsyncIterator[pb.ImageChunk], hold: UploadHold
     ) -> bytes:
         limit = self.pipeline.limits.max_bytes
-        parts: list[bytes] = []
-        total = 0
+        # Chunks are appended as they come and dropped: a list joined at the end would hold every upload
+        # twice at its end, and uploads started together end together. getvalue() hands over the buffer
+        # without a copy.
+        received = io.BytesIO()
         chunk: pb.ImageChunk | None = first
         try:
             while chunk is not None:
                 if chunk is not first and (chunk.id or chunk.HasField("options")):
                     raise InvalidOptions("id and options belong on the first chunk only")
-                total += len(chunk.data)
-                if total > limit:
+                data = chunk.data  # each read of a bytes field is a fresh copy: once only
+                chunk = None
+                if received.tell() + len(data) > limit:
                     # Refuse now, without reading (and buffering) the rest of the upload.
                     raise ImageTooLarge(f"upload passed {limit} bytes, the image size limit")
-                hold.add(len(chunk.data))
-                parts.append(chunk.data)
+                hold.add(len(data))
+                received.write(data)
+                del data
                 chunk = await self._next_chunk(chunk_iterator)
-            return b"".join(parts)
+            return received.getvalue()
         finally:
-            parts.clear()  # not left to whoever keeps this frame alive (a refusal's traceback)
-            chunk = None
+            received.close()  # not left to whoever keeps this frame alive (a refusal's traceback)
 
     async def _next_chunk(self, chunks: AsyncIterator[pb.ImageChunk]) -> pb.ImageChunk | None:
         idle = self.pipeline.settings.upload_idle_timeout_s
