@@ -261,9 +261,12 @@ def test_a_stream_whose_request_side_fails_ends_with_a_status(server: ServerThre
         good = pb.SegmentRequest(id="good", image=IMAGE).SerializeToString()
         started = time.monotonic()
         answers: list[bytes] = []
+
+        def read_answers() -> None:
+            answers.extend(raw(iter([good, b"\xff\xff\xff not a protobuf"]), timeout=30))
+
         with pytest.raises(grpc.RpcError) as info:
-            for answer in raw(iter([good, b"\xff\xff\xff not a protobuf"]), timeout=30):
-                answers.append(answer)
+            read_answers()
         ended_after = time.monotonic() - started
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
     assert "could not be parsed" in (info.value.details() or "")
