@@ -51,7 +51,14 @@ async def _guarded(context: Context, call: Awaitable[T]) -> T:
     except Exception:
         log.exception("unexpected error")
         code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
-    await context.abort(code, message)
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        # The call is gone before its answer: a caller that cancels mid-upload ends its request stream
+        # as a finished one would, and the cancellation reaches this task only after.
+        raise asyncio.CancelledError from None
     raise AssertionError("unreachable: abort raises")
 
 
