@@ -38,7 +38,10 @@ debug: $(STAMP)  ## the server under debugpy on 127.0.0.1:$(DEBUGPY_PORT)
 	$(BIN)/python -Xfrozen_modules=off -m debugpy --listen 127.0.0.1:$(DEBUGPY_PORT) \
 		$(if $(DEBUGPY_WAIT),--wait-for-client) -m server
 
+# The known-answer test model trains once (a few minutes on 2 cores) and is cached; doing it here keeps it
+# out of any one test's timeout.
 test: $(STAMP) lint
+	$(BIN)/python -m tests.known_model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -172,7 +172,7 @@ def merge_inprocess_runs(before: list[dict[str, Any]], after: list[dict[str, Any
 def run(args: argparse.Namespace) -> Path:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     machine = machine_info()
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="segserve-bench-") as tmp:
         images = Path(tmp) / "images"

@@ -119,8 +119,14 @@ async def serve(settings: Settings) -> int:
     app = await create_app(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():  # the count shows an operator (and the drain test) what the signal found to finish
+            log.info("%s received; requests in flight: %d", sig.name, app.pipeline.in_flight)
+        stop.set()
+
     for sig in HANDLED_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     starting = asyncio.create_task(app.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

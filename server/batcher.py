@@ -4,7 +4,8 @@ Rules, all in `_next_batch`:
 - Only items of one shape share a batch (padding would leak neighbours into DeepLabV3's
   global-pooling branch, so a mask would depend on the rest of the batch).
 - A batch goes to the model when it is full, when its oldest item has waited max_delay,
-  or at once when no other request is on its way (a lone request never waits).
+  or at once when no other request is on its way (a lone request never waits). Every group is
+  looked at: a full batch of one shape never waits behind another shape's group still filling.
 - One batch runs at a time, on one worker thread; while it runs, arrivals pile up and form
   the next batch, so batches grow with load by themselves.
 - Items whose caller cancelled or whose deadline passed are dropped before the model.
@@ -130,16 +131,27 @@ class Batcher(Generic[In, Out]):
         self._drop_dead(now)
         if not self._groups:
             return [], None
-        shape, group = min(self._groups.items(), key=lambda kv: kv[1][0].enqueued)
-        waited = now - group[0].enqueued
-        more_coming = self._on_the_way > 0
-        limit = self.sizer.limit(shape) if self.sizer else self.max_batch_size
-        if len(group) < limit and more_coming and waited < self.max_delay_s:
-            return [], self.max_delay_s - waited
-        batch = [group.popleft() for _ in range(min(limit, len(group)))]
+        by_age = sorted(self._groups.items(), key=lambda kv: kv[1][0].enqueued)
+        oldest_shape, oldest = by_age[0]
+        waited = now - oldest[0].enqueued
+        if waited >= self.max_delay_s or self._on_the_way == 0:
+            # Overdue (or nothing more can join it) goes first, so a run of full batches cannot starve it.
+            return self._take(oldest_shape), None
+        # Any full group goes now, whatever its age: it has nothing left to wait for.
+        for shape, group in by_age:
+            if len(group) >= self._limit(shape):
+                return self._take(shape), None
+        return [], self.max_delay_s - waited
+
+    def _limit(self, shape: Hashable) -> int:
+        return self.sizer.limit(shape) if self.sizer else self.max_batch_size
+
+    def _take(self, shape: Hashable) -> list[_Pending[In, Out]]:
+        group = self._groups[shape]
+        batch = [group.popleft() for _ in range(min(self._limit(shape), len(group)))]
         if not group:
             del self._groups[shape]
-        return batch, None
+        return batch
 
     def _drop_dead(self, now: float) -> None:
         for shape in list(self._groups):

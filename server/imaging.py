@@ -18,11 +18,27 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # JPEG orientations 5-8 swap width and height.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 
+# Pillow only warns between MAX_IMAGE_PIXELS and twice that. Its check also runs while loading (GIF
+# frames, TIFF tiles, icon sizes), where ours on the header cannot look, so the warning is made an
+# error here, once for the process: warnings.catch_warnings in worker threads would swap the
+# process-wide filters under every other thread.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
 
 @dataclass(frozen=True)
 class Limits:
     max_bytes: int
     max_pixels: int
+
+
+def let_pillow_accept(max_pixels: int) -> None:
+    """Raises Pillow's process-wide pixel limit (about 89 MP) to ours, so that a higher limit works and
+    our check on the header decides, and says, what is too large. Call once per server, at start.
+
+    Only ever raised, never lowered: servers with different limits may share a process (tests do).
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 @dataclass
@@ -56,9 +72,7 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's message names its own limit, not ours; say what the image declares and what we accept.
         declared = re.search(r"\((\d+) pixels\)", str(exc))
@@ -125,7 +139,7 @@ def decode_image(data: bytes, max_side: int, limits: Limits, keep_full: bool = F
         image.load()
         image = ImageOps.exif_transpose(image) or image
         rgb = to_rgb(image)
-    except (Image.DecompressionBombError, MemoryError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as exc:
         raise ImageTooLarge(f"image too large to decode: {exc}") from None
     except Exception as exc:
         raise InvalidImage(f"cannot decode image: {exc}") from None

@@ -20,7 +20,7 @@ from server.batch_sizing import BatchSizer
 from server.batcher import Batcher
 from server.buffers import StreamCounts, UploadBudget
 from server.errors import InvalidOptions, NotReady, Overloaded
-from server.imaging import Limits, decode_full_image, decode_image
+from server.imaging import Limits, decode_full_image, decode_image, let_pillow_accept
 from server.labels import Label
 from server.model import ModelRuntime
 from server.postprocess import (
@@ -102,6 +102,7 @@ class SegmentationPipeline:
     def __init__(self, settings: Settings, runtime: ModelRuntime | None = None) -> None:
         self.settings = settings
         self.limits = Limits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        let_pillow_accept(settings.max_image_pixels)
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="prepost")
         # Overlays are the one step that needs the full-size image (and a few full-size copies while

@@ -9,6 +9,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from PIL import Image
 from client import SegmentClient
 from server.app import App, create_app
 from server.settings import Settings
+from tests import known_model
+
+pytest_plugins = ["tests.no_skips"]
 
 TEST_MAX_SIZE = 64
 
@@ -67,6 +71,34 @@ def make_settings(**overrides: object) -> Settings:
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerThread]:
     running = ServerThread(make_settings())
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def known_weights() -> Path:
+    """The known-answer model's state_dict (tests/known_model.py); trained on first use, then cached."""
+    return known_model.known_weights()
+
+
+KNOWN_MAX_SIZE = 128  # the scale the known-answer model was trained at
+
+
+def known_settings(weights: Path, **overrides: object) -> Settings:
+    """Settings serving the known-answer model at the size it was trained for."""
+    values: dict[str, object] = {
+        "weights": str(weights),
+        "model": known_model.MODEL_NAME,
+        "max_size": KNOWN_MAX_SIZE,
+    }
+    values.update(overrides)
+    return make_settings(**values)
+
+
+@pytest.fixture(scope="session")
+def known_server(known_weights: Path) -> Iterator[ServerThread]:
+    """A server whose masks depend on the image: use it for every test that judges a mask."""
+    running = ServerThread(known_settings(known_weights))
     yield running
     running.stop()
 

@@ -131,3 +131,20 @@ async def test_expired_and_cancelled_requests_never_reach_the_model() -> None:
     served = [value for batch in model.batches for _, value in batch]
     assert sorted(served) == [0, 3]
     await batcher.close()
+
+
+async def test_a_full_batch_of_another_shape_does_not_wait_behind_a_filling_group() -> None:
+    model = Recorder()
+    batcher = Batcher(model, shape, max_batch_size=4, max_delay_s=10.0)
+    try:
+        with batcher.expecting():  # more on its way: the lone "a" waits for company, up to its delay
+            filling = asyncio.ensure_future(batcher.submit(("a", 0)))
+            await asyncio.sleep(0.05)
+            full = [asyncio.ensure_future(batcher.submit(("b", i))) for i in range(4)]
+            done, _ = await asyncio.wait([filling, *full], return_when=asyncio.FIRST_COMPLETED)
+            # The full "b" batch ran first; the "a" group, older but neither full nor overdue, still waits.
+            assert not filling.done() and done == set(full)
+            assert [[k for k, _ in batch] for batch in model.batches] == [["b"] * 4]
+        assert (await filling).batch_size == 1  # nothing more on its way now: it goes at once
+    finally:
+        await batcher.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import tomllib
 from pathlib import Path
 
 from server.settings import Settings
@@ -16,3 +18,15 @@ def test_every_setting_has_a_row_in_the_readme_table() -> None:
         assert rows, f"README settings table lacks {env}"
         default = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
         assert flag in rows[0] and f"`{default}`" in rows[0], f"README row for {env} disagrees with the code: {rows[0]}"
+
+
+def test_one_python_version_everywhere() -> None:
+    """asyncio.TaskGroup, `suppress(TimeoutError)` around asyncio timeouts and the numpy/scipy pins need 3.11."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert pyproject["project"]["requires-python"] == ">=3.11"
+    assert pyproject["tool"]["ruff"]["target-version"] == "py311"
+    assert pyproject["tool"]["mypy"]["python_version"] == "3.11"
+    assert "(Python 3.11+;" in README
+    assert "ARG PYTHON_VERSION=3.11\n" in (root / "Dockerfile").read_text()
+    assert sys.version_info >= (3, 11)

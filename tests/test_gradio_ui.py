@@ -26,6 +26,7 @@ from gradio_ui.actions import PageActions
 from gradio_ui.errors import describe_error
 from server.labels import VOC_CLASSES
 from tests.conftest import ServerThread, encode, photo_like
+from tests.known_model import CLASS_OF, Shape, render_scene
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -95,6 +96,17 @@ def pages(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="module")
+def known_page(known_server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Page]:
+    """A page on a server whose model really segments (tests/known_model.py), so the legend can be judged."""
+    page = Page(known_server.target, tmp_path_factory.mktemp("known-page") / "page.log")
+    try:
+        page.wait_ready()
+        yield page
+    finally:
+        page.stop()
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not CHROMIUM.exists():
         if os.environ.get("SEGSERVE_REQUIRE_BROWSER") == "1":
@@ -159,6 +171,34 @@ def test_segment_one_photo_shows_overlay_legend_and_timing(page, pages, cat_phot
     assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [451, 300]
     timing = page.locator("#segserve-timing-chips").inner_text()
     assert "inference" in timing and "batch size" in timing and "queue" in timing
+
+
+@pytest.mark.slow
+def test_legend_names_the_classes_in_the_picture(page, known_page, tmp_path):
+    """The page's examples are photos, which the known-answer model cannot read; a synthetic scene it can."""
+    shapes = [
+        Shape("red", "disc", cx=0.25, cy=0.32, size=0.22),
+        Shape("blue", "box", cx=0.7, cy=0.68, size=0.2),
+        Shape("green", "disc", cx=0.25, cy=0.75, size=0.19),
+    ]
+    pixels, truth = render_scene(320, 240, shapes, seed=5)
+    scene = tmp_path / "scene.png"
+    Image.fromarray(pixels).save(scene)
+    open_page(page, known_page.url)
+    assert not page.locator("#segserve-random-warning").is_visible()
+    page.locator("#segserve-input input[type=file]").set_input_files(str(scene))
+    page.locator("#segserve-segment").click()
+    page.get_by_text("Segmented 320x240 image").wait_for()
+    page.screenshot(path=str(tmp_path / "known-scene.png"), full_page=True)
+
+    rows = page.locator(".segserve-legend-row")
+    shown = {rows.nth(i).locator(".segserve-name").inner_text(): rows.nth(i) for i in range(rows.count())}
+    assert {"background", "person", "boat", "pottedplant"} <= shown.keys(), sorted(shown)
+    for colour, index in CLASS_OF.items():
+        name = VOC_CLASSES[index]
+        share = float(shown[name].get_attribute("data-fraction"))
+        assert share == pytest.approx(float((truth == index).mean()), abs=0.03), (colour, name, share)
+        assert shown[name].is_visible()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 
 from server.errors import ImageTooLarge, InvalidImage
 from server.imaging import Limits, decode_image, fit_within, to_rgb
-from tests.conftest import encode, photo_like
+from server.pipeline import SegmentationPipeline
+from tests.conftest import encode, make_settings, photo_like, png_declaring
 
 LIMITS = Limits(max_bytes=32 * 1024 * 1024, max_pixels=50_000_000)
 
@@ -117,6 +119,31 @@ def test_decompression_bomb_header_is_refused_before_decoding() -> None:
     assert len(bomb) < 200_000
     with pytest.raises(ImageTooLarge):
         decode_image(bomb, 64, LIMITS)
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured() -> None:
+    """Pillow alone refuses past about 89 MP; SEGSERVE_MAX_IMAGE_PIXELS decides instead, and says so."""
+    limits = SegmentationPipeline(make_settings(max_image_pixels=150_000_000)).limits
+    # 100 MP declared: within the limit, so not refused as too large (its 1x1 pixel data then fails to decode).
+    with pytest.raises(InvalidImage, match="cannot decode"):
+        decode_image(png_declaring(10_000, 10_000), 64, limits)
+    with pytest.raises(ImageTooLarge, match=r"169000000 pixels; the limit is 150000000 pixels"):
+        decode_image(png_declaring(13_000, 13_000), 64, limits)
+
+
+def test_decoding_leaves_the_process_warning_filters_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """warnings.catch_warnings swaps the process-wide filter list: from a worker thread, under every other thread."""
+    seen: list[object] = []
+    real_open = Image.open
+
+    def watching_open(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(warnings.filters)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", watching_open)
+    filters = warnings.filters
+    decode_image(encode(photo_like(32, 24)), 16, LIMITS)
+    assert seen and all(current is filters for current in seen)
 
 
 @settings(max_examples=60, deadline=None)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +16,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import SegmentClient
-from tests.conftest import encode, photo_like
+from client import SegmentClient, SegmentError
+from server.app import create_app
+from server.model import ModelRuntime
+from server.pipeline import SegmentationPipeline
+from tests.conftest import encode, make_settings, photo_like
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +62,50 @@ def wait_for_status(target: str, wanted: int, timeout: float = 60) -> list[int]:
     raise AssertionError(f"status {wanted} not reached; saw {seen}")
 
 
+def test_not_serving_until_warmed_up_then_serving() -> None:
+    """Health answers during start-up: NOT_SERVING while the warm-up runs (held here), SERVING once it is done."""
+    settings = make_settings(warmup=True)
+    runtime = ModelRuntime(settings.model, "random", "cpu")
+    warming, release = threading.Event(), threading.Event()
+    predict = runtime.predict
+
+    def held_predict(images):  # type: ignore[no-untyped-def]
+        warming.set()
+        release.wait(60)
+        return predict(images)
+
+    runtime.predict = held_predict  # type: ignore[method-assign]
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = asyncio.run_coroutine_threadsafe(create_app(settings, SegmentationPipeline(settings, runtime)), loop).result(
+        30
+    )
+    starting = asyncio.run_coroutine_threadsafe(app.start(), loop)
+    target = f"127.0.0.1:{app.port}"
+
+    def health() -> int:
+        with grpc.insecure_channel(target) as channel:
+            request = health_pb2.HealthCheckRequest(service="segserve.v1.Segmenter")
+            return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status)
+
+    try:
+        assert warming.wait(60), "the warm-up never started"
+        assert health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with SegmentClient(target, timeout=10) as client, pytest.raises(SegmentError) as refused:
+            client.segment(encode(photo_like(32, 24)))
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert not starting.done()
+        release.set()
+        starting.result(60)
+        assert health() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        release.set()
+        asyncio.run_coroutine_threadsafe(app.stop(1.0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
 def test_bad_weights_file_is_a_one_line_start_up_error(tmp_path: Path) -> None:
     process, _ = start_server("--weights", str(tmp_path / "missing.pth"))
     output, _ = process.communicate(timeout=120)
@@ -89,7 +138,7 @@ def test_help_lists_every_setting_with_its_default() -> None:
 
 
 def test_default_model_end_to_end_then_sigterm_drains_and_exits_zero() -> None:
-    """Default architecture and default max size, NOT_SERVING until warm, SIGTERM: exit 0."""
+    """Default architecture and default max size, SIGTERM: exit 0. (NOT_SERVING until warm: the test below.)"""
     process, target = start_server("--weights", "random", env={"SEGSERVE_GRACE_PERIOD_S": "5"})
     try:
         seen = wait_for_status(target, health_pb2.HealthCheckResponse.SERVING, timeout=120)

@@ -13,28 +13,59 @@ from server import model as model_module
 from server.errors import ModelLoadError
 from server.model import ModelRuntime, load_model
 
+MODEL = "deeplabv3_mobilenet_v3_large"
+PRETRAINED = tvseg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1
 
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretrained weights unreachable, as on a machine without network or cache."""
 
-    def fail(*args: object, **kwargs: object) -> None:
+def go_offline(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> list[str]:
+    """Pretrained weights unreachable whatever this machine has: an empty torch cache, and downloads refused
+    where torch.hub makes them (torchvision's loader imported load_state_dict_from_url early, so patching
+    that name would miss it). Returns the URLs whose download was refused."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    refused: list[str] = []
+
+    def refuse(url: str, *args: object, **kwargs: object) -> None:
+        refused.append(url)
         raise urllib.error.URLError("no network in this test")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fail)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    return refused
 
 
-def test_auto_falls_back_to_random_with_a_warning(offline: None, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    return go_offline(monkeypatch, tmp_path / "empty-torch-home")
+
+
+def test_auto_falls_back_to_random_with_a_warning(offline: list[str], caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        loaded = load_model("deeplabv3_mobilenet_v3_large", "auto")
+        loaded = load_model(MODEL, "auto")
+    assert offline == [PRETRAINED.url]  # the real download path was taken, and stopped there
     assert not loaded.trained and loaded.weights_description.startswith("random (fallback")
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "RANDOM" in warning and "SEGSERVE_WEIGHTS" in warning and ".pth" in warning
 
 
-def test_pretrained_is_a_clear_error_when_unavailable(offline: None) -> None:
+def test_pretrained_is_a_clear_error_when_unavailable(offline: list[str]) -> None:
     with pytest.raises(ModelLoadError, match=r"pretrained weights .* unavailable"):
-        load_model("deeplabv3_mobilenet_v3_large", "pretrained")
+        load_model(MODEL, "pretrained")
+    assert offline == [PRETRAINED.url]
+
+
+def test_offline_holds_on_a_machine_with_the_weights_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A developer's machine may have the pretrained file in torch's cache: the offline tests must not use it."""
+    machine_home = tmp_path / "machine-torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(machine_home))
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(PRETRAINED.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(
+        tvseg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, aux_loss=True).state_dict(), cached
+    )
+    # As such a machine would: the cached file is loaded, nothing is downloaded.
+    assert load_model(MODEL, "auto").weights_description == f"pretrained:{PRETRAINED.name}"
+    refused = go_offline(monkeypatch, tmp_path / "empty-torch-home")
+    assert load_model(MODEL, "auto").weights_description.startswith("random (fallback")
+    assert refused == [PRETRAINED.url]
 
 
 def test_state_dict_file_round_trip(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import struct
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -298,16 +300,50 @@ def test_late_replica_gets_traffic_once_connections_age(replicas: list[Replica],
             stop_replica(late)
 
 
+def metrics_url(replica: Replica) -> str:
+    found = re.search(r"metrics on (http://\S+/metrics)", replica.log.read_text(errors="replace"))
+    assert found, replica.log_tail()
+    return found[1]
+
+
+def queue_depth(url: str) -> float:
+    """segserve_queue_depth: requests the replica has admitted and not yet answered."""
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with no_proxy.open(url, timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(r"^segserve_queue_depth (\S+)$", text, re.MULTILINE)
+    assert found, text[:500]
+    return float(found[1])
+
+
 def test_draining_replica_costs_no_request(replicas: list[Replica]) -> None:
     """SIGTERM: the replica says NOT_SERVING, sends GOAWAY and finishes what it has; clients move on."""
     alive = [r for r in replicas if r.process.poll() is None]
     assert len(alive) >= 2
     victim = alive[0]
+    url = metrics_url(victim)
+    signalled, calls_done = threading.Event(), threading.Event()
+
+    def drain_once_busy() -> None:
+        """SIGTERM only while the victim holds requests, so that draining has something to finish."""
+        while not calls_done.is_set():
+            if queue_depth(url) > 0:
+                victim.process.send_signal(signal.SIGTERM)
+                signalled.set()
+                return
+
     with SegmentClient(ipv4_target(alive), timeout=30) as client:
         assert segment_all(client, 6, concurrency=2) == []
-        drainer = threading.Timer(0.3, victim.process.send_signal, (signal.SIGTERM,))
+        drainer = threading.Thread(target=drain_once_busy, daemon=True)
         drainer.start()
-        errors = segment_all(client, 40, concurrency=3)
-        drainer.join()
+        # Large images: each call stays in flight long enough for the signal to land inside one.
+        errors = segment_all(client, 60, concurrency=3, image=LARGE_IMAGE)
+        calls_done.set()
+        drainer.join(10)
+    assert signalled.is_set(), "the replica never held a request"
     assert victim.process.wait(15) == 0, victim.log_tail()
     assert errors == [], errors
+    # The replica counts what it held when the signal arrived: a drain with nothing to finish proves nothing.
+    found = re.search(r"SIGTERM received; requests in flight: (\d+)", victim.log.read_text(errors="replace"))
+    assert found, f"SIGTERM never reached the replica\n{victim.log_tail()}"
+    assert int(found[1]) > 0, victim.log_tail()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 from client import SegmentClient, SegmentError
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from tests.conftest import TEST_MAX_SIZE, ServerThread, encode, make_settings, photo_like, png_declaring
+from tests.conftest import TEST_MAX_SIZE, ServerThread, encode, photo_like, png_declaring
 
 
 @pytest.fixture
@@ -149,23 +148,6 @@ def test_error_codes_and_messages(
 def test_max_size_above_the_server_cap_is_capped(client: SegmentClient, jpeg_bytes: bytes) -> None:
     assert client.segment(jpeg_bytes, max_size=4000).model_size == (TEST_MAX_SIZE, 48)
     assert client.segment(jpeg_bytes, max_size=32).model_size == (32, 24)
-
-
-def test_batched_results_equal_results_alone() -> None:
-    sizes = [(160, 120), (120, 160), (64, 64), (200, 150), (90, 120)]
-    images = [encode(photo_like(w, h, seed=i), "PNG") for i, (w, h) in enumerate(sizes * 3)]
-    # Adaptive batching off: it could learn that batches do not pay on this CPU and serve them alone.
-    server = ServerThread(make_settings(adaptive_batching=False))
-    try:
-        with SegmentClient(server.target) as c:
-            alone = [c.segment(image).mask for image in images]
-            with ThreadPoolExecutor(len(images)) as pool:
-                together = list(pool.map(c.segment, images))
-    finally:
-        server.stop()
-    assert max(r.timing.batch_size for r in together) > 1, "no batching happened"
-    for single, batched in zip(alone, together, strict=True):
-        assert np.array_equal(single, batched.mask)
 
 
 def test_health_and_reflection(server: ServerThread) -> None:
