@@ -135,7 +135,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             while (place := await window.next_ready()) is not None:
                 assert place.response is not None
                 yield place.response
-                place.release()  # grpc resumes this generator only once the write has completed
+                place.release()  # resumed only once the write has completed (ObservingInterceptor)
             await reader
             if window.error is not None:
                 await self._abort_for_request_side(context, window.error)
