@@ -61,3 +61,11 @@ class RequestCancelled(SegservError):
 
 class ModelLoadError(SegservError):
     """The configured model or weights cannot be loaded (a start-up error, never sent to a caller)."""
+
+
+class UploadStalled(SegservError):
+    """An upload's next chunk did not come within SEGSERVE_UPLOAD_IDLE_TIMEOUT_S; the call is ended to free
+    its bytes. DEADLINE_EXCEEDED: a time limit ran out; not CANCELLED (the caller did not cancel) nor
+    UNAVAILABLE (which clients retry at once, and the same stalled sender would stall again)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

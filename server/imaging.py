@@ -149,3 +149,10 @@ def decode_image(data: bytes, max_side: int, limits: Limits, keep_full: bool = F
     if keep_full:
         full = rgb if rgb.size == original_size else rgb.resize(original_size, Image.Resampling.BILINEAR)
     return DecodedImage(model_input=model_input, original_size=original_size, full_image=full)
+
+
+def decode_full_image(data: bytes, limits: Limits) -> Image.Image:
+    """The image at its full, oriented size (for overlays): decoded after the model, not kept while queued."""
+    full = decode_image(data, 1 << 30, limits, keep_full=True).full_image
+    assert full is not None
+    return full

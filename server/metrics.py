@@ -54,6 +54,25 @@ class PipelineCollector(Collector):
             "SEGSERVE_MAX_QUEUE: requests beyond it are refused.",
             value=pipeline.settings.max_queue,
         )
+        yield GaugeMetricFamily(
+            "segserve_upload_bytes_in_flight",
+            "Bytes of SegmentUpload chunks held by calls in progress (bounded by SEGSERVE_UPLOAD_BUDGET_BYTES).",
+            value=pipeline.uploads.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "segserve_upload_budget_bytes",
+            "SEGSERVE_UPLOAD_BUDGET_BYTES: a chunk that would pass it is refused.",
+            value=pipeline.uploads.limit,
+        )
+        yield GaugeMetricFamily(
+            "segserve_streams_open", "SegmentStream calls in progress.", value=pipeline.streams.open_streams
+        )
+        yield GaugeMetricFamily(
+            "segserve_stream_responses_unsent",
+            "SegmentStream responses made and not yet sent, because their callers read slowly; each holds a "
+            "place in its stream's window.",
+            value=pipeline.streams.unsent_responses,
+        )
         counts = pipeline.batch_size_counts
         buckets = []
         running = 0

@@ -18,8 +18,9 @@ import numpy as np
 
 from server.batch_sizing import BatchSizer
 from server.batcher import Batcher
+from server.buffers import StreamCounts, UploadBudget
 from server.errors import InvalidOptions, NotReady, Overloaded
-from server.imaging import DecodedImage, Limits, decode_image, let_pillow_accept
+from server.imaging import Limits, decode_full_image, decode_image, let_pillow_accept
 from server.labels import Label
 from server.postprocess import (
     ClassShare,
@@ -39,6 +40,7 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 DEFAULT_OVERLAY_OPACITY = 0.5
+OVERLAY_WORKERS = 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,26 @@ def _shape_of(array: np.ndarray) -> tuple[int, ...]:
     return tuple(array.shape)
 
 
+class AdmissionSlot:
+    """One of SEGSERVE_MAX_QUEUE places. Held from admission until the answer is no longer the server's
+    to keep: a unary answer returned, an upload's whole life (from its first chunk), a stream item
+    until its response is sent. So the queue limit bounds every image the server holds."""
+
+    def __init__(self, pipeline: SegmentationPipeline) -> None:
+        self._pipeline: SegmentationPipeline | None = pipeline
+
+    def release(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline._admitted -= 1
+            self._pipeline = None
+
+    def __enter__(self) -> AdmissionSlot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class SegmentationPipeline:
     """Owns the model runtime, the batcher and the worker pool. Create inside the server's event loop."""
 
@@ -84,8 +106,14 @@ class SegmentationPipeline:
         let_pillow_accept(settings.max_image_pixels)
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="prepost")
+        # Overlays are the one step that needs the full-size image (and a few full-size copies while
+        # blending): one at a time bounds that memory whatever is queued, and small requests' decoding
+        # and masks never wait behind seconds of overlay work in the shared pool.
+        self._overlay_pool = ThreadPoolExecutor(max_workers=OVERLAY_WORKERS, thread_name_prefix="overlay")
         self._batcher: Batcher[np.ndarray, np.ndarray] | None = None
         self._admitted = 0
+        self.uploads = UploadBudget(settings.upload_budget_bytes)
+        self.streams = StreamCounts()
         self.ready = False
         self.draining = False
         """Set on shutdown: new requests are refused (UNAVAILABLE) while admitted ones finish."""
@@ -130,6 +158,7 @@ class SegmentationPipeline:
         if self._batcher is not None:
             await self._batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._overlay_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- info -----------------------------------------------------------------------------
 
@@ -165,23 +194,40 @@ class SegmentationPipeline:
             raise InvalidOptions(f"overlay_opacity must be between 0 and 1, got {opacity}")
         return opacity
 
-    async def segment(self, data: bytes, options: SegmentOptions, deadline: float | None = None) -> SegmentResult:
-        """Segment one encoded image. `deadline` is a time.monotonic() value after which the model skips it."""
+    def check_options(self, options: SegmentOptions) -> None:
+        self.effective_max_size(options)
+        self.overlay_opacity(options)
+
+    def admit(self) -> AdmissionSlot:
+        """A queue place, or the refusal a caller should hear now (shutting down, loading, queue full)."""
         if self.draining:
             raise NotReady("server is shutting down; retry on another replica")
         if not self.ready or self._batcher is None or self.runtime is None:
             raise NotReady("model is still loading")
-        max_size = self.effective_max_size(options)
-        opacity = self.overlay_opacity(options)
         if self._admitted >= self.settings.max_queue:
             raise Overloaded(
                 f"server busy: {self._admitted} requests in progress (SEGSERVE_MAX_QUEUE={self.settings.max_queue})"
             )
         self._admitted += 1
-        try:
+        return AdmissionSlot(self)
+
+    async def segment(
+        self,
+        data: bytes,
+        options: SegmentOptions,
+        deadline: float | None = None,
+        slot: AdmissionSlot | None = None,
+    ) -> SegmentResult:
+        """Segment one encoded image. `deadline` is a time.monotonic() value after which the model skips it.
+
+        Without `slot`, admits the request and frees its place on return; with one, the caller holds
+        the place already and frees it itself."""
+        max_size = self.effective_max_size(options)
+        opacity = self.overlay_opacity(options)
+        if slot is not None:
             return await self._segment(data, options, max_size, opacity, deadline)
-        finally:
-            self._admitted -= 1
+        with self.admit():
+            return await self._segment(data, options, max_size, opacity, deadline)
 
     async def _segment(
         self, data: bytes, options: SegmentOptions, max_size: int, opacity: float, deadline: float | None
@@ -189,12 +235,20 @@ class SegmentationPipeline:
         assert self._batcher is not None
         started = time.monotonic()
         with self._batcher.expecting():
-            decoded = await self._in_pool(decode_image, data, max_size, self.limits, options.overlay)
+            # Never the full-size image here: it would sit in the batcher's queue for the whole wait
+            # (150 MB at the pixel limit); overlays decode it again after the model (_render_overlay).
+            decoded = await self._in_pool(decode_image, data, max_size, self.limits)
             model_input = np.asarray(decoded.model_input, dtype=np.uint8)
         preprocessed = time.monotonic()
         batch = await self._batcher.submit(model_input, deadline)
         inferred = time.monotonic()
-        mask_png, overlay_png, classes = await self._in_pool(self._postprocess, batch.output, decoded, opacity)
+        mask_png, classes = await self._in_pool(self._postprocess, batch.output, decoded.original_size)
+        overlay_png = None
+        if options.overlay:
+            overlay_png = await asyncio.get_running_loop().run_in_executor(
+                self._overlay_pool,
+                partial(self._render_overlay, batch.output, decoded.original_size, data, opacity),
+            )
         finished = time.monotonic()
         timing = Timing(
             preprocess_ms=(preprocessed - started) * 1000,
@@ -208,16 +262,14 @@ class SegmentationPipeline:
         model_width, model_height = decoded.model_input.size
         return SegmentResult(width, height, model_width, model_height, mask_png, overlay_png, classes, timing)
 
-    def _postprocess(
-        self, labels: np.ndarray, decoded: DecodedImage, opacity: float
-    ) -> tuple[bytes, bytes | None, list[ClassShare]]:
+    def _postprocess(self, labels: np.ndarray, size: tuple[int, int]) -> tuple[bytes, list[ClassShare]]:
         assert self.runtime is not None
-        mask = upsample_labels(labels, decoded.original_size)
-        overlay_png = None
-        if decoded.full_image is not None:
-            overlay_png = encode_png(blend_overlay(decoded.full_image, mask, opacity))
-        shares = class_shares_of_upsampled(labels, decoded.original_size, self.runtime.facts.labels)
-        return encode_mask_png(mask), overlay_png, shares
+        shares = class_shares_of_upsampled(labels, size, self.runtime.facts.labels)
+        return encode_mask_png(upsample_labels(labels, size)), shares
+
+    def _render_overlay(self, labels: np.ndarray, size: tuple[int, int], data: bytes, opacity: float) -> bytes:
+        full = decode_full_image(data, self.limits)
+        return encode_png(blend_overlay(full, upsample_labels(labels, size), opacity))
 
     async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
-from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError
+from server.buffers import UploadHold
+from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.interceptor import Context, ImageNote, note_image
-from server.pipeline import SegmentationPipeline
+from server.pipeline import AdmissionSlot, SegmentationPipeline, SegmentOptions
+from server.stream_window import Place, StreamWindow
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Images in flight per SegmentStream call; beyond this the stream stops reading until one finishes.
+# Images a SegmentStream call holds at once, from reading the request until its response is sent;
+# beyond this the stream stops reading until a response has been written.
 STREAM_WINDOW = 16
 
 
@@ -32,16 +36,29 @@ def _deadline(context: Context) -> float | None:
 
 
 async def _guarded(context: Context, call: Awaitable[T]) -> T:
-    """Runs a call, turning SegservError into its status and anything else into INTERNAL (logged)."""
+    """Runs a call, turning SegservError into its status and anything else into INTERNAL (logged).
+
+    The abort happens outside the except blocks on purpose: raised inside, the abort's exception would
+    chain the error, whose traceback holds the failed call's frames (an upload's chunks among their
+    locals) until the cyclic collector runs; that counts objects, not bytes, and refused uploads piled
+    up by gigabytes."""
     try:
         return await call
     except SegservError as exc:
-        await context.abort(exc.code, exc.message)
+        code, message = exc.code, exc.message
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception:
         log.exception("unexpected error")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        # The call is gone before its answer: a caller that cancels mid-upload ends its request stream
+        # as a finished one would, and the cancellation reaches this task only after.
+        raise asyncio.CancelledError from None
     raise AssertionError("unreachable: abort raises")
 
 
@@ -50,7 +67,12 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.pipeline = pipeline
 
     async def Segment(self, request: pb.SegmentRequest, context: Context) -> pb.SegmentResponse:
-        return await _guarded(context, self._segment(request.id, request.image, request.options, _deadline(context)))
+        return await _guarded(
+            context,
+            self._segment(
+                request.id, request.image, converters.options_from_proto(request.options), _deadline(context)
+            ),
+        )
 
     async def SegmentUpload(
         self, request_iterator: AsyncIterator[pb.ImageChunk], context: Context
@@ -60,54 +82,91 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     async def SegmentStream(
         self, request_iterator: AsyncIterator[pb.SegmentRequest], context: Context
     ) -> AsyncIterator[pb.SegmentResponse]:
+        pipeline = self.pipeline
         deadline = _deadline(context)
-        results: asyncio.Queue[pb.SegmentResponse | None] = asyncio.Queue()
         # Never more than the queue admits, so a lone stream is never refused for its own items.
-        window = asyncio.Semaphore(min(STREAM_WINDOW, self.pipeline.settings.max_queue))
+        window: StreamWindow[pb.SegmentResponse] = StreamWindow(
+            min(STREAM_WINDOW, pipeline.settings.max_queue), pipeline.streams
+        )
+        items: set[asyncio.Task[None]] = set()
 
-        async def one(request: pb.SegmentRequest) -> None:
+        async def one(place: Place[pb.SegmentResponse], request: pb.SegmentRequest) -> None:
             try:
-                await results.put(await self._segment(request.id, request.image, request.options, deadline))
+                place.admission = pipeline.admit()
+                response = await self._segment(
+                    request.id, request.image, converters.options_from_proto(request.options), deadline, place.admission
+                )
             except SegservError as exc:
                 note_image(ImageNote(request.id, code=exc.code.name))
-                await results.put(converters.error_to_proto(request.id, exc))
+                response = converters.error_to_proto(request.id, exc)
             except Exception:
                 log.exception("unexpected error in stream item %r", request.id)
                 note_image(ImageNote(request.id, code=grpc.StatusCode.INTERNAL.name))
-                await results.put(
-                    pb.SegmentResponse(
-                        id=request.id, error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
-                    )
+                response = pb.SegmentResponse(
+                    id=request.id, error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
                 )
-            finally:
-                window.release()
+            window.deliver(place, response)
 
         async def read_all() -> None:
-            async with asyncio.TaskGroup() as group:
-                async for request in request_iterator:
-                    await window.acquire()
-                    group.create_task(one(request))
-            await results.put(None)
+            error: BaseException | None = None
+            try:
+                requests = aiter(request_iterator)
+                while True:
+                    place = await window.place()  # before reading: a full window leaves requests unread
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        place.release()
+                        break
+                    item = asyncio.create_task(one(place, request))
+                    items.add(item)
+                    item.add_done_callback(items.discard)
+            except Exception as exc:
+                error = exc
+            finally:
+                # Whatever stopped the reading, the images already read are answered, then the stream ends.
+                if items:
+                    await asyncio.wait(set(items))
+                window.end(error)
 
+        pipeline.streams.open_streams += 1
         reader = asyncio.create_task(read_all())
         try:
-            while (response := await results.get()) is not None:
-                yield response
+            while (place := await window.next_ready()) is not None:
+                assert place.response is not None
+                yield place.response
+                place.release()  # resumed only once the write has completed (ObservingInterceptor)
             await reader
+            if window.error is not None:
+                await self._abort_for_request_side(context, window.error)
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            for task in (reader, *items):
+                task.cancel()
+            await asyncio.gather(reader, *items, return_exceptions=True)
+            window.close()
+            pipeline.streams.open_streams -= 1
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         return await _guarded(context, self._model_info())
 
     # ---- helpers --------------------------------------------------------------------------
 
+    @staticmethod
+    async def _abort_for_request_side(context: Context, error: BaseException) -> None:
+        if isinstance(error, DecodeError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a stream request could not be parsed: {error}")
+        log.error("stream request side failed", exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error reading the stream; see the server log")
+
     async def _segment(
-        self, request_id: str, image: bytes, options: pb.SegmentOptions, deadline: float | None
+        self,
+        request_id: str,
+        image: bytes,
+        options: SegmentOptions,
+        deadline: float | None,
+        slot: AdmissionSlot | None = None,
     ) -> pb.SegmentResponse:
-        result = await self.pipeline.segment(image, converters.options_from_proto(options), deadline)
+        result = await self.pipeline.segment(image, options, deadline, slot)
         t = result.timing
         stages = {
             "preprocess": t.preprocess_ms,
@@ -119,23 +178,56 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         return converters.result_to_proto(request_id, result)
 
     async def _upload(self, chunks: AsyncIterator[pb.ImageChunk], deadline: float | None) -> pb.SegmentResponse:
-        limit = self.pipeline.limits.max_bytes
-        first: pb.ImageChunk | None = None
-        parts: list[bytes] = []
-        total = 0
-        async for chunk in chunks:
+        pipeline = self.pipeline
+        # Asked before the first chunk is even read: a refused caller's bytes are never copied into Python.
+        with pipeline.admit() as slot, pipeline.uploads.hold() as hold:
+            hold.check_room()
+            chunk_iterator = aiter(chunks)
+            first = await self._next_chunk(chunk_iterator)
             if first is None:
-                first = chunk
-            elif chunk.id or chunk.HasField("options"):
-                raise InvalidOptions("id and options belong on the first chunk only")
-            total += len(chunk.data)
-            if total > limit:
-                # Refuse now, without reading (and buffering) the rest of the upload.
-                raise ImageTooLarge(f"upload passed {limit} bytes, the image size limit")
-            parts.append(chunk.data)
-        if first is None:
-            raise InvalidImage("upload had no chunks")
-        return await self._segment(first.id, b"".join(parts), first.options, deadline)
+                raise InvalidImage("upload had no chunks")
+            image_id, options = first.id, converters.options_from_proto(first.options)
+            pipeline.check_options(options)
+            image = await self._receive_upload(first, chunk_iterator, hold)
+            del first
+            return await self._segment(image_id, image, options, deadline, slot)
+
+    async def _receive_upload(
+        self, first: pb.ImageChunk, chunk_iterator: AsyncIterator[pb.ImageChunk], hold: UploadHold
+    ) -> bytes:
+        limit = self.pipeline.limits.max_bytes
+        # Chunks are appended as they come and dropped: a list joined at the end would hold every upload
+        # twice at its end, and uploads started together end together. getvalue() hands over the buffer
+        # without a copy.
+        received = io.BytesIO()
+        chunk: pb.ImageChunk | None = first
+        try:
+            while chunk is not None:
+                if chunk is not first and (chunk.id or chunk.HasField("options")):
+                    raise InvalidOptions("id and options belong on the first chunk only")
+                data = chunk.data  # each read of a bytes field is a fresh copy: once only
+                chunk = None
+                if received.tell() + len(data) > limit:
+                    # Refuse now, without reading (and buffering) the rest of the upload.
+                    raise ImageTooLarge(f"upload passed {limit} bytes, the image size limit")
+                hold.add(len(data))
+                received.write(data)
+                del data
+                chunk = await self._next_chunk(chunk_iterator)
+            return received.getvalue()
+        finally:
+            received.close()  # not left to whoever keeps this frame alive (a refusal's traceback)
+
+    async def _next_chunk(self, chunks: AsyncIterator[pb.ImageChunk]) -> pb.ImageChunk | None:
+        idle = self.pipeline.settings.upload_idle_timeout_s
+        try:
+            return await asyncio.wait_for(anext(chunks), idle)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise UploadStalled(
+                f"upload stalled: no chunk for {idle:g} s (SEGSERVE_UPLOAD_IDLE_TIMEOUT_S); its bytes were freed"
+            ) from None
 
     async def _model_info(self) -> pb.ModelInfo:
         pipeline = self.pipeline

@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest unary gRPC message; bigger images go through SegmentUpload."
     )
+    upload_budget_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Upload bytes held at once across all SegmentUpload calls; a chunk that would pass it ends "
+        "its call with RESOURCE_EXHAUSTED.",
+    )
+    upload_idle_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for the next chunk of an upload; a stalled upload is ended and freed."
+    )
     workers: int = Field(0, ge=0, description="Threads for decoding and encoding (0: one per CPU core).")
     inference_threads: int = Field(
         0, ge=0, description="Threads the runtime uses for one model call on the CPU (0: one per CPU core)."
