@@ -142,9 +142,13 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         finally:
             for task in (reader, *items):
                 task.cancel()
-            await asyncio.gather(reader, *items, return_exceptions=True)
-            window.close()
-            pipeline.streams.open_streams -= 1
+            try:
+                await asyncio.gather(reader, *items, return_exceptions=True)
+            finally:
+                # Even when this wait is cancelled too (gRPC may cancel a finished call's task again),
+                # every place the stream holds goes back, or the queue would shrink for good.
+                window.close()
+                pipeline.streams.open_streams -= 1
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         return await _guarded(context, self._model_info())

@@ -14,7 +14,7 @@ import pytest
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server.model import ModelRuntime
+from server import pipeline as pipeline_module
 from tests.conftest import ServerThread, encode, make_settings, photo_like
 from tests.test_overload import Gate
 
@@ -29,9 +29,10 @@ BIG = encode(photo_like(1600, 1200), "JPEG", quality=95)
 
 @pytest.fixture(scope="module")
 def gated() -> Iterator[tuple[ServerThread, Gate]]:
-    gate = Gate(ModelRuntime.predict)
+    gate = Gate()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ModelRuntime, "predict", lambda runtime, images: gate.predict(runtime, images))
+        # Only the runtime built while the patch holds is gated; the session server keeps its own.
+        patch.setattr(pipeline_module, "create_runtime", gate.gated_runtime)
         server = ServerThread(
             make_settings(
                 max_queue=MAX_QUEUE,
