@@ -120,3 +120,36 @@ class DAPClient:
             pass
         self.sock.close()
         self._reader.join(5)
+
+
+def attach_like_vscode(
+    dap: DAPClient, arguments: dict[str, Any], breakpoints: dict[str, list[int]], timeout: float = 60
+) -> None:
+    """What VS Code does for an attach configuration: the breakpoints go in before configurationDone."""
+    dap.request(
+        "initialize",
+        {
+            "clientID": "pytest",
+            "adapterID": "debugpy",
+            "pathFormat": "path",
+            "linesStartAt1": True,
+            "columnsStartAt1": True,
+        },
+    )
+    attaching = dap.send("attach", arguments)
+    dap.event("initialized", timeout=timeout)
+    for path, lines in breakpoints.items():
+        dap.request("setBreakpoints", {"source": {"path": path}, "breakpoints": [{"line": n} for n in lines]})
+    dap.request("configurationDone")
+    dap.response(attaching, timeout=timeout)
+
+
+def attach_to_subprocess(
+    parent: DAPClient, breakpoints: dict[str, list[int]], host: str = "127.0.0.1", timeout: float = 120
+) -> tuple[DAPClient, dict[str, Any]]:
+    """VS Code's answer to debugpy's `debugpyAttach` event (a new child process): a second session to the
+    adapter, attached with the event's body as the configuration. Returns that session and the body."""
+    body = parent.event("debugpyAttach", timeout=timeout)
+    child = DAPClient(host, int(body["connect"]["port"]), connect_timeout=30)
+    attach_like_vscode(child, body, breakpoints)
+    return child, body

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 
 from server.settings import ModelName
-from tests.containers import (
+from tests.container_files import (
     COMPOSE,
     COMPOSE_DEBUG,
     DEVCONTAINER,

@@ -25,7 +25,7 @@ import pytest
 
 from client import SegmentClient
 from tests.conftest import encode, photo_like
-from tests.containers import (
+from tests.container_files import (
     COMPOSE,
     COMPOSE_DEBUG,
     REPO,
@@ -34,7 +34,7 @@ from tests.containers import (
     compose_service,
     debug_launch_config,
 )
-from tests.dap_client import DAPClient
+from tests.dap_client import DAPClient, attach_like_vscode
 
 IMAGING = REPO / "server" / "imaging.py"
 
@@ -93,22 +93,8 @@ class ServerOutput:
 
 
 def attach(dap: DAPClient, launch: dict[str, Any], path_mappings: list[dict[str, str]], line: int) -> None:
-    """What VS Code does for an attach configuration: the breakpoints go in before configurationDone."""
-    dap.request(
-        "initialize",
-        {
-            "clientID": "pytest",
-            "adapterID": "debugpy",
-            "pathFormat": "path",
-            "linesStartAt1": True,
-            "columnsStartAt1": True,
-        },
-    )
-    attaching = dap.send("attach", {"justMyCode": launch.get("justMyCode", True), "pathMappings": path_mappings})
-    dap.event("initialized", timeout=60)
-    dap.request("setBreakpoints", {"source": {"path": str(IMAGING)}, "breakpoints": [{"line": line}]})
-    dap.request("configurationDone")
-    dap.response(attaching, timeout=60)
+    arguments = {"justMyCode": launch.get("justMyCode", True), "pathMappings": path_mappings}
+    attach_like_vscode(dap, arguments, {str(IMAGING): [line]})
 
 
 @pytest.mark.slow
