@@ -28,11 +28,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # the code and packages stay root's, so the service cannot rewrite them.
 RUN useradd --create-home --uid 10001 --user-group app
 WORKDIR /app
-COPY pyproject.toml constraints.txt /build/
-COPY docker/requirements.py /build/docker/requirements.py
 
 # ---- the Gradio page ---------------------------------------------------------------------------------
 FROM base AS ui
+COPY pyproject.toml constraints.txt /build/
+COPY docker/requirements.py /build/docker/requirements.py
 RUN python /build/docker/requirements.py --without torch torchvision debugpy watchfiles > /build/requirements.txt \
     && pip install -c /build/constraints.txt -r /build/requirements.txt
 COPY protos/ /app/protos/
@@ -54,7 +54,10 @@ FROM base AS runtime
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Before pyproject.toml is copied: an edit there must not install torch (gigabytes) again.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+COPY pyproject.toml constraints.txt /build/
+COPY docker/requirements.py /build/docker/requirements.py
 RUN python /build/docker/requirements.py --without gradio debugpy watchfiles > /build/requirements.txt \
     && pip install -c /build/constraints.txt -r /build/requirements.txt
 

@@ -7,7 +7,9 @@ No Docker engine runs here: compose files are checked against the Compose Specif
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -180,7 +182,10 @@ def test_dockerfile_targets() -> None:
     assert "--without gradio debugpy" in runtime, "the production image must not install debugpy"
     assert "--only debugpy" in "\n".join(stages["debug"])
     assert "ARG MODEL=" in runtime and "fetch_weights.py" in runtime and "TORCH_HOME=" in runtime
-    assert "SEGSERVE_WEIGHTS=pretrained" in runtime
+    # `docker build .` with no arguments: pretrained weights, and the server refuses to start without them.
+    assert "ARG WEIGHTS=pretrained" in runtime and "SEGSERVE_WEIGHTS=${WEIGHTS}" in runtime
+    assert "ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm" in DOCKERFILE.read_text()
+    assert not DOCKERFILE.read_text().startswith("# syntax="), "a syntax line makes BuildKit pull a frontend image"
     for name in ("runtime", "debug", "ui"):  # server adds nothing to runtime
         users = [i.split()[1] for i in stages[name] if i.startswith("USER ")]
         assert users and users[-1].split(":")[0] not in ("0", "root"), f"{name} runs as root"
@@ -191,21 +196,24 @@ def test_dockerfile_targets() -> None:
 def _healthcheck_argv() -> list[str]:
     line = next(i for i in dockerfile_stages()["runtime"] if i.startswith("HEALTHCHECK"))
     argv: list[str] = json.loads(line.split(" CMD ", 1)[1])
-    assert argv[:4] == ["python", "-m", "client", "health"], argv
+    assert argv[:2] == ["sh", "-c"] and argv[2].startswith("exec python -m client health "), argv
     return argv
 
 
-def test_the_image_healthcheck_asks_the_grpc_health_service(server) -> None:  # type: ignore[no-untyped-def]
-    argv = [sys.executable, *_healthcheck_argv()[1:]]
-    target = argv.index("--target") + 1
-    assert argv[target] == "127.0.0.1:50051"
-    argv[target] = server.target
-    healthy = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_the_image_healthcheck_asks_the_grpc_health_service_on_segserve_port(server) -> None:  # type: ignore[no-untyped-def]
+    """The image's check, run by a shell as Docker runs it, with SEGSERVE_PORT set as in the container."""
+    shell, flag, script = _healthcheck_argv()
+    script = script.replace("exec python ", f"exec {shlex.quote(sys.executable)} ", 1)
+
+    def check(port: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "SEGSERVE_PORT": port}
+        return subprocess.run([shell, flag, script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+    healthy = check(server.target.rsplit(":", 1)[1])
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING"), healthy.stderr
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
-        argv[target] = f"127.0.0.1:{sock.getsockname()[1]}"
-        down = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        down = check(str(sock.getsockname()[1]))
     assert down.returncode == 1, down.stdout + down.stderr
 
 

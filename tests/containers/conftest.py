@@ -22,10 +22,16 @@ from tests.containers.stand_ins import ensure_base_image, wheel_index
 HERE = Path(__file__).parent
 
 
+# A first run builds the base image and the images (about ten minutes on two busy cores) in the first
+# test's setup, which pytest-timeout counts; later tests find them built.
+FIRST_BUILD_TIMEOUT_S = 2400
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).is_relative_to(HERE):
             item.add_marker(pytest.mark.containers)
+            item.add_marker(pytest.mark.timeout(FIRST_BUILD_TIMEOUT_S))
 
 
 def _engine_problem() -> str | None:
