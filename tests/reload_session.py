@@ -61,8 +61,8 @@ def stop_in_reloaded_code(
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         attach_like_vscode(parent, attach_arguments, {str(imaging): [old_line]})
-        first, first_body = attach_to_subprocess(parent, {str(imaging): [old_line]}, timeout=timeout)
-        sessions.append(first)
+        first = attach_to_subprocess(parent, {str(imaging): [old_line]}, timeout=timeout)
+        sessions.append(first.dap)
         with SegmentClient(grpc_target, timeout=timeout) as client:
             client.wait_until_serving(timeout=timeout)
 
@@ -70,9 +70,10 @@ def stop_in_reloaded_code(
             # The breakpoint stays on its statement, one line down now (as an editor moves it), right after
             # the added one: stopped there, the new process has run the saved code.
             new_line = add_marker_line(imaging) + 1
-            second, second_body = attach_to_subprocess(parent, {str(imaging): [new_line]}, timeout=timeout)
+            child = attach_to_subprocess(parent, {str(imaging): [new_line]}, timeout=timeout)
+            second = child.dap
             sessions.append(second)
-            assert second_body["subProcessId"] != first_body["subProcessId"]
+            assert child.configuration["subProcessId"] != first.configuration["subProcessId"]
             client.wait_until_serving(timeout=timeout)
             serving_at = time.monotonic()
             reply = pool.submit(client.segment, encode(photo_like(97, 61)))
@@ -93,8 +94,8 @@ def stop_in_reloaded_code(
         return ReloadRound(
             edit_to_serving_s=serving_at - edited_at,
             edit_to_breakpoint_s=stopped_at - edited_at,
-            first_child=int(first_body["subProcessId"]),
-            second_child=int(second_body["subProcessId"]),
+            first_child=int(first.configuration["subProcessId"]),
+            second_child=int(child.configuration["subProcessId"]),
         )
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

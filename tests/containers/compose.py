@@ -50,6 +50,10 @@ def docker(*args: str, timeout: float = 120, check: bool = True, **kwargs: Any) 
     return done
 
 
+def image_id(tag: str) -> str:
+    return docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+
+
 class ResetList(list[Any]):
     """A YAML sequence tagged !reset: Compose drops what earlier files set, instead of adding to it."""
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.containers.compose import Stack, build_images, docker, remove_test_containers
+from tests.container_files import REPO
+from tests.containers.compose import Stack, build_images, remove_test_containers
 from tests.containers.stand_ins import ensure_base_image, wheel_index
 
 HERE = Path(__file__).parent
@@ -100,5 +101,24 @@ def stacks(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
             stack.down()
 
 
-def image_id(tag: str) -> str:
-    return docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of the checkout (what git tracks or would), so tests edit and mount it instead of this one.
+
+    Readable by everyone: the containers' user 10001 reads it through the bind mount."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode()
+    clone = tmp_path / "segserve"
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file() and not source.is_symlink():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, clone / name)
+    for path in [tmp_path, clone, *clone.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else path.stat().st_mode | 0o444)
+    return clone
