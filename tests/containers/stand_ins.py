@@ -222,13 +222,20 @@ class _IndexHandler(http.server.SimpleHTTPRequestHandler):
             shutil.copyfileobj(source, self.wfile, 1 << 20)
 
 
+# The index's URL is a build argument of the torch layer: the same port every run keeps that layer cached.
+WHEEL_INDEX_PORT = 38419
+
+
 @contextmanager
 def wheel_index() -> Iterator[str]:
     """Serves this machine's local wheels on 127.0.0.1 as one simple index; yields its URL."""
     indexes, links = local_wheel_sources()
     roots = list(dict.fromkeys([i.parent for i in indexes] + links))
     handler = type("Handler", (_IndexHandler,), {"roots": roots, "indexes": indexes, "links": links})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_INDEX_PORT), functools.partial(handler))
+    except OSError:  # taken (another run at the same time): any port, at the price of rebuilding that layer
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler))
     thread = threading.Thread(target=server.serve_forever, daemon=True, name="wheel-index")
     thread.start()
     try:
