@@ -1,7 +1,8 @@
 """The container files agree with each other and with the code: compose, Dockerfile, devcontainer, launch.json.
 
-No Docker engine runs here: compose files are checked against the Compose Specification's schema (and by
-`docker compose config` where a Compose v2 is installed), the Dockerfile by hadolint.
+Static checks, quick and without an engine: compose files against the Compose Specification's schema (and
+`docker compose config` where a Compose v2 is installed), the Dockerfile by hadolint. The images and
+containers themselves are tested against a real engine in tests/containers/.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The debugging workflow for real: debugpy as docker-compose.debug.yml runs it, a DAP client as VS Code attaches.
 
-No container here: the compose debug service's command runs on a copy of the source standing in for the
+No container here (tests/containers/test_debug.py runs the overlay for real): the compose debug service's command runs on a copy of the source standing in for the
 container's /app, and the client attaches with launch.json's pathMappings, so a breakpoint set on the
 checkout's file must be translated to the copy and back.
 """
