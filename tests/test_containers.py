@@ -281,3 +281,19 @@ def test_launch_configurations_agree_with_the_compose_mount() -> None:
     assert configurations["Run server"]["module"] == "server"
     assert configurations["Run Gradio UI"]["module"] == "gradio_ui"
     assert all(c["type"] == "debugpy" for c in configurations.values())
+
+
+def test_build_time_weights_argument_checks_a_state_dict_file(tmp_path: Path) -> None:
+    """WEIGHTS=<path>: the build loads the file into the model, so a file that does not fit fails the build."""
+    import torch
+    from torchvision.models import get_model
+
+    model = "deeplabv3_mobilenet_v3_large"
+    fits = tmp_path / "fits.pt"
+    built = get_model(model, weights=None, weights_backbone=None, num_classes=21, aux_loss=False)
+    torch.save(built.state_dict(), fits)
+    assert fetch_weights.main([model, str(fits)]) == 0
+    other = tmp_path / "other.pt"
+    torch.save({k: v for k, v in built.state_dict().items() if not k.startswith("classifier.")}, other)
+    assert fetch_weights.main([model, str(other)]) == 1
+    assert fetch_weights.main([model, "random"]) == 0  # nothing to fetch
