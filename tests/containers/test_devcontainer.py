@@ -13,11 +13,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.container_files import load_jsonc
-from tests.containers.compose import ServerPorts, Stack, free_port, loopback_override
+from tests.containers.compose import ServerPorts, Stack, docker, free_port, loopback_override
 
 
 def devcontainer(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -54,6 +55,32 @@ def test_devcontainer_up_serves_and_has_the_tools(
     where = ["--workspace-folder", str(checkout), "--override-config", str(override_config)]
 
     up = devcontainer("up", *where, env=env, timeout=1500)
+    try:
+        check_the_dev_container(up, stack, ports, config, where, env)
+    finally:
+        # The CLI's per-workspace image (your uid on the image's user), one per checkout path: not kept.
+        uid_image = _uid_image(stack)
+        stack.down()
+        if uid_image:
+            docker("rmi", uid_image, check=False)
+
+
+def _uid_image(stack: Stack) -> str | None:
+    try:
+        image = str(stack.inspect("server")["Config"]["Image"])
+    except AssertionError:
+        return None
+    return image if image.startswith("vsc-") else None
+
+
+def check_the_dev_container(
+    up: subprocess.CompletedProcess[str],
+    stack: Stack,
+    ports: ServerPorts,
+    config: dict[str, Any],
+    where: list[str],
+    env: dict[str, str],
+) -> None:
     assert up.returncode == 0, f"{up.stdout[-3000:]}\n{up.stderr[-5000:]}"
     outcome = json.loads(up.stdout.strip().splitlines()[-1])
     assert outcome["outcome"] == "success", outcome
