@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # segserve images, one file with three targets:
 #   server (the default, production): the gRPC server with the model's weights baked in; no debugpy.
 #   debug: server plus debugpy, for docker-compose.debug.yml and the dev container. Never deploy it.
@@ -6,13 +5,19 @@
 # docker build -t segserve .                                       # server, deeplabv3_mobilenet_v3_large
 # docker build --build-arg MODEL=deeplabv3_resnet50 -t segserve:r50 .
 # docker build --target ui -t segserve-ui .
+# docker build --build-arg WEIGHTS=random -t segserve:random .      # no download: random weights, said in ModelInfo
+# docker build --build-arg WEIGHTS=docker/weights/mine.pt -t segserve:mine .   # a state_dict baked in (air-gapped)
+# docker build --build-arg BASE_IMAGE=my-registry/python:3.11-slim-bookworm .  # another Debian-based Python 3.11
+#
+# No `# syntax=` line: BuildKit would pull that frontend image from Docker Hub; the engine's own is enough.
 #
 # The source lives in /app and is not pip-installed (PYTHONPATH=/app), so a bind mount of the checkout
 # on /app replaces it: edit, restart, no rebuild.
 
 ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS base
+FROM ${BASE_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app \
@@ -23,12 +28,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # the code and packages stay root's, so the service cannot rewrite them.
 RUN useradd --create-home --uid 10001 --user-group app
 WORKDIR /app
-COPY pyproject.toml constraints.txt /build/
-COPY docker/requirements.py /build/docker/requirements.py
 
 # ---- the Gradio page ---------------------------------------------------------------------------------
 FROM base AS ui
-RUN python /build/docker/requirements.py --without torch torchvision debugpy > /build/requirements.txt \
+COPY pyproject.toml constraints.txt /build/
+COPY docker/requirements.py /build/docker/requirements.py
+RUN python /build/docker/requirements.py --without torch torchvision onnx onnxruntime debugpy watchfiles > /build/requirements.txt \
     && pip install -c /build/constraints.txt -r /build/requirements.txt
 COPY protos/ /app/protos/
 COPY client/ /app/client/
@@ -49,18 +54,26 @@ FROM base AS runtime
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Before pyproject.toml is copied: an edit there must not install torch (gigabytes) again.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
-RUN python /build/docker/requirements.py --without gradio debugpy > /build/requirements.txt \
+COPY pyproject.toml constraints.txt /build/
+COPY docker/requirements.py /build/docker/requirements.py
+RUN python /build/docker/requirements.py --without gradio debugpy watchfiles > /build/requirements.txt \
     && pip install -c /build/constraints.txt -r /build/requirements.txt
 
 # Weights at build time, before the code, so a code change does not download them again.
+# WEIGHTS=pretrained downloads them; random takes none (the server says so in ModelInfo); a path under
+# docker/weights/ bakes that state_dict in, loaded once here to prove it fits MODEL.
 ARG MODEL=deeplabv3_mobilenet_v3_large
+ARG WEIGHTS=pretrained
 ENV TORCH_HOME=/opt/torch
 COPY docker/fetch_weights.py /build/docker/fetch_weights.py
-RUN python /build/docker/fetch_weights.py "${MODEL}"
+COPY docker/weights/ /app/docker/weights/
+RUN python /build/docker/fetch_weights.py "${MODEL}" "${WEIGHTS}"
 # pretrained: a missing cache is a start-up error, never a silent fall back to random weights.
+# A path is relative to /app, the working directory (under the debug overlay, the checkout it was built from).
 ENV SEGSERVE_MODEL=${MODEL} \
-    SEGSERVE_WEIGHTS=pretrained \
+    SEGSERVE_WEIGHTS=${WEIGHTS} \
     SEGSERVE_HOST=0.0.0.0 \
     SEGSERVE_PORT=50051
 
@@ -70,15 +83,15 @@ COPY client/ /app/client/
 USER 10001:10001
 EXPOSE 50051 9464
 # Asks the gRPC health service: exit 0 only when SERVING, which is once the model is loaded and warmed up.
-# (Fixed port: change it here too if you change SEGSERVE_PORT.)
+# On the port the server listens on, SEGSERVE_PORT (several servers on one host network each take their own).
 HEALTHCHECK --interval=10s --timeout=8s --start-period=120s --retries=3 \
-    CMD ["python", "-m", "client", "health", "--target", "127.0.0.1:50051"]
+    CMD ["sh", "-c", "exec python -m client health --target \"127.0.0.1:${SEGSERVE_PORT}\""]
 CMD ["python", "-m", "server"]
 
 # ---- debug: the server plus debugpy (remote code execution for whoever reaches its port) -----------------
 FROM runtime AS debug
 USER 0
-RUN python /build/docker/requirements.py --only debugpy > /build/requirements-debug.txt \
+RUN python /build/docker/requirements.py --only debugpy watchfiles > /build/requirements-debug.txt \
     && pip install -c /build/constraints.txt -r /build/requirements-debug.txt
 USER 10001:10001
 # Inside the container only; docker-compose.debug.yml publishes it on the host's 127.0.0.1 alone.

@@ -32,10 +32,12 @@ server: $(STAMP)  ## the server alone
 	$(BIN)/python -m server
 
 # The server under debugpy, on this machine's loopback only (debugpy runs any code sent to its port).
-# DEBUGPY_WAIT=1: start serving only once a debugger has attached. docs/debugging.md has the walk-through.
+# DEBUGPY_WAIT=1: start serving only once a debugger has attached. Saving a .py file restarts the server
+# (RELOAD=0 turns that off); the debugger follows. docs/debugging.md has the walk-through.
 DEBUGPY_PORT ?= 5678
-debug: $(STAMP)  ## the server under debugpy on 127.0.0.1:$(DEBUGPY_PORT)
-	$(BIN)/python -Xfrozen_modules=off -m debugpy --listen 127.0.0.1:$(DEBUGPY_PORT) \
+RELOAD ?= 1
+debug: $(STAMP)  ## the server under debugpy on 127.0.0.1:$(DEBUGPY_PORT), restarted on every save
+	SEGSERVE_RELOAD=$(RELOAD) $(BIN)/python -Xfrozen_modules=off -m debugpy --listen 127.0.0.1:$(DEBUGPY_PORT) \
 		$(if $(DEBUGPY_WAIT),--wait-for-client) -m server
 
 # The known-answer test model trains once (a few minutes on 2 cores) and is cached; doing it here keeps it

@@ -28,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segserve: invalid settings: {validation_problems(exc)}", file=sys.stderr)
         return 2
     _configure_logging(settings)
+    if settings.reload:
+        from server.reload import run_with_reload
+
+        return run_with_reload(list(sys.argv[1:] if argv is None else argv), settings.grace_period_s)
     return asyncio.run(serve(settings))
 
 

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the Prometheus /metrics endpoint (0 picks a free one, -1 turns it off).",
     )
+    reload: bool = Field(
+        False,
+        description="Development: restart the server process when a .py file of its source changes "
+        "(under debugpy the debugger follows the new process).",
+    )
     tls_cert: str | None = Field(
         None, description="PEM certificate chain file; with tls_key, serve TLS instead of plaintext."
     )

@@ -11,6 +11,7 @@ import queue
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -120,3 +121,47 @@ class DAPClient:
             pass
         self.sock.close()
         self._reader.join(5)
+
+
+def attach_like_vscode(
+    dap: DAPClient, arguments: dict[str, Any], breakpoints: dict[str, list[int]], timeout: float = 60
+) -> list[dict[str, Any]]:
+    """What VS Code does for an attach configuration: the breakpoints go in before configurationDone.
+
+    Returns the breakpoints as the debugger answered them (`verified` and the line it settled on)."""
+    dap.request(
+        "initialize",
+        {
+            "clientID": "pytest",
+            "adapterID": "debugpy",
+            "pathFormat": "path",
+            "linesStartAt1": True,
+            "columnsStartAt1": True,
+        },
+    )
+    attaching = dap.send("attach", arguments)
+    dap.event("initialized", timeout=timeout)
+    answered: list[dict[str, Any]] = []
+    for path, lines in breakpoints.items():
+        arguments = {"source": {"path": path}, "breakpoints": [{"line": n} for n in lines]}
+        answered += dap.request("setBreakpoints", arguments)["breakpoints"]
+    dap.request("configurationDone")
+    dap.response(attaching, timeout=timeout)
+    return answered
+
+
+@dataclass
+class ChildSession:
+    dap: DAPClient
+    configuration: dict[str, Any]
+    breakpoints: list[dict[str, Any]]
+
+
+def attach_to_subprocess(
+    parent: DAPClient, breakpoints: dict[str, list[int]], host: str = "127.0.0.1", timeout: float = 120
+) -> ChildSession:
+    """VS Code's answer to debugpy's `debugpyAttach` event (a new child process): a second session to the
+    adapter, attached with the event's body as the configuration."""
+    body = parent.event("debugpyAttach", timeout=timeout)
+    child = DAPClient(host, int(body["connect"]["port"]), connect_timeout=30)
+    return ChildSession(child, body, attach_like_vscode(child, body, breakpoints))

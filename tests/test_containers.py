@@ -1,13 +1,16 @@
 """The container files agree with each other and with the code: compose, Dockerfile, devcontainer, launch.json.
 
-No Docker engine runs here: compose files are checked against the Compose Specification's schema (and by
-`docker compose config` where a Compose v2 is installed), the Dockerfile by hadolint.
+Static checks, quick and without an engine: compose files against the Compose Specification's schema (and
+`docker compose config` where a Compose v2 is installed), the Dockerfile by hadolint. The images and
+containers themselves are tested against a real engine in tests/containers/.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -19,7 +22,7 @@ import jsonschema
 import pytest
 
 from server.settings import ModelName
-from tests.containers import (
+from tests.container_files import (
     COMPOSE,
     COMPOSE_DEBUG,
     DEVCONTAINER,
@@ -180,7 +183,10 @@ def test_dockerfile_targets() -> None:
     assert "--without gradio debugpy" in runtime, "the production image must not install debugpy"
     assert "--only debugpy" in "\n".join(stages["debug"])
     assert "ARG MODEL=" in runtime and "fetch_weights.py" in runtime and "TORCH_HOME=" in runtime
-    assert "SEGSERVE_WEIGHTS=pretrained" in runtime
+    # `docker build .` with no arguments: pretrained weights, and the server refuses to start without them.
+    assert "ARG WEIGHTS=pretrained" in runtime and "SEGSERVE_WEIGHTS=${WEIGHTS}" in runtime
+    assert "ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm" in DOCKERFILE.read_text()
+    assert not DOCKERFILE.read_text().startswith("# syntax="), "a syntax line makes BuildKit pull a frontend image"
     for name in ("runtime", "debug", "ui"):  # server adds nothing to runtime
         users = [i.split()[1] for i in stages[name] if i.startswith("USER ")]
         assert users and users[-1].split(":")[0] not in ("0", "root"), f"{name} runs as root"
@@ -191,21 +197,24 @@ def test_dockerfile_targets() -> None:
 def _healthcheck_argv() -> list[str]:
     line = next(i for i in dockerfile_stages()["runtime"] if i.startswith("HEALTHCHECK"))
     argv: list[str] = json.loads(line.split(" CMD ", 1)[1])
-    assert argv[:4] == ["python", "-m", "client", "health"], argv
+    assert argv[:2] == ["sh", "-c"] and argv[2].startswith("exec python -m client health "), argv
     return argv
 
 
-def test_the_image_healthcheck_asks_the_grpc_health_service(server) -> None:  # type: ignore[no-untyped-def]
-    argv = [sys.executable, *_healthcheck_argv()[1:]]
-    target = argv.index("--target") + 1
-    assert argv[target] == "127.0.0.1:50051"
-    argv[target] = server.target
-    healthy = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_the_image_healthcheck_asks_the_grpc_health_service_on_segserve_port(server) -> None:  # type: ignore[no-untyped-def]
+    """The image's check, run by a shell as Docker runs it, with SEGSERVE_PORT set as in the container."""
+    shell, flag, script = _healthcheck_argv()
+    script = script.replace("exec python ", f"exec {shlex.quote(sys.executable)} ", 1)
+
+    def check(port: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "SEGSERVE_PORT": port}
+        return subprocess.run([shell, flag, script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+    healthy = check(server.target.rsplit(":", 1)[1])
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING"), healthy.stderr
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
-        argv[target] = f"127.0.0.1:{sock.getsockname()[1]}"
-        down = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        down = check(str(sock.getsockname()[1]))
     assert down.returncode == 1, down.stdout + down.stderr
 
 
@@ -272,3 +281,19 @@ def test_launch_configurations_agree_with_the_compose_mount() -> None:
     assert configurations["Run server"]["module"] == "server"
     assert configurations["Run Gradio UI"]["module"] == "gradio_ui"
     assert all(c["type"] == "debugpy" for c in configurations.values())
+
+
+def test_build_time_weights_argument_checks_a_state_dict_file(tmp_path: Path) -> None:
+    """WEIGHTS=<path>: the build loads the file into the model, so a file that does not fit fails the build."""
+    import torch
+    from torchvision.models import get_model
+
+    model = "deeplabv3_mobilenet_v3_large"
+    fits = tmp_path / "fits.pt"
+    built = get_model(model, weights=None, weights_backbone=None, num_classes=21, aux_loss=False)
+    torch.save(built.state_dict(), fits)
+    assert fetch_weights.main([model, str(fits)]) == 0
+    other = tmp_path / "other.pt"
+    torch.save({k: v for k, v in built.state_dict().items() if not k.startswith("classifier.")}, other)
+    assert fetch_weights.main([model, str(other)]) == 1
+    assert fetch_weights.main([model, "random"]) == 0  # nothing to fetch

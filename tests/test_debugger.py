@@ -1,6 +1,6 @@
 """The debugging workflow for real: debugpy as docker-compose.debug.yml runs it, a DAP client as VS Code attaches.
 
-No container here: the compose debug service's command runs on a copy of the source standing in for the
+No container here (tests/containers/test_debug.py runs the overlay for real): the compose debug service's command runs on a copy of the source standing in for the
 container's /app, and the client attaches with launch.json's pathMappings, so a breakpoint set on the
 checkout's file must be translated to the copy and back.
 """
@@ -25,7 +25,7 @@ import pytest
 
 from client import SegmentClient
 from tests.conftest import encode, photo_like
-from tests.containers import (
+from tests.container_files import (
     COMPOSE,
     COMPOSE_DEBUG,
     REPO,
@@ -34,7 +34,7 @@ from tests.containers import (
     compose_service,
     debug_launch_config,
 )
-from tests.dap_client import DAPClient
+from tests.dap_client import DAPClient, attach_like_vscode
 
 IMAGING = REPO / "server" / "imaging.py"
 
@@ -93,22 +93,8 @@ class ServerOutput:
 
 
 def attach(dap: DAPClient, launch: dict[str, Any], path_mappings: list[dict[str, str]], line: int) -> None:
-    """What VS Code does for an attach configuration: the breakpoints go in before configurationDone."""
-    dap.request(
-        "initialize",
-        {
-            "clientID": "pytest",
-            "adapterID": "debugpy",
-            "pathFormat": "path",
-            "linesStartAt1": True,
-            "columnsStartAt1": True,
-        },
-    )
-    attaching = dap.send("attach", {"justMyCode": launch.get("justMyCode", True), "pathMappings": path_mappings})
-    dap.event("initialized", timeout=60)
-    dap.request("setBreakpoints", {"source": {"path": str(IMAGING)}, "breakpoints": [{"line": line}]})
-    dap.request("configurationDone")
-    dap.response(attaching, timeout=60)
+    arguments = {"justMyCode": launch.get("justMyCode", True), "pathMappings": path_mappings}
+    attach_like_vscode(dap, arguments, {str(IMAGING): [line]})
 
 
 @pytest.mark.slow
