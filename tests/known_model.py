@@ -41,7 +41,10 @@ STD = (0.229, 0.224, 0.225)
 TRAIN_SHAPES = ((128, 128), (96, 128), (128, 96))  # (height, width): square, landscape and portrait batches
 TRAIN_STEPS = 320
 BATCH = 8
-MIN_MEAN_IOU = 0.8
+# A sanity gate on the training, not the tests' bar (they set their own from measured scores): a broken
+# recipe (no BatchNorm recalibration, say) scores near 0, this one 0.81 here; another CPU's arithmetic
+# may land a little lower, and must not fail CI for it.
+MIN_MEAN_IOU = 0.7
 
 
 @dataclass(frozen=True)
