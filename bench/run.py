@@ -49,7 +49,7 @@ OTHER_RUNTIME_BATCH_SIZES = "1,4"
 OTHER_RUNTIME_REPEATS = 2
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -98,7 +98,7 @@ def served_sweep(
     name: str, images: Path, args: argparse.Namespace, env: dict[str, str], concurrency: str | None = None
 ) -> dict[str, Any]:
     """Starts a server, waits for SERVING, runs the load generator against it, stops it."""
-    port = _free_port()
+    port = free_port()
     server_env = {**env, "SEGSERVE_WEIGHTS": "random", "SEGSERVE_HOST": "127.0.0.1", "SEGSERVE_PORT": str(port)}
     server_env.update(_server_overrides(name))
     log.info("starting server (%s) on port %d", name, port)
@@ -130,13 +130,18 @@ def served_sweep(
             "runtime": info.runtime,
         }
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
         server_log.close()
+
+
+def stop_server(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as a deployment stops it (drain, exit 0); killed if it has not exited in 30 s."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def _wait_until_serving(client: SegmentClient, server: subprocess.Popen[bytes], log_path: Path) -> None:

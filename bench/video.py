@@ -21,8 +21,6 @@ import itertools
 import json
 import logging
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench.run import cpu_model, device_slug, free_port, machine_info, stop_server
 from client import SegmentClient
 from client.video import VideoWriter, probe, read_frames
 from gradio_ui.video import VideoActions
@@ -67,19 +66,13 @@ def make_clip(path: Path, frames: int) -> None:
             writer.write(frame)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def served(target: str | None, workdir: Path) -> Iterator[str]:
     """The target to measure: the one given, or a `python -m server` started and stopped here."""
     if target:
         yield target
         return
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "SEGSERVE_WEIGHTS": "random",
@@ -95,12 +88,7 @@ def served(target: str | None, workdir: Path) -> Iterator[str]:
             client.wait_until_serving(timeout=300)
         yield f"127.0.0.1:{port}"
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
         server_log.close()
 
 
@@ -239,7 +227,6 @@ def update_doc(text: str, doc: Path = DOC) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.run import cpu_model, device_slug, machine_info
 
     machine = machine_info()
     result: dict[str, Any] = {

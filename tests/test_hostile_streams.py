@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -16,7 +16,7 @@ from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import pipeline as pipeline_module
 from tests.conftest import ServerThread, encode, make_settings, photo_like
-from tests.test_overload import Gate
+from tests.test_overload import Gate, sample, wait_until
 
 MiB = 1024 * 1024
 MAX_QUEUE = 4  # also the stream window here: min(STREAM_WINDOW, max_queue)
@@ -56,18 +56,6 @@ def server(gated: tuple[ServerThread, Gate]) -> ServerThread:
 def stub(server: ServerThread) -> Iterator[pb_grpc.SegmenterStub]:
     with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.SegmenterStub(channel)
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
-
-
-def sample(server: ServerThread, name: str, **labels: str) -> float:
-    assert server.app.metrics is not None
-    return server.app.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def assert_all_let_go(server: ServerThread) -> None:
