@@ -90,3 +90,5 @@ class StreamWindow(Generic[R]):
         """The stream is over: places still held (cancelled work, responses never sent) are given back."""
         for place in list(self._places):
             place.release()
+        # The error's traceback holds the reading task's frame, which holds this window: let the cycle go now.
+        self.error = None

@@ -5,6 +5,7 @@ is sent, a stream cancelled midway, a stream whose request side fails, answers b
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +105,40 @@ def test_an_upload_past_the_budget_is_refused_at_once_while_others_hold_it(
     error = holder.exception(timeout=30)
     assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT  # zeros: no image
     assert_all_let_go(server)
+
+
+def live_request_readers() -> int:
+    """gRPC's per-call request readers still alive after a full collection: each keeps its call's state."""
+    gc.collect()
+    return sum(type(o).__name__ == "_MessageReceiver" for o in gc.get_objects())
+
+
+def test_refused_uploads_leave_no_call_alive(server: ServerThread, stub: pb_grpc.SegmenterStub) -> None:
+    """grpcio's request iterator, left unfinished by a refused upload, keeps its call alive for good (not
+    even the cyclic collector frees it), so the server reads requests with context.read(). Issue 11's
+    scenario grew by +600 MiB in 60 s from this alone."""
+
+    def too_big_then_more() -> Iterator[pb.ImageChunk]:
+        yield pb.ImageChunk(data=b"\0" * (BUDGET + MiB))  # read, then refused: past the budget
+        for _ in range(4):
+            time.sleep(0.05)
+            yield pb.ImageChunk(data=b"\0" * MiB)
+
+    def refuse_some(calls: int) -> None:
+        for _ in range(calls):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SegmentUpload(too_big_then_more(), timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    before = live_request_readers()
+    callers = [threading.Thread(target=refuse_some, args=(15,)) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(60)
+    assert_all_let_go(server)
+    left = live_request_readers() - before
+    assert left <= 2, f"{left} of 60 refused uploads still hold their call"
 
 
 def test_a_stalled_upload_is_ended_and_its_bytes_freed(server: ServerThread, stub: pb_grpc.SegmenterStub) -> None:
