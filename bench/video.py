@@ -227,7 +227,6 @@ def update_doc(text: str, doc: Path = DOC) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-
     machine = machine_info()
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
