@@ -15,9 +15,13 @@ MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024
 # effects. gRPC retries a call only until its first response arrives and while what it sent still fits
 # the per-call retry buffer (RETRY_BUFFER_BYTES), so a SegmentStream that has started answering is
 # never replayed. No waitForReady: with every replica down a call fails at once rather than waiting
-# for its deadline. See docs/scaling.md.
+# for its deadline. Client-side health checking: each replica's health is watched, and one that says
+# NOT_SERVING (loading, or draining on SIGTERM) gets no new calls from the moment it says so; without
+# it, a draining replica would keep receiving calls until its listener closed. See docs/scaling.md.
+HEALTH_SERVICE = "segserve.v1.Segmenter"
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
     "methodConfig": [
         {
             "name": [{"service": "segserve.v1.Segmenter"}],

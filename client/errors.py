@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+UNHEALTHY_MARK = "backend unhealthy"
+
 
 class SegmentError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, image_id: str = "") -> None:
@@ -18,8 +20,13 @@ class SegmentError(Exception):
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError, image_id: str = "") -> SegmentError:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        details = error.details() if hasattr(error, "details") else str(error)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "", image_id)
+        details = (error.details() if hasattr(error, "details") else str(error)) or ""
+        if code == grpc.StatusCode.UNAVAILABLE and UNHEALTHY_MARK in details:
+            # gRPC's own words when client-side health checking found every replica NOT_SERVING.
+            details = (
+                f"no replica is serving: each says NOT_SERVING (still loading its model, or shutting down); {details}"
+            )
+        return cls(code or grpc.StatusCode.UNKNOWN, details, image_id)
 
     @classmethod
     def from_status_number(cls, number: int, message: str, image_id: str = "") -> SegmentError:

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
+from server.drain import CallTracker
 from server.errors import ModelLoadError
 from server.interceptor import ObservingInterceptor
 from server.metrics import Metrics
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# What gRPC's own stop still waits for once the drain has settled: health watches, and a refusal or two
+# from callers that ignore health.
+FINAL_STOP_GRACE_S = 1.0
 
 
 @dataclass
@@ -37,6 +42,7 @@ class App:
     health: HealthServicer
     metrics: Metrics | None = None
     metrics_port: int | None = None
+    calls: CallTracker = field(default_factory=CallTracker)
 
     async def start(self) -> None:
         """Starts answering at once (health NOT_SERVING), then loads and warms the model, then SERVING."""
@@ -46,11 +52,22 @@ class App:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first, so balancers stop sending; then let in-flight calls finish within the grace period."""
-        self.pipeline.draining = True  # calls that slip in before the listener closes are refused too
-        await self.health.enter_graceful_shutdown()
+        """Drains, then stops. NOT_SERVING first, so balancers and health-watching clients stop sending;
+        new calls are refused with UNAVAILABLE (clients retry them elsewhere) while admitted ones finish;
+        gRPC itself stops only once callers have stopped arriving, since stopping it earlier would cancel
+        calls it had taken in but not yet handed over. The grace period bounds the whole drain."""
         grace = self.pipeline.settings.grace_period_s if grace is None else grace
-        await self.server.stop(grace)
+        started = time.monotonic()
+        deadline = started + grace
+        self.pipeline.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info("draining: %d calls in progress (grace %.1fs)", self.calls.active, grace)
+        settled = await self.calls.settled(deadline)
+        left = self.calls.active
+        log.info(
+            "drained in %.2fs%s", time.monotonic() - started, "" if settled else f"; cancelling {left} calls still open"
+        )
+        await self.server.stop(max(0.0, min(deadline - time.monotonic(), FINAL_STOP_GRACE_S)))
         await self.pipeline.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -98,7 +115,8 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     pipeline = pipeline or SegmentationPipeline(settings)
     metrics = Metrics()
     metrics.watch(pipeline)
-    server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics)])
+    calls = CallTracker()
+    server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics, calls)])
     pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -111,7 +129,7 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
-    return App(server, port, pipeline, health_servicer, metrics, metrics_port)
+    return App(server, port, pipeline, health_servicer, metrics, metrics_port, calls)
 
 
 async def serve(settings: Settings) -> int:

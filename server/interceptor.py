@@ -22,12 +22,15 @@ from typing import Any
 
 import grpc
 
+from server.drain import CallTracker
 from server.metrics import Metrics
 
 log = logging.getLogger("segserve.access")
 
 REQUEST_ID_KEY = "x-request-id"
 _OUR_SERVICE = "/segserve."
+# Health watches stay open as long as a client's channel does; a drain must not wait for them.
+_NOT_DRAINED = ("/grpc.health.", "/grpc.reflection.")
 _SINGLE_IMAGE_METHODS = ("Segment", "SegmentUpload")
 DEADLINE_SLACK_S = 0.25
 
@@ -83,8 +86,9 @@ def _code_name(code: object) -> str:
 class _Call:
     """One call being observed: started on arrival, finished with its status."""
 
-    def __init__(self, metrics: Metrics, method: str, context: Context) -> None:
+    def __init__(self, metrics: Metrics, method: str, context: Context, calls: CallTracker | None) -> None:
         self.metrics = metrics
+        self.calls = calls if not method.startswith(_NOT_DRAINED) else None
         self.method = method
         self.short = method.rsplit("/", 1)[-1]
         self.context = context
@@ -94,6 +98,8 @@ class _Call:
         _current.set(self.record)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.record.request_id),))
         metrics.in_progress.labels(self.short).inc()
+        if self.calls is not None:
+            self.calls.arrived()
 
     def __enter__(self) -> _Call:
         return self
@@ -121,6 +127,8 @@ class _Call:
         elapsed = time.monotonic() - self.started
         m = self.metrics
         m.in_progress.labels(self.short).dec()
+        if self.calls is not None:
+            self.calls.left()
         m.requests.labels(self.short, self.code).inc()
         m.latency.labels(self.short).observe(elapsed)
         images = self.record.images
@@ -143,8 +151,9 @@ class _Call:
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, calls: CallTracker | None = None) -> None:
         self.metrics = metrics
+        self.calls = calls
 
     async def intercept_service(
         self,
@@ -183,7 +192,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
     def _wrap_coroutine(self, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: Context) -> Any:
-            with _Call(self.metrics, method, context):
+            with _Call(self.metrics, method, context, self.calls):
                 return await behaviour(request, context)
 
         return observed
@@ -198,7 +207,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         handler's cleanup runs at once, not whenever its generator is collected."""
 
         async def observed(request: Any, context: Context) -> None:
-            with _Call(self.metrics, method, context):
+            with _Call(self.metrics, method, context, self.calls):
                 responses = behaviour(request, context)
                 try:
                     async for response in responses:

@@ -198,9 +198,11 @@ class SegmentationPipeline:
         self.effective_max_size(options)
         self.overlay_opacity(options)
 
-    def admit(self) -> AdmissionSlot:
-        """A queue place, or the refusal a caller should hear now (shutting down, loading, queue full)."""
-        if self.draining:
+    def admit(self, *, admitted_before_drain: bool = False) -> AdmissionSlot:
+        """A queue place, or the refusal a caller should hear now (shutting down, loading, queue full).
+        `admitted_before_drain`: an image of a call that began before the drain (a stream's next frame),
+        which the drain lets finish like any admitted call."""
+        if self.draining and not admitted_before_drain:
             raise NotReady("server is shutting down; retry on another replica")
         if not self.ready or self._batcher is None or self.runtime is None:
             raise NotReady("model is still loading")

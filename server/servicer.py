@@ -71,6 +71,10 @@ async def _read(context: Context) -> Any:
     return None if message is grpc.aio.EOF else message  # type: ignore[attr-defined]  # EOF: not in the stubs
 
 
+async def _refuse(pipeline: SegmentationPipeline) -> None:
+    pipeline.admit().release()  # raises the refusal a caller should hear now
+
+
 class SegmenterServicer(pb_grpc.SegmenterServicer):
     def __init__(self, pipeline: SegmentationPipeline) -> None:
         self.pipeline = pipeline
@@ -93,6 +97,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     ) -> AsyncIterator[pb.SegmentResponse]:
         pipeline = self.pipeline
         deadline = _deadline(context)
+        if pipeline.draining:  # refused whole, before any answer, so the client retries it on another replica
+            await _guarded(context, _refuse(pipeline))
         # Never more than the queue admits, so a lone stream is never refused for its own items.
         window: StreamWindow[pb.SegmentResponse] = StreamWindow(
             min(STREAM_WINDOW, pipeline.settings.max_queue), pipeline.streams
@@ -101,7 +107,8 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
 
         async def one(place: Place[pb.SegmentResponse], request: pb.SegmentRequest) -> None:
             try:
-                place.admission = pipeline.admit()
+                # A stream that was open when the drain began is an admitted call: it is served to its end.
+                place.admission = pipeline.admit(admitted_before_drain=True)
                 response = await self._segment(
                     request.id, request.image, converters.options_from_proto(request.options), deadline, place.admission
                 )

@@ -8,12 +8,25 @@ a few minutes on two cores. Training is deterministic and runs once: the state_d
 keyed by a hash of this file, and reused by every later test run.
 
     python -m tests.known_model        # train now (CI does this before pytest), print the cache path
+    SEGSERVE_KNOWN_MODEL_SEED=1 ...    # another model, cached apart: the suite must pass on it too
+
+Which numbers depend on the CPU, and which do not:
+- The weights, and so the model's score on any one shape, depend on the CPU: training is deterministic on
+  one CPU, but another CPU's kernels (AVX2 against AVX-512, say) sum in another order, and after a few
+  hundred steps the weights differ. Each class's score moved by several points between two such machines.
+- What the suite relies on does not. The gate (MIN_CLASS_IOU) holds for whatever weights come out, since
+  training goes on until it does, or fails loudly. Tests ask at most SHAPE_FLOOR of a shape against its
+  truth, well under the gate; everything finer is judged against the same model's own answer through the
+  reference path or through the server on the same pixels (equal label maps, equal shares), which holds on
+  any CPU. known_scores() gives the gate scores this CPU's model reached, for tests that judge relative
+  to them.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -41,10 +54,18 @@ STD = (0.229, 0.224, 0.225)
 TRAIN_SHAPES = ((128, 128), (96, 128), (128, 96))  # (height, width): square, landscape and portrait batches
 TRAIN_STEPS = 320
 BATCH = 8
-# A sanity gate on the training, not the tests' bar (they set their own from measured scores): a broken
-# recipe (no BatchNorm recalibration, say) scores near 0, this one 0.81 here; another CPU's arithmetic
-# may land a little lower, and must not fail CI for it.
-MIN_MEAN_IOU = 0.7
+# The training gate: every colour in both kinds must reach this mean IoU on the gate scenes, or training
+# goes on (EXTRA_ROUNDS of EXTRA_STEPS at a lower rate), and fails if it still does not. So a class that
+# one CPU's arithmetic left weak fails here, not in some test.
+MIN_CLASS_IOU = 0.75
+EXTRA_ROUNDS = 3
+EXTRA_STEPS = 120
+# What a mask-judging test may ask of one shape through a correct pipeline, against its drawn truth: far under
+# what the gate guarantees for its class, far over what the bugs those tests exist for give (colours swapped
+# as BGR: ~0; an EXIF turn missed: under 0.1; the mask of a neighbouring video frame: ~0.3).
+SHAPE_FLOOR = 0.5
+GATE_SEED = 777
+GATE_SCENES = 36
 
 
 @dataclass(frozen=True)
@@ -129,9 +150,12 @@ def _batch(rng: np.random.Generator, height: int, width: int) -> tuple[torch.Ten
         *(render_scene(width, height, random_shapes(rng), seed=int(rng.integers(2**31))) for _ in range(BATCH)),
         strict=True,
     )
+    return _normalised(images), torch.from_numpy(np.stack(labels)).long()
+
+
+def _normalised(images: list[np.ndarray] | tuple[np.ndarray, ...]) -> torch.Tensor:
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    return x, torch.from_numpy(np.stack(labels)).long()
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
 def build_model() -> nn.Module:
@@ -152,30 +176,69 @@ def _recalibrate_batchnorm(model: nn.Module, rng: np.random.Generator, batches: 
     model.eval()
 
 
-def mean_iou_on_fresh_scenes(model: nn.Module, count: int = 24, seed: int = 12345) -> float:
-    rng = np.random.default_rng(seed)
-    scores = []
+def gate_scenes() -> list[tuple[np.ndarray, np.ndarray, tuple[Shape, ...]]]:
+    """Fixed scenes with every colour in both kinds, at the three training shapes: two shapes a scene, one in
+    each half, about the sizes the tests draw (0.15-0.24 of the shorter side)."""
+    rng = np.random.default_rng(GATE_SEED)
+    scenes: list[tuple[np.ndarray, np.ndarray, tuple[Shape, ...]]] = []
+    kinds = [(colour, kind) for colour in CLASS_OF for kind in ("disc", "box")]
+    for k in range(GATE_SCENES):
+        (left_colour, left_kind), (right_colour, right_kind) = kinds[k % len(kinds)], kinds[(k * 5 + 1) % len(kinds)]
+        shapes = (
+            Shape(
+                left_colour,
+                left_kind,
+                float(rng.uniform(0.22, 0.32)),
+                float(rng.uniform(0.3, 0.7)),
+                float(rng.uniform(0.15, 0.24)),
+            ),
+            Shape(
+                right_colour,
+                right_kind,
+                float(rng.uniform(0.68, 0.78)),
+                float(rng.uniform(0.3, 0.7)),
+                float(rng.uniform(0.15, 0.24)),
+            ),
+        )
+        height, width = TRAIN_SHAPES[k % len(TRAIN_SHAPES)]
+        image, labels = render_scene(width, height, shapes, seed=GATE_SEED + k)
+        scenes.append((image, labels, shapes))
+    return scenes
+
+
+def predict(model: nn.Module, images: list[np.ndarray]) -> np.ndarray:
+    """The reference path: float32 eager torch on RGB uint8 images of one shape, normalised as the server does."""
     model.eval()
     with torch.inference_mode():
-        for _ in range(count // BATCH):
-            x, y = _batch(rng, 128, 128)
-            pred = model(x)["out"].argmax(1).numpy()
-            truth = y.numpy()
-            for p, t in zip(pred, truth, strict=True):
-                scores += [iou(p, t, cls) for cls in CLASS_OF.values() if (t == cls).any()]
-    return float(np.mean(scores))
+        return np.asarray(model(_normalised(images))["out"].argmax(1).numpy(), dtype=np.uint8)
 
 
-def train(steps: int = TRAIN_STEPS, seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
-    """Train from scratch; returns the state_dict and the mean IoU of the shape classes on unseen scenes."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model = build_model()
+def class_scores(model: nn.Module) -> dict[str, float]:
+    """Mean IoU of each colour and kind ("red disc", "blue box"...) over the gate scenes, one shape at a time."""
+    per: dict[str, list[float]] = {}
+    for image, truth, shapes in gate_scenes():
+        (pred,) = predict(model, [image])
+        height, width = truth.shape
+        for shape in shapes:
+            inside = _mask_of(shape, height, width)  # this shape alone: the other may share its colour
+            cls = CLASS_OF[shape.colour]
+            union = int(((pred == cls) & _half_of(shape, width)[None, :] | inside).sum())
+            hit = int(((pred == cls) & inside).sum())
+            per.setdefault(f"{shape.colour} {shape.kind}", []).append(hit / union)
+    return {name: float(np.mean(scores)) for name, scores in sorted(per.items())}
+
+
+def _half_of(shape: Shape, width: int) -> np.ndarray:
+    columns = np.arange(width) + 0.5
+    return np.asarray(columns < width / 2 if shape.cx < 0.5 else columns >= width / 2)
+
+
+def _fit(model: nn.Module, rng: np.random.Generator, steps: int, max_lr: float, started: float) -> None:
+    """One cycle of training: warm up to max_lr, then anneal."""
     model.train()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=max_lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=max_lr, total_steps=steps, pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss()
-    started = time.monotonic()
     for step in range(steps):
         height, width = TRAIN_SHAPES[step % len(TRAIN_SHAPES)]
         x, y = _batch(rng, height, width)
@@ -186,14 +249,44 @@ def train(steps: int = TRAIN_STEPS, seed: int = 0) -> tuple[dict[str, torch.Tens
         schedule.step()
         if step % 40 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.3f (%.0f s)", step + 1, steps, loss.item(), time.monotonic() - started)
+
+
+def train(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train from scratch until every colour and kind passes the gate; returns the state_dict and the
+    gate scores (class_scores). Raises when extra rounds do not get the weakest class through."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_model()
+    started = time.monotonic()
+    _fit(model, rng, TRAIN_STEPS, 2e-3, started)
     _recalibrate_batchnorm(model, rng)
-    return model.state_dict(), mean_iou_on_fresh_scenes(model)
+    scores = class_scores(model)
+    for extra in range(EXTRA_ROUNDS):
+        weakest = min(scores, key=scores.__getitem__)
+        if scores[weakest] >= MIN_CLASS_IOU:
+            break
+        log.info("gate: %s at %.3f, under %.2f; extra round %d of %d", weakest, scores[weakest], MIN_CLASS_IOU,
+                 extra + 1, EXTRA_ROUNDS)  # fmt: skip
+        _fit(model, rng, EXTRA_STEPS, 5e-4, started)
+        _recalibrate_batchnorm(model, rng)
+        scores = class_scores(model)
+    weakest = min(scores, key=scores.__getitem__)
+    if scores[weakest] < MIN_CLASS_IOU:
+        raise RuntimeError(
+            f"the known-answer model's {weakest} scores {scores[weakest]:.3f} on the gate scenes, under {MIN_CLASS_IOU}"
+        )
+    return model.state_dict(), scores
+
+
+def training_seed() -> int:
+    """SEGSERVE_KNOWN_MODEL_SEED trains another model (the suite must pass on any that passes the gate)."""
+    return int(os.environ.get("SEGSERVE_KNOWN_MODEL_SEED", "0"))
 
 
 def cache_key() -> str:
-    """Changes whenever the training code (this file) or the torch version changes."""
-    digest = hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()
-    return digest[:16]
+    """Changes whenever the training code (this file), the seed or the torch version changes."""
+    material = Path(__file__).read_bytes() + torch.__version__.encode() + str(training_seed()).encode()
+    return hashlib.sha256(material).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -204,7 +297,8 @@ def cache_dir() -> Path:
 
 
 def known_weights() -> Path:
-    """The trained state_dict's path, training it first if no cached copy exists (one process at a time)."""
+    """The trained state_dict's path, training it first if no cached copy exists (one process at a time).
+    Its gate scores lie beside it (known_scores)."""
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"known-model-{cache_key()}.pt"
@@ -217,16 +311,20 @@ def known_weights() -> Path:
         threads = torch.get_num_threads()
         torch.set_num_threads(min(2, os.cpu_count() or 2))
         try:
-            state, score = train()
+            state, scores = train(training_seed())
         finally:
             torch.set_num_threads(threads)
-        if score < MIN_MEAN_IOU:
-            raise RuntimeError(f"the known-answer model trained to a mean IoU of {score:.2f}, below {MIN_MEAN_IOU}")
-        log.info("known-answer model: mean IoU %.3f on unseen scenes; cached at %s", score, path)
+        log.info("known-answer model: gate scores %s; cached at %s", json.dumps(scores), path)
+        path.with_suffix(".json").write_text(json.dumps(scores, indent=1))
         partial = path.with_suffix(".tmp")
         torch.save(state, partial)
         os.replace(partial, path)  # readers never see half a file
     return path
+
+
+def known_scores() -> dict[str, float]:
+    """The cached model's own IoU on the gate scenes, per colour and kind: what this CPU's training gave."""
+    return dict(json.loads(known_weights().with_suffix(".json").read_text()))
 
 
 if __name__ == "__main__":

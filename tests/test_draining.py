@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -20,15 +22,19 @@ GRACE_S = 30.0
 IN_FLIGHT = 6
 
 
-def in_progress(metrics_port: int) -> float:
+def metric(metrics_port: int, name: str, **labels: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "segserve_requests_in_progress" and sample.labels.get("method") == "Segment"
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def in_progress(metrics_port: int) -> float:
+    return metric(metrics_port, "segserve_requests_in_progress", method="Segment")
 
 
 @pytest.mark.slow
@@ -96,3 +102,80 @@ def test_sigterm_under_load_drains_in_flight_refuses_new_and_exits_zero() -> Non
     assert exited_after < GRACE_S, f"took {exited_after:.1f}s"
     assert "Traceback" not in output and "shutting down" in output
     print(f"drain: {len(refusals)} new calls refused; exit {exited_after:.2f}s after SIGTERM")
+
+
+def frames_then(before: list[bytes], signalled: threading.Event, after: list[bytes]) -> Iterator[pb.SegmentRequest]:
+    """A stream's requests: some before the signal, the rest once the server has stopped saying SERVING."""
+    for i, image in enumerate(before):
+        yield pb.SegmentRequest(id=f"before-{i}", image=image)
+    signalled.wait(60)
+    for i, image in enumerate(after):
+        yield pb.SegmentRequest(id=f"after-{i}", image=image)
+
+
+def chunks_then(image: bytes, signalled: threading.Event) -> Iterator[pb.ImageChunk]:
+    """An upload's chunks: the first half before the signal, the rest once the drain has begun."""
+    half = len(image) // 2
+    yield pb.ImageChunk(id="upload", data=image[: half // 2])
+    yield pb.ImageChunk(data=image[half // 2 : half])
+    signalled.wait(60)
+    yield pb.ImageChunk(data=image[half:])
+
+
+def drain_begun(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 30
+    while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "the server never left SERVING"
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["stream", "upload"])
+def test_sigterm_in_the_middle_of_a_stream_or_an_upload_lets_it_finish(kind: str) -> None:
+    """A call that began before SIGTERM is admitted: a stream's later frames and an upload's later chunks
+    are served too, while a call begun after it is refused with UNAVAILABLE."""
+    metrics_port = free_port()
+    process, target = start_server(
+        "--weights", "random", "--no-warmup", "--max-size", "64", "--metrics-port", str(metrics_port),
+        env={"SEGSERVE_GRACE_PERIOD_S": str(GRACE_S)},
+    )  # fmt: skip
+    image = encode(photo_like(320, 240), "JPEG")
+    signalled = threading.Event()
+    try:
+        wait_for_status(target, health_pb2.HealthCheckResponse.SERVING, timeout=120)
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.SegmenterStub(channel)
+            if kind == "stream":
+                call = stub.SegmentStream(frames_then([image] * 3, signalled, [image] * 3), timeout=60)
+                first = next(call)  # the stream is under way: admitted
+            else:
+                upload = stub.SegmentUpload.future(chunks_then(image, signalled), timeout=60)
+                deadline = time.monotonic() + 30
+                while metric(metrics_port, "segserve_upload_bytes_in_flight") == 0:  # admitted, part read
+                    assert time.monotonic() < deadline, "the upload never started"
+                    time.sleep(0.01)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            drain_begun(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Segment(pb.SegmentRequest(id="new", image=image), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            signalled.set()
+            if kind == "stream":
+                answers = [first, *call]
+                expected = [f"before-{i}" for i in range(3)] + [f"after-{i}" for i in range(3)]
+                assert sorted(a.id for a in answers) == sorted(expected)  # a stream answers as images are done
+                assert all(not a.HasField("error") and a.width == 320 for a in answers), answers
+            else:
+                result = upload.result(timeout=30)
+                assert result.id == "upload" and result.width == 320 and result.mask_png
+        output, _ = process.communicate(timeout=GRACE_S)
+        exited_after = time.monotonic() - started
+    finally:
+        signalled.set()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert exited_after < GRACE_S / 2, f"took {exited_after:.1f}s"
+    assert "Traceback" not in output and "drained in" in output, output

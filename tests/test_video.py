@@ -24,16 +24,15 @@ from PIL import Image
 from client import AsyncSegmentClient, SegmentClient
 from client.frames import FrameResult
 from client.video import probe, read_frames
-from tests.known_model import CLASS_OF, iou
+from tests.known_model import CLASS_OF, SHAPE_FLOOR, iou
 from tests.video_clips import centroid_x, shapes_frames, write_shapes_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 RED = CLASS_OF["red"]
 FRAMES = 24
-# The known-answer model scores 0.73-0.92 on these discs (lossless frames, per frame); H.264 and JPEG cost
-# a little more. A mask of the wrong frame scores ~0.3: the disc hops ~24 px from frame to frame.
-MIN_IOU = 0.65
-MIN_MEAN_IOU = 0.75
+# A mask of the wrong frame scores ~0.3 against the frame's disc (it hops ~24 px from frame to frame), and
+# lands its centroid 18 px or more off; the known-answer model scores well over SHAPE_FLOOR on any CPU.
+MIN_IOU = SHAPE_FLOOR
 # VOC palette colour of class 15, "person".
 PERSON_RGB = (192, 128, 128)
 
@@ -52,7 +51,7 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
 
 def assert_masks_follow_the_disc(masks: list[np.ndarray], truths: list[np.ndarray]) -> None:
     scores = [iou(mask, truth, RED) for mask, truth in zip(masks, truths, strict=True)]
-    assert min(scores) >= MIN_IOU and np.mean(scores) >= MIN_MEAN_IOU, scores
+    assert min(scores) >= MIN_IOU, scores
     xs = [centroid_x(mask, RED) for mask in masks]
     drawn = [centroid_x(truth, RED) for truth in truths]
     # Within 5 px of where it was drawn, every frame; the disc hops 18 px or more between frames.
