@@ -28,11 +28,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from client import AsyncSegmentClient, SegmentClient, SegmentError
-from client.channel import channel_options
-from tests.conftest import encode, photo_like
+from client.channel import HEALTH_SERVICE, channel_options
+from tests.conftest import ServerThread, encode, make_settings, photo_like
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -347,3 +348,42 @@ def test_draining_replica_costs_no_request(replicas: list[Replica]) -> None:
     found = re.search(r"SIGTERM received; requests in flight: (\d+)", victim.log.read_text(errors="replace"))
     assert found, f"SIGTERM never reached the replica\n{victim.log_tail()}"
     assert int(found[1]) > 0, victim.log_tail()
+
+
+# ---- client-side health checking: a replica that says NOT_SERVING gets no calls ---------------------------
+
+
+def images_through(server: ServerThread) -> int:
+    return sum(size * count for size, count in enumerate(server.app.pipeline.batch_size_counts, start=1))
+
+
+def set_health(server: ServerThread, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    server.call(server.app.health.set(HEALTH_SERVICE, status))
+
+
+def test_the_client_sends_nothing_to_a_replica_that_says_not_serving() -> None:
+    """A draining replica says NOT_SERVING before anything else; the client must stop picking it then,
+    not only once its listener closes, or calls keep landing on it until the very end of the drain."""
+    first, second = ServerThread(make_settings()), ServerThread(make_settings())
+    try:
+        set_health(first, health_pb2.HealthCheckResponse.NOT_SERVING)
+        with SegmentClient(f"ipv4:{first.target},{second.target}", timeout=30) as client:
+            for i in range(12):
+                client.segment(IMAGE, image_id=f"img-{i}")
+            assert images_through(first) == 0
+            assert images_through(second) == 12
+            set_health(second, health_pb2.HealthCheckResponse.NOT_SERVING)
+            set_health(first, health_pb2.HealthCheckResponse.SERVING)
+            time.sleep(0.2)  # health watches carry the change
+            for i in range(6):
+                client.segment(IMAGE, image_id=f"back-{i}")
+            assert images_through(first) == 6
+            set_health(first, health_pb2.HealthCheckResponse.NOT_SERVING)
+            time.sleep(0.2)
+            with pytest.raises(SegmentError) as refused:
+                client.segment(IMAGE)
+    finally:
+        first.stop()
+        second.stop()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "no replica is serving" in refused.value.message, refused.value.message
