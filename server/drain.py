@@ -36,14 +36,18 @@ class CallTracker:
 
     async def settled(self, deadline: float) -> bool:
         """Waits until no call is in progress and callers have stopped arriving, or until `deadline`
-        (time.monotonic()). True when settled before the deadline."""
+        (time.monotonic()). True when settled before the deadline.
+
+        The quiet time counts from the drain's start at the earliest: calls that reached gRPC while the
+        event loop was busy are seen only once it runs again, and they must be answered, not cancelled."""
+        began = time.monotonic()
         while self.active > 0:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(POLL_S)
         lull_deadline = min(deadline, time.monotonic() + MAX_LULL_WAIT_S)
         while time.monotonic() < lull_deadline:
-            if self.active == 0 and time.monotonic() - self.last_arrival >= QUIET_S:
+            if self.active == 0 and time.monotonic() - max(self.last_arrival, began) >= QUIET_S:
                 return True
             await asyncio.sleep(POLL_S)
         return self.active == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from tests.conftest import encode, photo_like
+from tests.conftest import ServerThread, encode, make_settings, photo_like
 from tests.test_lifecycle import free_port, start_server, wait_for_status
 
 GRACE_S = 30.0
@@ -179,3 +180,29 @@ def test_sigterm_in_the_middle_of_a_stream_or_an_upload_lets_it_finish(kind: str
     assert process.returncode == 0, output
     assert exited_after < GRACE_S / 2, f"took {exited_after:.1f}s"
     assert "Traceback" not in output and "drained in" in output, output
+
+
+def test_calls_that_wait_for_a_busy_event_loop_are_refused_not_cancelled() -> None:
+    """The cause of the CANCELLED seen in the scaling test: calls that had reached gRPC while the server's
+    event loop was busy, not yet handed to a handler, were cancelled by gRPC's stop. They must instead be
+    answered, with UNAVAILABLE (retried elsewhere by clients), since stop now waits for callers to stop."""
+    server = ServerThread(make_settings())
+    image = encode(photo_like(64, 48))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.SegmenterStub(channel)
+        stub.Segment(pb.SegmentRequest(image=image), timeout=30)  # connected and warm
+
+        async def busy_then_stop() -> None:
+            time.sleep(0.5)  # blocks the loop, as a busy moment does, while the calls below arrive
+            await server.app.stop(10)
+
+        stopping = asyncio.run_coroutine_threadsafe(busy_then_stop(), server.loop)
+        time.sleep(0.1)
+        calls = [stub.Segment.future(pb.SegmentRequest(id=str(i), image=image), timeout=30) for i in range(5)]
+        codes = [call.code() for call in calls]
+        stopping.result(30)
+    server.loop.call_soon_threadsafe(server.loop.stop)
+    server.thread.join(10)
+    assert grpc.StatusCode.CANCELLED not in codes, codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert grpc.StatusCode.UNAVAILABLE in codes, f"no call arrived during the drain: {codes}"
