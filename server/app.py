@@ -13,9 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # health.aio, spelled so type checkers find it
 from grpc_reflection.v1alpha import reflection
 
+from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
+from server import inference_grpc
 from server.errors import ModelLoadError
+from server.inference import InferenceModel
 from server.interceptor import ObservingInterceptor
 from server.metrics import Metrics
 from server.pipeline import SegmentationPipeline
@@ -25,6 +28,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
+SERVED_SERVICES = (SERVICE_NAME, inference_grpc.SERVICE_NAME)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
@@ -56,7 +60,7 @@ class App:
             self.metrics.close()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for service in ("", SERVICE_NAME):
+        for service in ("", *SERVED_SERVICES):
             await self.health.set(service, status)
 
 
@@ -100,12 +104,17 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     metrics.watch(pipeline)
     server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics)])
     pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
+    inference_model = InferenceModel(pipeline)
+    inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        inference_grpc.InferenceServicer(inference_model), server
+    )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SERVICE_NAME):
+    for service in ("", *SERVED_SERVICES):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*SERVED_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
     )
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
