@@ -18,10 +18,12 @@ from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import inference_grpc
 from server.errors import ModelLoadError
+from server.http_server import HttpServer, create_http_server
 from server.inference import InferenceModel
 from server.interceptor import ObservingInterceptor
 from server.metrics import Metrics
 from server.pipeline import SegmentationPipeline
+from server.rest import build_app
 from server.servicer import SegmenterServicer
 from server.settings import Settings
 
@@ -41,10 +43,17 @@ class App:
     health: HealthServicer
     metrics: Metrics | None = None
     metrics_port: int | None = None
+    http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
 
     async def start(self) -> None:
         """Starts answering at once (health NOT_SERVING), then loads and warms the model, then SERVING."""
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         log.info("listening on port %d; loading model", self.port)
         await self.pipeline.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -54,7 +63,10 @@ class App:
         self.pipeline.draining = True  # calls that slip in before the listener closes are refused too
         await self.health.enter_graceful_shutdown()
         grace = self.pipeline.settings.grace_period_s if grace is None else grace
+        http_stopped = asyncio.create_task(self.http.stop()) if self.http else None
         await self.server.stop(grace)
+        if http_stopped is not None:
+            await http_stopped
         await self.pipeline.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -120,7 +132,8 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
-    return App(server, port, pipeline, health_servicer, metrics, metrics_port)
+    http = create_http_server(build_app(inference_model, metrics), settings)
+    return App(server, port, pipeline, health_servicer, metrics, metrics_port, http)
 
 
 async def serve(settings: Settings) -> int:

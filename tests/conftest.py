@@ -63,6 +63,7 @@ def make_settings(**overrides: object) -> Settings:
         "max_size": TEST_MAX_SIZE,
         "grace_period_s": 1.0,
         "metrics_port": 0,
+        "http_port": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
