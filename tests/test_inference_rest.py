@@ -111,7 +111,9 @@ def test_tritonclient_http_errors(triton: Any, images: list[bytes]) -> None:
 def test_json_tensors_with_httpx(base: str, images: list[bytes], segment_masks: list[Any]) -> None:
     """A plain JSON request: IMAGE as base64, outputs as JSON (PNGs base64, CLASSES as text)."""
     body = {
-        "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(images[1]).decode()]}],
+        "inputs": [
+            {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(images[1]).decode()]}
+        ],
         "outputs": [{"name": "MASK"}, {"name": "MASK_PNG"}, {"name": "CLASSES"}],
     }
     answer = httpx.post(f"http://{base}/v2/models/{MODEL_NAME}/infer", json=body, timeout=60)
@@ -134,7 +136,17 @@ def test_v1_segment_with_curl_raw_multipart_and_json(
     photo.write_bytes(images[0])
     mask = tmp_path / "mask.png"
     subprocess.run(
-        [curl, "-sf", "--data-binary", f"@{photo}", "-H", "Content-Type: image/png", f"http://{base}/v1/segment", "-o", str(mask)],
+        [
+            curl,
+            "-sf",
+            "--data-binary",
+            f"@{photo}",
+            "-H",
+            "Content-Type: image/png",
+            f"http://{base}/v1/segment",
+            "-o",
+            str(mask),
+        ],
         check=True,
         timeout=60,
     )
@@ -200,13 +212,27 @@ def test_hostile_http_requests_get_clear_statuses(base: str, images: list[bytes]
             413,
             "at most",
         ),
-        (httpx.post(f"http://{base}/v1/segment?max_size=3", content=images[0], headers={"content-type": "image/png"}), 400, "max_size"),
+        (
+            httpx.post(
+                f"http://{base}/v1/segment?max_size=3", content=images[0], headers={"content-type": "image/png"}
+            ),
+            400,
+            "max_size",
+        ),
     ]
     raw = tensors.to_raw([images[0]])
-    header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw) + 5}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw) + 5}}
+            ]
+        }
+    ).encode()
     cases.append(
         (
-            httpx.post(url, content=header + raw, headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60),
+            httpx.post(
+                url, content=header + raw, headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60
+            ),
             400,
             "runs past the body",
         )
@@ -223,7 +249,10 @@ def test_http_calls_are_counted_by_protocol(base: str, images: list[bytes], know
     assert metrics is not None
 
     def count(protocol: str, code: str) -> float:
-        return metrics.registry.get_sample_value("segserve_protocol_requests_total", {"protocol": protocol, "code": code}) or 0.0
+        return (
+            metrics.registry.get_sample_value("segserve_protocol_requests_total", {"protocol": protocol, "code": code})
+            or 0.0
+        )
 
     before = count("segment-http", "OK"), count("inference-http", "INVALID_ARGUMENT")
     httpx.post(f"http://{base}/v1/segment", content=images[0], headers={"content-type": "image/png"}, timeout=60)
