@@ -135,7 +135,7 @@ def test_tritonclient_grpc_stream_infer_answers_every_frame_in_order(
     for frame, segment in zip(frames, segment_masks, strict=False):
         assert_matches_segment(frame, [segment])
     bad = frames[-1]["error"]["message"]
-    assert "cannot decode image" in bad and "Traceback" not in bad
+    assert "cannot identify image format" in bad and "Traceback" not in bad
 
 
 def test_tritonclient_grpc_errors_say_what_is_wrong(triton: dict[str, Any]) -> None:
@@ -253,7 +253,7 @@ def test_hostile_tensors_are_refused_with_one_sentence(
     code, details = _status(infer([queue + 1], [tensors.to_raw([image] * (queue + 1))]))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"can never fit the queue of {queue}" in details
     code, details = _status(infer([1], [tensors.to_raw([b"junk"])]))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cannot decode image" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cannot identify image format" in details
     # and the server keeps serving
     assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
 
@@ -308,6 +308,6 @@ def test_grpcurl_lists_and_describes_the_inference_service(known_server: ServerT
     ready = json.loads(grpcurl(known_server.target, "inference.GRPCInferenceService/ServerReady"))
     assert ready == {"ready": True}
     health = grpcurl(
-        known_server.target, "grpc.health.v1.Health/Check", "-d", '{"service": "inference.GRPCInferenceService"}'
+        "-d", '{"service": "inference.GRPCInferenceService"}', known_server.target, "grpc.health.v1.Health/Check"
     )
     assert json.loads(health) == {"status": "SERVING"}
