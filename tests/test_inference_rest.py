@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,15 @@ def test_hostile_http_requests_get_clear_statuses(base: str, images: list[bytes]
             "max_size",
         ),
     ]
+
+    def chunked(total: int) -> Iterator[bytes]:  # no Content-Length: the limit is found while reading
+        piece = 64 * 1024
+        for start in range(0, total, piece):
+            yield b"x" * min(piece, total - start)
+
+    response = httpx.post(url, content=chunked(settings.max_message_bytes + 1024), timeout=60)
+    assert "content-length" not in response.request.headers
+    cases.append((response, 413, "the body passed"))
     raw = tensors.to_raw([images[0]])
     header = json.dumps(
         {
