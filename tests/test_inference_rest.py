@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import shutil
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ from client import SegmentClient
 from server import tensors
 from tests.conftest import ServerThread, encode
 from tests.known_model import MODEL_NAME, Shape, render_scene
+from tests.test_tls import issue, openssl
+from tests.test_tls import start as start_tls
 
 WIDTH, HEIGHT = 200, 150
 SCENES = (
@@ -268,3 +271,31 @@ def test_http_calls_are_counted_by_protocol(base: str, images: list[bytes], know
     httpx.post(f"http://{base}/v1/segment", content=images[0], headers={"content-type": "image/png"}, timeout=60)
     httpx.post(f"http://{base}/v2/models/{MODEL_NAME}/infer", json={"inputs": []}, timeout=60)
     assert (count("segment-http", "OK"), count("inference-http", "INVALID_ARGUMENT")) == (before[0] + 1, before[1] + 1)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, and a server and a client certificate it signed (as tests/test_tls.py makes them)."""
+    folder = tmp_path_factory.mktemp("certs")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=segserve-test-ca", cwd=folder)  # fmt: skip
+    issue("server", folder, "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    issue("client", folder, "extendedKeyUsage=clientAuth\n")
+    return folder
+
+
+def test_the_http_port_takes_the_grpc_tls_settings(certs: Path) -> None:
+    """TLS with a client CA on gRPC means HTTPS with client certificates on the HTTP port too."""
+    server = start_tls(certs, client_ca=True)
+    try:
+        url = f"https://localhost:{server.app.http_port}/v2/health/live"
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        context.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
+        assert httpx.get(url, verify=context, timeout=30).json() == {"live": True}
+        anonymous = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+            httpx.get(url, verify=anonymous, timeout=30)
+        with pytest.raises(httpx.HTTPError):  # plaintext to a TLS port
+            httpx.get(url.replace("https", "http"), timeout=30)
+    finally:
+        server.stop()
