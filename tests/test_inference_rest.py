@@ -299,3 +299,43 @@ def test_the_http_port_takes_the_grpc_tls_settings(certs: Path) -> None:
             httpx.get(url.replace("https", "http"), timeout=30)
     finally:
         server.stop()
+
+
+async def _hold_places(server: ServerThread) -> list[Any]:
+    return [server.app.pipeline.admit() for _ in range(server.settings.max_queue)]
+
+
+async def _give_back(slots: list[Any]) -> None:
+    for slot in slots:
+        slot.release()
+
+
+def test_a_full_queue_is_429_and_a_draining_server_503(
+    base: str, images: list[bytes], known_server: ServerThread
+) -> None:
+    held = known_server.call(_hold_places(known_server))
+    try:
+        full = httpx.post(
+            f"http://{base}/v1/segment", content=images[0], headers={"content-type": "image/png"}, timeout=60
+        )
+        body = {
+            "inputs": [
+                {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(images[0]).decode()]}
+            ]
+        }
+        full_infer = httpx.post(f"http://{base}/v2/models/{MODEL_NAME}/infer", json=body, timeout=60)
+    finally:
+        known_server.call(_give_back(held))
+    for response in (full, full_infer):
+        assert response.status_code == 429 and "server busy" in response.json()["error"]
+    pipeline = known_server.app.pipeline
+    pipeline.draining = True
+    try:
+        draining = httpx.post(
+            f"http://{base}/v1/segment", content=images[0], headers={"content-type": "image/png"}, timeout=60
+        )
+        ready = httpx.get(f"http://{base}/v2/health/ready", timeout=60)
+    finally:
+        pipeline.draining = False
+    assert draining.status_code == 503 and "shutting down" in draining.json()["error"]
+    assert ready.status_code == 503 and ready.json() == {"ready": False}
