@@ -122,7 +122,9 @@ class _Call:
         elapsed = time.monotonic() - self.started
         self.metrics.in_progress.labels(self.short).dec()
         protocol = next((p for prefix, p in _PROTOCOL_OF_SERVICE.items() if self.method.startswith(prefix)), None)
-        record_call(self.metrics, protocol or "other-grpc", self.short, self.code, elapsed, self.record, bool(protocol))
+        # Segmenter calls and inference calls get the log line; health probes, metadata and reflection do not.
+        logged = protocol == "segmenter-grpc" or self.short in _STREAM_METHODS or self.short == "ModelInfer"
+        record_call(self.metrics, protocol or "other-grpc", self.short, self.code, elapsed, self.record, logged)
 
 
 def record_call(

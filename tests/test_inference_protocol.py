@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -216,6 +217,26 @@ def test_only_the_requested_outputs_are_returned(
     assert [o.name for o in overlay.outputs] == ["OVERLAY_PNG"]
     (png,) = tensors.split_bytes_elements("OVERLAY_PNG", overlay.raw_output_contents[0], 1)
     assert Image.open(io.BytesIO(png)).size == (WIDTH, HEIGHT)
+
+
+def test_model_infer_writes_one_log_line_with_its_protocol(
+    stub: pb_grpc.GRPCInferenceServiceStub, scene_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="segserve.access")
+    tensor = pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])
+    request = pb.ModelInferRequest(
+        model_name=MODEL_NAME, inputs=[tensor], raw_input_contents=[tensors.to_raw([scene_files[0].read_bytes()])]
+    )
+    stub.ModelInfer(request, metadata=[("x-request-id", "oip-1")], timeout=60)
+    stub.ServerReady(pb.ServerReadyRequest(), metadata=[("x-request-id", "oip-2")], timeout=60)
+    lines = {
+        json.loads(r.getMessage())["request_id"]: json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "segserve.access"
+    }
+    assert lines["oip-1"]["protocol"] == "inference-grpc" and lines["oip-1"]["method"] == "ModelInfer"
+    assert lines["oip-1"]["width"] == WIDTH and lines["oip-1"]["status"] == "OK"
+    assert "oip-2" not in lines  # probes are counted, not logged
 
 
 def _status(call: Any) -> tuple[grpc.StatusCode, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import shutil
 import ssl
 import subprocess
@@ -339,3 +340,28 @@ def test_a_full_queue_is_429_and_a_draining_server_503(
         pipeline.draining = False
     assert draining.status_code == 503 and "shutting down" in draining.json()["error"]
     assert ready.status_code == 503 and ready.json() == {"ready": False}
+
+
+def test_calls_on_both_new_doors_write_one_log_line_with_their_protocol(
+    base: str, images: list[bytes], known_server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="segserve.access")
+    headers = {"content-type": "image/png", "x-request-id": "rest-1"}
+    segmented = httpx.post(f"http://{base}/v1/segment", content=images[0], headers=headers, timeout=60)
+    assert segmented.headers["x-request-id"] == "rest-1"
+    body = {
+        "inputs": [
+            {"name": "IMAGE", "datatype": "BYTES", "shape": [2], "data": [base64.b64encode(i).decode() for i in images]}
+        ]
+    }
+    httpx.post(f"http://{base}/v2/models/{MODEL_NAME}/infer", json=body, headers={"x-request-id": "rest-2"}, timeout=60)
+    httpx.get(f"http://{base}/v2/health/ready", headers={"x-request-id": "rest-3"}, timeout=60)
+    lines = {
+        json.loads(r.getMessage())["request_id"]: json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "segserve.access"
+    }
+    assert lines["rest-1"]["protocol"] == "segment-http" and lines["rest-1"]["width"] == WIDTH
+    assert lines["rest-2"]["protocol"] == "inference-http" and lines["rest-2"]["images"] == 2
+    assert lines["rest-2"]["status"] == "OK"
+    assert "rest-3" not in lines  # probes are counted, not logged
