@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -108,6 +109,36 @@ class InferenceModel:
     @property
     def ready(self) -> bool:
         return self.pipeline.ready and not self.pipeline.draining
+
+    def statistics_report(self) -> dict[str, Any]:
+        """Triton's ModelStatistics for this model, as the JSON its REST extension answers (the gRPC door
+        parses the same dict into its message)."""
+        s = self.statistics
+        batches = self.pipeline.batch_size_counts
+
+        def duration(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
+        return {
+            "name": self.name,
+            "version": MODEL_VERSION,
+            "last_inference": s.last_inference_ms,
+            "inference_count": s.images,
+            "execution_count": sum(batches),
+            "inference_stats": {
+                "success": duration(s.success_count, s.success_ns),
+                "fail": duration(s.fail_count, s.fail_ns),
+                "queue": duration(s.images, s.queue_ns),
+                "compute_input": duration(s.images, s.compute_input_ns),
+                "compute_infer": duration(s.images, s.compute_infer_ns),
+                "compute_output": duration(s.images, s.compute_output_ns),
+            },
+            "batch_stats": [
+                {"batch_size": size, "compute_infer": duration(count, 0)}
+                for size, count in enumerate(batches, start=1)
+                if count
+            ],
+        }
 
     def check_model(self, name: str, version: str = "") -> None:
         if name != self.name:

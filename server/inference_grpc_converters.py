@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from google.protobuf import json_format
+
 from protos.inference import grpc_predict_v2_pb2 as pb
 from server import inference, tensors
 from server.errors import InvalidTensor
@@ -125,30 +127,5 @@ def config_to_proto(model: InferenceModel) -> pb.ModelConfig:
     )
 
 
-def _duration(count: int, ns: int) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=count, ns=ns)
-
-
 def statistics_to_proto(model: InferenceModel) -> pb.ModelStatistics:
-    s = model.statistics
-    batches = model.pipeline.batch_size_counts
-    return pb.ModelStatistics(
-        name=model.name,
-        version=inference.MODEL_VERSION,
-        last_inference=s.last_inference_ms,
-        inference_count=s.images,
-        execution_count=sum(batches),
-        inference_stats=pb.InferStatistics(
-            success=_duration(s.success_count, s.success_ns),
-            fail=_duration(s.fail_count, s.fail_ns),
-            queue=_duration(s.images, s.queue_ns),
-            compute_input=_duration(s.images, s.compute_input_ns),
-            compute_infer=_duration(s.images, s.compute_infer_ns),
-            compute_output=_duration(s.images, s.compute_output_ns),
-        ),
-        batch_stats=[
-            pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(count, 0))
-            for size, count in enumerate(batches, start=1)
-            if count
-        ],
-    )
+    return json_format.ParseDict(model.statistics_report(), pb.ModelStatistics())

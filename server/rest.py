@@ -127,9 +127,11 @@ class RestApp:
             ("/v2/health/live", "GET", "ServerLive", self.live),
             ("/v2/health/ready", "GET", "ServerReady", self.ready),
             ("/v2/repository/index", "POST", "RepositoryIndex", self.repository_index),
+            ("/v2/models/stats", "GET", "ModelStatistics", self.model_statistics),  # before /v2/models/{model}
             *[(p, "GET", "ModelMetadata", self.model_metadata) for p in (m, v)],
             *[(p + "/ready", "GET", "ModelReady", self.model_ready) for p in (m, v)],
             *[(p + "/config", "GET", "ModelConfig", self.model_config) for p in (m, v)],
+            *[(p + "/stats", "GET", "ModelStatistics", self.model_statistics) for p in (m, v)],
             *[(p + "/infer", "POST", "ModelInfer", self.infer) for p in (m, v)],
             ("/v1/segment", "POST", "Segment", self.segment),
         ]
@@ -208,6 +210,11 @@ class RestApp:
     async def model_config(self, request: Request) -> Response:
         self._model(request)
         return JSONResponse(converters.config_to_http(self.model))
+
+    async def model_statistics(self, request: Request) -> Response:
+        if "model" in request.path_params:  # /v2/models/stats: every model
+            self._model(request)
+        return JSONResponse({"model_stats": [self.model.statistics_report()]})
 
     async def repository_index(self, request: Request) -> Response:
         state = "READY" if self.model.ready else "LOADING"

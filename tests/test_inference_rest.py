@@ -76,6 +76,11 @@ def test_tritonclient_http_health_metadata_and_config(triton: Any, known_server:
     config = triton.get_model_config(MODEL_NAME)
     assert config["max_batch_size"] == known_server.settings.max_queue
     assert config["dynamic_batching"]["preferred_batch_size"] == [known_server.settings.max_batch_size]
+    (stats,) = triton.get_inference_statistics(MODEL_NAME)["model_stats"]
+    assert stats["name"] == MODEL_NAME and stats["version"] == "1"
+    assert triton.get_inference_statistics()["model_stats"] == [
+        triton.get_inference_statistics(MODEL_NAME)["model_stats"][0]
+    ]
 
 
 def test_tritonclient_http_infer_binary_mask_equals_segment(
