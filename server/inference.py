@@ -14,11 +14,13 @@ import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 import numpy as np
 
 from server.errors import InvalidTensor, SegservError, TooManyImages, UnknownModel
+from server.interceptor import ImageNote, note_image
 from server.pipeline import SegmentationPipeline, SegmentOptions, SegmentResult
 from server.tensors import BYTES, Tensor
 
@@ -187,7 +189,7 @@ class InferenceModel:
             admitted = [slots.enter_context(pipeline.admit()) for _ in images]
             tasks = [
                 asyncio.ensure_future(pipeline.segment(image, options, deadline, slot))
-                for image, slot in zip(list[bytes | np.ndarray](images), admitted, strict=True)
+                for image, slot in zip(images, admitted, strict=True)
             ]
             try:
                 results = await asyncio.gather(*tasks)
@@ -199,7 +201,7 @@ class InferenceModel:
         return InferResponse(self.name, MODEL_VERSION, request.id, outputs, list(results))
 
 
-def images_of(inputs: list[Tensor]) -> list[bytes] | list[np.ndarray]:
+def images_of(inputs: list[Tensor]) -> list[bytes | np.ndarray]:
     """The request's images: the elements of IMAGE, or the frames of PIXELS."""
     names = [tensor.name for tensor in inputs]
     unknown = [name for name in names if name not in (IMAGE, PIXELS)]
@@ -214,7 +216,7 @@ def images_of(inputs: list[Tensor]) -> list[bytes] | list[np.ndarray]:
         if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
             raise InvalidTensor(f"IMAGE must have shape [N] or [N,1], got {list(tensor.shape)}")
         assert isinstance(tensor.data, list)
-        images: list[bytes] | list[np.ndarray] = tensor.data
+        images: list[bytes | np.ndarray] = list(tensor.data)
     else:
         if tensor.datatype != "UINT8":
             raise InvalidTensor(f"PIXELS must be UINT8, got {tensor.datatype}")
@@ -276,6 +278,26 @@ def output_tensor(name: str, results: list[SegmentResult]) -> Tensor:
     if name == OVERLAY_PNG:
         return Tensor(OVERLAY_PNG, BYTES, (n,), [r.overlay_png or b"" for r in results])
     return Tensor(CLASSES, BYTES, (n,), [classes_json(r) for r in results])
+
+
+def note_response(request_id: str, response: InferResponse) -> None:
+    """Each image answered, into the current call's record (its log line and the per-stage metrics)."""
+    for result in response.results:
+        t = result.timing
+        stages = {
+            "preprocess": t.preprocess_ms,
+            "queue": t.queue_ms,
+            "inference": t.inference_ms,
+            "postprocess": t.postprocess_ms,
+        }
+        note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("segserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def classes_json(result: SegmentResult) -> bytes:

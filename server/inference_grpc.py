@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from importlib import metadata
 from typing import Any
 
 import grpc
@@ -16,7 +15,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server import inference
 from server import inference_grpc_converters as converters
 from server.errors import NotServed, SegservError
-from server.inference import InferenceModel, InferResponse
+from server.inference import InferenceModel, note_response
 from server.interceptor import Context, ImageNote, note_image
 from server.servicer import STREAM_WINDOW, _deadline, _guarded, _read
 
@@ -37,25 +36,6 @@ _NOT_SERVED = {
 }
 
 
-def _version() -> str:
-    try:
-        return metadata.version("segserve")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def note_response(request_id: str, response: InferResponse) -> None:
-    for result in response.results:
-        t = result.timing
-        stages = {
-            "preprocess": t.preprocess_ms,
-            "queue": t.queue_ms,
-            "inference": t.inference_ms,
-            "postprocess": t.postprocess_ms,
-        }
-        note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, model: InferenceModel) -> None:
         self.model = model
@@ -70,7 +50,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await _guarded(context, self._model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="segserve", version=_version(), extensions=inference.EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name="segserve", version=inference.server_version(), extensions=inference.EXTENSIONS
+        )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         return await _guarded(context, self._checked(request.name, request.version, converters.metadata_to_proto))

@@ -29,8 +29,7 @@ from server.errors import (
     SegservError,
     TooManyImages,
 )
-from server.inference import EXTENSIONS, MODEL_VERSION, InferenceModel
-from server.inference_grpc import _version, note_response
+from server.inference import EXTENSIONS, MODEL_VERSION, InferenceModel, note_response, server_version
 from server.interceptor import REQUEST_ID_KEY, ImageNote, note_image, record_call, start_record
 from server.metrics import Metrics
 from server.pipeline import SegmentOptions
@@ -186,7 +185,7 @@ class RestApp:
     # ---- health and metadata ------------------------------------------------------------------------------
 
     async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse({"name": "segserve", "version": _version(), "extensions": list(EXTENSIONS)})
+        return JSONResponse({"name": "segserve", "version": server_version(), "extensions": list(EXTENSIONS)})
 
     async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})

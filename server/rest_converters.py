@@ -84,6 +84,7 @@ def _base64(name: str, text: object, limit: int) -> bytes:
 def _shape(name: str, value: object) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
         raise InvalidTensor(f"{name}: shape must be a list of integers")
+    tensors.element_count(name, value)  # rank and signs checked before the data is looked at
     return tuple(value)
 
 

@@ -46,7 +46,12 @@ class Tensor:
     data: TensorData
 
 
+MAX_RANK = 8
+
+
 def element_count(name: str, shape: Sequence[int]) -> int:
+    if len(shape) > MAX_RANK:
+        raise InvalidTensor(f"{name}: shape has {len(shape)} dimensions; at most {MAX_RANK}")
     if any(dim < 0 for dim in shape):
         raise InvalidTensor(f"{name}: shape {list(shape)} has a negative dimension")
     return math.prod(shape)
