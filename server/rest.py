@@ -47,7 +47,8 @@ _STATUS_OF_CODE = {
     grpc.StatusCode.CANCELLED: 499,
 }
 _CODE_OF_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
-IMAGE_TYPES = ("image/", "application/octet-stream")
+# The body is the image: image/*, octet-stream, and curl's default for --data-binary (a form encoding by name only).
+IMAGE_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 JSON_TYPE = "application/json"
 
 

@@ -172,9 +172,27 @@ def test_v1_segment_with_curl_raw_multipart_and_json(
     assert [c["name"] for c in answer["classes"]] == [c.name for c in segment_masks[0].classes]
     png = base64.b64decode(answer["mask_png"])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), segment_masks[0].mask)
-    # curl's default Content-Type for --data-binary is a form encoding: refused, with a sentence
+    # the command as written: curl's default Content-Type for --data-binary (a form encoding) is taken
+    plain = tmp_path / "plain.png"
+    subprocess.run(
+        [curl, "-sf", "--data-binary", f"@{photo}", f"http://{base}/v1/segment", "-o", str(plain)],
+        check=True,
+        timeout=60,
+    )
+    assert np.array_equal(np.asarray(Image.open(plain)), segment_masks[0].mask)
+    # a Content-Type that is not an image is refused, with a sentence
     refused = subprocess.run(
-        [curl, "-s", "-w", "\n%{http_code}", "--data-binary", f"@{photo}", f"http://{base}/v1/segment"],
+        [
+            curl,
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "--data-binary",
+            f"@{photo}",
+            "-H",
+            "Content-Type: application/json",
+            f"http://{base}/v1/segment",
+        ],
         check=True,
         timeout=60,
         capture_output=True,
