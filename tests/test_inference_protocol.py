@@ -270,6 +270,25 @@ def test_hostile_tensors_are_refused_with_one_sentence(
         code, details = _status(call)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, (words, details)
         assert "\n" not in details and "Traceback" not in details
+
+    def typed(shape: list[int], contents: pb.InferTensorContents, datatype: str, name: str) -> Any:
+        tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape, contents=contents)
+        request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[tensor])
+        return lambda: stub.ModelInfer(request, timeout=60)
+
+    typed_cases = {
+        "1 values do not match shape [2]": typed([2], pb.InferTensorContents(bytes_contents=[image]), "BYTES", "IMAGE"),
+        "values outside UINT8": typed(
+            [1, 1, 1, 3], pb.InferTensorContents(uint_contents=[0, 300, 0]), "UINT8", "PIXELS"
+        ),
+        "PIXELS must have shape [N,H,W,3]": typed(
+            [1, 1, 3], pb.InferTensorContents(uint_contents=[0, 0, 0]), "UINT8", "PIXELS"
+        ),
+        "FP16 travels only in raw_input_contents": typed([1], pb.InferTensorContents(), "FP16", "IMAGE"),
+    }
+    for words, call in typed_cases.items():
+        code, details = _status(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, (words, details)
     queue = known_server.settings.max_queue
     code, details = _status(infer([queue + 1], [tensors.to_raw([image] * (queue + 1))]))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"can never fit the queue of {queue}" in details
