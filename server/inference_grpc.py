@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -119,7 +120,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tasks.remove(task)
                 yield response
                 window.release()
-            await reader
+            try:
+                await reader
+            except DecodeError as exc:  # bytes that are no ModelInferRequest: the caller's error, said once
+                error = f"a stream request could not be parsed: {exc}"
+            else:
+                return
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         finally:
             for task in tasks:
                 task.cancel()

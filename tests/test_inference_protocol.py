@@ -351,3 +351,25 @@ def test_grpcurl_lists_and_describes_the_inference_service(known_server: ServerT
         "-d", '{"service": "inference.GRPCInferenceService"}', known_server.target, "grpc.health.v1.Health/Check"
     )
     assert json.loads(health) == {"status": "SERVING"}
+
+
+def test_a_stream_request_that_is_no_protobuf_ends_the_stream_with_invalid_argument(
+    known_server: ServerThread, scene_files: list[Path]
+) -> None:
+    """The requests read before it are answered first; then the call ends at once with a status."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])
+    good = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        id="good",
+        inputs=[tensor],
+        raw_input_contents=[tensors.to_raw([scene_files[0].read_bytes()])],
+    ).SerializeToString()
+    answers: list[bytes] = []
+    with grpc.insecure_channel(known_server.target) as channel:
+        raw = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as info:
+            answers.extend(raw(iter([good, b"\xff\xff\xff not a protobuf"]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "could not be parsed" in (info.value.details() or "")
+    (answer,) = answers
+    assert pb.ModelStreamInferResponse.FromString(answer).infer_response.id == "good"
