@@ -21,6 +21,7 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from server import rest_converters as converters
+from server.buffers import UploadBudget
 from server.errors import (
     ImageTooLarge,
     InvalidOptions,
@@ -76,20 +77,24 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
+async def read_body(request: Request, limit: int, what: str, budget: UploadBudget) -> bytes:
     """The body, refused (413) as soon as it passes `limit`: by its Content-Length before reading, or while
-    reading a chunked one; never buffered past the limit."""
+    reading a chunked one; never buffered past the limit. While it arrives it counts against the upload
+    budget shared with SegmentUpload (SEGSERVE_UPLOAD_BUDGET_BYTES), so slow senders cannot hold more."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the body is {declared} bytes; {what} takes at most {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"the body passed {limit} bytes, the most {what} takes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    with budget.hold() as hold:
+        hold.check_room()
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the body passed {limit} bytes, the most {what} takes")
+            hold.add(len(chunk))
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def _int_query(request: Request, name: str) -> int:
@@ -237,7 +242,7 @@ class RestApp:
             if not header.isdigit():
                 raise converters.BadBody(f"Inference-Header-Content-Length must be a byte count, got {header!r}")
             header_length = int(header)
-        body = await read_body(request, limit, "an infer request (SEGSERVE_MAX_MESSAGE_BYTES)")
+        body = await read_body(request, limit, "an infer request (SEGSERVE_MAX_MESSAGE_BYTES)", self.pipeline.uploads)
         infer_request, binary = converters.request_from_http(
             request.path_params["model"],
             request.path_params.get("version", ""),
@@ -260,10 +265,12 @@ class RestApp:
         content_type = request.headers.get("content-type", "application/octet-stream").lower()
         limit = self.pipeline.limits.max_bytes
         if content_type.startswith("multipart/form-data"):
-            body = await read_body(request, limit + 64 * 1024, "an image upload (SEGSERVE_MAX_IMAGE_BYTES)")
+            body = await read_body(
+                request, limit + 64 * 1024, "an image upload (SEGSERVE_MAX_IMAGE_BYTES)", self.pipeline.uploads
+            )
             image = await _multipart_file(request, body)
         elif content_type.startswith(IMAGE_TYPES):
-            image = await read_body(request, limit, "an image (SEGSERVE_MAX_IMAGE_BYTES)")
+            image = await read_body(request, limit, "an image (SEGSERVE_MAX_IMAGE_BYTES)", self.pipeline.uploads)
         else:
             raise UnsupportedMediaType(
                 f"Content-Type {content_type.split(';')[0]} is not an image: send the image as the body "

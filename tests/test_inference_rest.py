@@ -11,7 +11,10 @@ import logging
 import shutil
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from client import SegmentClient
 from server import tensors
-from tests.conftest import ServerThread, encode
+from tests.conftest import ServerThread, encode, make_settings
 from tests.known_model import MODEL_NAME, Shape, render_scene
 from tests.test_tls import issue, openssl
 from tests.test_tls import start as start_tls
@@ -390,3 +393,35 @@ def test_calls_on_both_new_doors_write_one_log_line_with_their_protocol(
     assert lines["rest-2"]["protocol"] == "inference-http" and lines["rest-2"]["images"] == 2
     assert lines["rest-2"]["status"] == "OK"
     assert "rest-3" not in lines  # probes are counted, not logged
+
+
+def test_bodies_in_progress_share_the_upload_budget(images: list[bytes]) -> None:
+    """A slow sender holds what it sent against SEGSERVE_UPLOAD_BUDGET_BYTES, as a SegmentUpload would;
+    a body that would pass the budget meanwhile is refused with 429, and the bytes go back when done."""
+    budget = 1024 * 1024
+    server = ServerThread(make_settings(upload_budget_bytes=budget, warmup=False))
+    url = f"http://127.0.0.1:{server.app.http_port}/v1/segment"
+    pipeline = server.app.pipeline
+    go_on = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield images[0][:1000]
+        go_on.wait(30)
+        yield images[0][1000:]
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, url, content=slow_body(), headers={"content-type": "image/png"}, timeout=60)
+            deadline = time.monotonic() + 30
+            while pipeline.uploads.in_flight == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pipeline.uploads.in_flight == 1000
+            big = b"x" * (budget - 500)
+            refused = httpx.post(url, content=big, headers={"content-type": "image/png"}, timeout=60)
+            go_on.set()
+            assert slow.result().status_code == 200
+        assert refused.status_code == 429 and "SEGSERVE_UPLOAD_BUDGET_BYTES" in refused.json()["error"]
+        assert pipeline.uploads.in_flight == 0
+    finally:
+        go_on.set()
+        server.stop()
