@@ -253,6 +253,7 @@ def _parameter(parameters: Mapping[str, ParameterValue], name: str, kind: type) 
 
 
 def options_of(parameters: Mapping[str, ParameterValue], wanted: list[str]) -> SegmentOptions:
+    _parameter(parameters, "overlay", bool)  # read by requested_outputs; its type is checked here
     max_size = _parameter(parameters, "max_size", int)
     opacity = _parameter(parameters, "overlay_opacity", float)
     return SegmentOptions(

@@ -81,6 +81,9 @@ async def read_body(request: Request, limit: int, what: str, budget: UploadBudge
     """The body, refused (413) as soon as it passes `limit`: by its Content-Length before reading, or while
     reading a chunked one; never buffered past the limit. While it arrives it counts against the upload
     budget shared with SegmentUpload (SEGSERVE_UPLOAD_BUDGET_BYTES), so slow senders cannot hold more."""
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not taken; send the body uncompressed")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the body is {declared} bytes; {what} takes at most {limit}")

@@ -221,6 +221,8 @@ def test_hostile_http_requests_get_clear_statuses(base: str, images: list[bytes]
         (infer(image(["***"], [1])), 400, "not valid base64"),
         (infer(image([[[[one]]]], [1])), 400, "nested deeper than its shape"),
         (infer({"inputs": "x"}), 400, "needs an inputs list"),
+        (infer({**image([one], [1]), "parameters": {"overlay": "yes"}}), 400, "parameter overlay must be bool"),
+        (infer(image([one], [1]), headers={"content-encoding": "gzip"}), 415, "Content-Encoding gzip is not taken"),
         (infer(image([one], [1] * 9)), 400, "shape has 9 dimensions; at most 8"),
         (httpx.get(f"http://{base}/v2/models/{MODEL_NAME}/versions/2", timeout=60), 404, "its one version is '1'"),
         (infer(image([one] * (settings.max_queue + 1), [settings.max_queue + 1])), 413, "can never fit the queue"),
