@@ -11,7 +11,7 @@ TORCH := torch==2.9.1 torchvision==0.24.1
 else
 TORCH := torch==2.14.1 torchvision==0.29.1
 endif
-PROTO := protos/segserve/v1/segserve.proto
+PROTO := protos/segserve/v1/segserve.proto protos/inference/grpc_predict_v2.proto
 TARGET ?= localhost:50051
 
 .PHONY: install run server test lint format protos bench bench-smoke bench-video clean debug

@@ -14,19 +14,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # health.aio, spelled so type checkers find it
 from grpc_reflection.v1alpha import reflection
 
+from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
+from server import inference_grpc
 from server.drain import CallTracker
 from server.errors import ModelLoadError
+from server.http_server import HttpServer, create_http_server
+from server.inference import InferenceModel
 from server.interceptor import ObservingInterceptor
 from server.metrics import Metrics
 from server.pipeline import SegmentationPipeline
+from server.rest import build_app
 from server.servicer import SegmenterServicer
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
+SERVED_SERVICES = (SERVICE_NAME, inference_grpc.SERVICE_NAME)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 # What gRPC's own stop still waits for once the drain has settled: health watches, and a refusal or two
@@ -43,10 +49,17 @@ class App:
     metrics: Metrics | None = None
     metrics_port: int | None = None
     calls: CallTracker = field(default_factory=CallTracker)
+    http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
 
     async def start(self) -> None:
         """Starts answering at once (health NOT_SERVING), then loads and warms the model, then SERVING."""
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         log.info("listening on port %d; loading model", self.port)
         await self.pipeline.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -67,13 +80,17 @@ class App:
         log.info(
             "drained in %.2fs%s", time.monotonic() - started, "" if settled else f"; cancelling {left} calls still open"
         )
-        await self.server.stop(max(0.0, min(deadline - time.monotonic(), FINAL_STOP_GRACE_S)))
+        final_grace = max(0.0, min(deadline - time.monotonic(), FINAL_STOP_GRACE_S))
+        http_stopped = asyncio.create_task(self.http.stop()) if self.http else None
+        await self.server.stop(final_grace)
+        if http_stopped is not None:
+            await http_stopped
         await self.pipeline.close()
         if self.metrics is not None:
             self.metrics.close()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for service in ("", SERVICE_NAME):
+        for service in ("", *SERVED_SERVICES):
             await self.health.set(service, status)
 
 
@@ -118,18 +135,24 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     calls = CallTracker()
     server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics, calls)])
     pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
+    inference_model = InferenceModel(pipeline)
+    inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        inference_grpc.InferenceServicer(inference_model), server
+    )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SERVICE_NAME):
+    for service in ("", *SERVED_SERVICES):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*SERVED_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
     )
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
-    return App(server, port, pipeline, health_servicer, metrics, metrics_port, calls)
+    http = create_http_server(build_app(inference_model, metrics, calls), settings)
+    return App(server, port, pipeline, health_servicer, metrics, metrics_port, calls, http)
 
 
 async def serve(settings: Settings) -> int:

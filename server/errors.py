@@ -69,3 +69,27 @@ class UploadStalled(SegservError):
     UNAVAILABLE (which clients retry at once, and the same stalled sender would stall again)."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnknownModel(SegservError):
+    """A model name (or version) this server does not serve."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidTensor(SegservError):
+    """An inference-protocol request whose inputs, outputs or parameters break the model's tensor contract."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TooManyImages(SegservError):
+    """One request with more images than the queue admits at once: it could never be served."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotServed(SegservError):
+    """A protocol method segserve does not implement."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED

@@ -151,6 +151,22 @@ def decode_image(data: bytes, max_side: int, limits: Limits, keep_full: bool = F
     return DecodedImage(model_input=model_input, original_size=original_size, full_image=full)
 
 
+def image_from_pixels(pixels: np.ndarray, max_side: int, limits: Limits) -> DecodedImage:
+    """Decoded RGB pixels (height x width x 3, uint8) ready for the model: the same pixel limit and
+    shrinking as decode_image, for callers that hold frames rather than files."""
+    height, width = int(pixels.shape[0]), int(pixels.shape[1])
+    if width == 0 or height == 0:
+        raise InvalidImage(f"image is {width}x{height} pixels; both sides must be at least 1")
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} pixels"
+        )
+    rgb = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    model_size = fit_within((width, height), max_side)
+    model_input = rgb if rgb.size == model_size else rgb.resize(model_size, Image.Resampling.BILINEAR)
+    return DecodedImage(model_input=model_input, original_size=(width, height))
+
+
 def decode_full_image(data: bytes, limits: Limits) -> Image.Image:
     """The image at its full, oriented size (for overlays): decoded after the model, not kept while queued."""
     full = decode_image(data, 1 << 30, limits, keep_full=True).full_image

@@ -28,10 +28,11 @@ from server.metrics import Metrics
 log = logging.getLogger("segserve.access")
 
 REQUEST_ID_KEY = "x-request-id"
-_OUR_SERVICE = "/segserve."
+_PROTOCOL_OF_SERVICE = {"/segserve.": "segmenter-grpc", "/inference.": "inference-grpc"}
 # Health watches stay open as long as a client's channel does; a drain must not wait for them.
 _NOT_DRAINED = ("/grpc.health.", "/grpc.reflection.")
 _SINGLE_IMAGE_METHODS = ("Segment", "SegmentUpload")
+_STREAM_METHODS = ("SegmentStream", "ModelStreamInfer")
 DEADLINE_SLACK_S = 0.25
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -125,29 +126,47 @@ class _Call:
         if self.code == "OK":
             self.code = _code_name(self.context.code())
         elapsed = time.monotonic() - self.started
-        m = self.metrics
-        m.in_progress.labels(self.short).dec()
+        self.metrics.in_progress.labels(self.short).dec()
         if self.calls is not None:
             self.calls.left()
-        m.requests.labels(self.short, self.code).inc()
-        m.latency.labels(self.short).observe(elapsed)
-        images = self.record.images
-        if not images and self.short in _SINGLE_IMAGE_METHODS:
-            m.images.labels(self.code).inc()  # refused before the servicer could note it
-        for note in images:
-            m.images.labels(note.code).inc()
-            for stage, ms in note.stages_ms.items():
-                m.stage.labels(stage).observe(ms / 1000)
-        if not self.method.startswith(_OUR_SERVICE):
-            return  # health checks and reflection: counted, not logged
-        line: dict[str, object] = {"request_id": self.record.request_id, "method": self.short}
-        if len(images) == 1 and self.short != "SegmentStream":
-            note = images[0]
-            line.update(image_id=note.image_id[:128], width=note.width, height=note.height, batch_size=note.batch_size)
-        elif images:
-            line.update(images=len(images), failed_images=sum(n.code != "OK" for n in images))
-        line.update(ms=round(elapsed * 1000, 1), status=self.code)
-        log.info("%s", json.dumps(line))
+        protocol = next((p for prefix, p in _PROTOCOL_OF_SERVICE.items() if self.method.startswith(prefix)), None)
+        # Segmenter calls and inference calls get the log line; health probes, metadata and reflection do not.
+        logged = protocol == "segmenter-grpc" or self.short in _STREAM_METHODS or self.short == "ModelInfer"
+        record_call(self.metrics, protocol or "other-grpc", self.short, self.code, elapsed, self.record, logged)
+
+
+def record_call(
+    metrics: Metrics, protocol: str, method: str, code: str, elapsed: float, record: CallRecord, logged: bool
+) -> None:
+    """A finished call into the metrics, and (when `logged`) its one log line; for every protocol."""
+    m = metrics
+    m.requests.labels(method, code).inc()
+    m.protocol_requests.labels(protocol, code).inc()
+    m.latency.labels(method).observe(elapsed)
+    images = record.images
+    if not images and method in _SINGLE_IMAGE_METHODS:
+        m.images.labels(code).inc()  # refused before the servicer could note it
+    for note in images:
+        m.images.labels(note.code).inc()
+        for stage, ms in note.stages_ms.items():
+            m.stage.labels(stage).observe(ms / 1000)
+    if not logged:
+        return  # health checks and reflection: counted, not logged
+    line: dict[str, object] = {"request_id": record.request_id, "protocol": protocol, "method": method}
+    if len(images) == 1 and method not in _STREAM_METHODS:
+        note = images[0]
+        line.update(image_id=note.image_id[:128], width=note.width, height=note.height, batch_size=note.batch_size)
+    elif images:
+        line.update(images=len(images), failed_images=sum(n.code != "OK" for n in images))
+    line.update(ms=round(elapsed * 1000, 1), status=code)
+    log.info("%s", json.dumps(line))
+
+
+def start_record(request_id: str) -> CallRecord:
+    """A call's record, current for note_image in this task (the HTTP door's counterpart of the interceptor)."""
+    record = CallRecord(request_id[:128] if request_id else uuid.uuid4().hex)
+    _current.set(record)
+    return record
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs

@@ -132,6 +132,13 @@ class Metrics:
         self.in_progress = Gauge(
             "segserve_requests_in_progress", "gRPC calls being handled, by method.", ["method"], registry=self.registry
         )
+        self.protocol_requests = Counter(
+            "segserve_protocol_requests",
+            "Finished calls by protocol (segmenter-grpc, inference-grpc, inference-http, segment-http, other-grpc, "
+            "other-http) and status code (gRPC code names on every protocol).",
+            ["protocol", "code"],
+            registry=self.registry,
+        )
         self.images = Counter(
             "segserve_images",
             "Images answered (stream items included) by status code.",

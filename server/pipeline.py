@@ -15,12 +15,13 @@ from functools import partial
 from typing import ParamSpec, TypeVar
 
 import numpy as np
+from PIL import Image
 
 from server.batch_sizing import BatchSizer
 from server.batcher import Batcher
 from server.buffers import StreamCounts, UploadBudget
 from server.errors import InvalidOptions, NotReady, Overloaded
-from server.imaging import Limits, decode_full_image, decode_image, let_pillow_accept
+from server.imaging import Limits, decode_full_image, decode_image, image_from_pixels, let_pillow_accept
 from server.labels import Label
 from server.postprocess import (
     ClassShare,
@@ -49,6 +50,10 @@ class SegmentOptions:
     """0: the server's default."""
     overlay: bool = False
     overlay_opacity: float | None = None
+    mask_png: bool = True
+    """False: skip encoding the mask PNG (SegmentResult.mask_png is empty)."""
+    label_map: bool = False
+    """True: also return the label map at the input's size (SegmentResult.label_map)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class SegmentResult:
     overlay_png: bytes | None
     classes: list[ClassShare]
     timing: Timing = field(default_factory=Timing)
+    label_map: np.ndarray | None = None
+    """uint8 class ids, height x width, when SegmentOptions.label_map asked for it."""
 
 
 def _shape_of(array: np.ndarray) -> tuple[int, ...]:
@@ -215,12 +222,13 @@ class SegmentationPipeline:
 
     async def segment(
         self,
-        data: bytes,
+        data: bytes | np.ndarray,
         options: SegmentOptions,
         deadline: float | None = None,
         slot: AdmissionSlot | None = None,
     ) -> SegmentResult:
-        """Segment one encoded image. `deadline` is a time.monotonic() value after which the model skips it.
+        """Segment one encoded image (or decoded RGB pixels, height x width x 3). `deadline` is a
+        time.monotonic() value after which the model skips it.
 
         Without `slot`, admits the request and frees its place on return; with one, the caller holds
         the place already and frees it itself."""
@@ -232,19 +240,24 @@ class SegmentationPipeline:
             return await self._segment(data, options, max_size, opacity, deadline)
 
     async def _segment(
-        self, data: bytes, options: SegmentOptions, max_size: int, opacity: float, deadline: float | None
+        self, data: bytes | np.ndarray, options: SegmentOptions, max_size: int, opacity: float, deadline: float | None
     ) -> SegmentResult:
         assert self._batcher is not None
         started = time.monotonic()
         with self._batcher.expecting():
             # Never the full-size image here: it would sit in the batcher's queue for the whole wait
             # (150 MB at the pixel limit); overlays decode it again after the model (_render_overlay).
-            decoded = await self._in_pool(decode_image, data, max_size, self.limits)
+            if isinstance(data, np.ndarray):
+                decoded = await self._in_pool(image_from_pixels, data, max_size, self.limits)
+            else:
+                decoded = await self._in_pool(decode_image, data, max_size, self.limits)
             model_input = np.asarray(decoded.model_input, dtype=np.uint8)
         preprocessed = time.monotonic()
         batch = await self._batcher.submit(model_input, deadline)
         inferred = time.monotonic()
-        mask_png, classes = await self._in_pool(self._postprocess, batch.output, decoded.original_size)
+        mask_png, classes, label_map = await self._in_pool(
+            self._postprocess, batch.output, decoded.original_size, options
+        )
         overlay_png = None
         if options.overlay:
             overlay_png = await asyncio.get_running_loop().run_in_executor(
@@ -262,15 +275,28 @@ class SegmentationPipeline:
         )
         width, height = decoded.original_size
         model_width, model_height = decoded.model_input.size
-        return SegmentResult(width, height, model_width, model_height, mask_png, overlay_png, classes, timing)
+        return SegmentResult(
+            width, height, model_width, model_height, mask_png, overlay_png, classes, timing, label_map
+        )
 
-    def _postprocess(self, labels: np.ndarray, size: tuple[int, int]) -> tuple[bytes, list[ClassShare]]:
+    def _postprocess(
+        self, labels: np.ndarray, size: tuple[int, int], options: SegmentOptions
+    ) -> tuple[bytes, list[ClassShare], np.ndarray | None]:
         assert self.runtime is not None
         shares = class_shares_of_upsampled(labels, size, self.runtime.facts.labels)
-        return encode_mask_png(upsample_labels(labels, size)), shares
+        if not (options.mask_png or options.label_map):
+            return b"", shares, None
+        mask = upsample_labels(labels, size)
+        mask_png = encode_mask_png(mask) if options.mask_png else b""
+        return mask_png, shares, np.asarray(mask) if options.label_map else None
 
-    def _render_overlay(self, labels: np.ndarray, size: tuple[int, int], data: bytes, opacity: float) -> bytes:
-        full = decode_full_image(data, self.limits)
+    def _render_overlay(
+        self, labels: np.ndarray, size: tuple[int, int], data: bytes | np.ndarray, opacity: float
+    ) -> bytes:
+        if isinstance(data, np.ndarray):
+            full = Image.fromarray(np.ascontiguousarray(data, dtype=np.uint8))
+        else:
+            full = decode_full_image(data, self.limits)
         return encode_png(blend_overlay(full, upsample_labels(labels, size), opacity))
 
     async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -16,63 +14,17 @@ from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
 from server.buffers import UploadHold
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
+from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
 from server.interceptor import Context, ImageNote, note_image
 from server.pipeline import AdmissionSlot, SegmentationPipeline, SegmentOptions
 from server.stream_window import Place, StreamWindow
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # Images a SegmentStream call holds at once, from reading the request until its response is sent;
 # beyond this the stream stops reading until a response has been written.
 STREAM_WINDOW = 16
-
-
-def _deadline(context: Context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-async def _guarded(context: Context, call: Awaitable[T]) -> T:
-    """Runs a call, turning SegservError into its status and anything else into INTERNAL (logged).
-
-    The abort happens outside the except blocks on purpose: raised inside, the abort's exception would
-    chain the error, whose traceback holds the failed call's frames (an upload's chunks among their
-    locals) until the cyclic collector runs; that counts objects, not bytes, and refused uploads piled
-    up by gigabytes."""
-    try:
-        return await call
-    except SegservError as exc:
-        code, message = exc.code, exc.message
-    except (asyncio.CancelledError, grpc.aio.AbortError):
-        raise
-    except Exception:
-        log.exception("unexpected error")
-        code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
-    try:
-        await context.abort(code, message)
-    except grpc.aio.AbortError:
-        raise
-    except Exception:
-        # The call is gone before its answer: a caller that cancels mid-upload ends its request stream
-        # as a finished one would, and the cancellation reaches this task only after.
-        raise asyncio.CancelledError from None
-    raise AssertionError("unreachable: abort raises")
-
-
-async def _read(context: Context) -> Any:
-    """The caller's next message, or None after its last one.
-
-    Requests are read with `context.read()`, never through gRPC's request iterator: in grpcio's aio
-    server, an iterator left unfinished (a refused upload, a cancelled stream) keeps its call alive for
-    good, with what gRPC had received for it; refused uploads grew the server by about 100 KB each."""
-    message = await context.read()
-    return None if message is grpc.aio.EOF else message  # type: ignore[attr-defined]  # EOF: not in the stubs
-
-
-async def _refuse(pipeline: SegmentationPipeline) -> None:
-    pipeline.admit().release()  # raises the refusal a caller should hear now
 
 
 class SegmenterServicer(pb_grpc.SegmenterServicer):
@@ -80,25 +32,25 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         self.pipeline = pipeline
 
     async def Segment(self, request: pb.SegmentRequest, context: Context) -> pb.SegmentResponse:
-        return await _guarded(
+        return await guarded(
             context,
             self._segment(
-                request.id, request.image, converters.options_from_proto(request.options), _deadline(context)
+                request.id, request.image, converters.options_from_proto(request.options), call_deadline(context)
             ),
         )
 
     async def SegmentUpload(
         self, request_iterator: AsyncIterator[pb.ImageChunk], context: Context
     ) -> pb.SegmentResponse:
-        return await _guarded(context, self._upload(context, _deadline(context)))
+        return await guarded(context, self._upload(context, call_deadline(context)))
 
     async def SegmentStream(
         self, request_iterator: AsyncIterator[pb.SegmentRequest], context: Context
     ) -> AsyncIterator[pb.SegmentResponse]:
         pipeline = self.pipeline
-        deadline = _deadline(context)
+        deadline = call_deadline(context)
         if pipeline.draining:  # refused whole, before any answer, so the client retries it on another replica
-            await _guarded(context, _refuse(pipeline))
+            await guarded(context, refuse_new_call(pipeline))
         # Never more than the queue admits, so a lone stream is never refused for its own items.
         window: StreamWindow[pb.SegmentResponse] = StreamWindow(
             min(STREAM_WINDOW, pipeline.settings.max_queue), pipeline.streams
@@ -128,7 +80,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             try:
                 while True:
                     place = await window.place()  # before reading: a full window leaves requests unread
-                    request = await _read(context)
+                    request = await read_message(context)
                     if request is None:
                         place.release()
                         break
@@ -165,7 +117,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 pipeline.streams.open_streams -= 1
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
-        return await _guarded(context, self._model_info())
+        return await guarded(context, self._model_info())
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -238,7 +190,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     async def _next_chunk(self, context: Context) -> pb.ImageChunk | None:
         idle = self.pipeline.settings.upload_idle_timeout_s
         try:
-            chunk: pb.ImageChunk | None = await asyncio.wait_for(_read(context), idle)
+            chunk: pb.ImageChunk | None = await asyncio.wait_for(read_message(context), idle)
             return chunk
         except TimeoutError:
             raise UploadStalled(

@@ -24,6 +24,13 @@ class Settings(BaseSettings):
 
     host: str = Field("[::]", description="Address the gRPC server binds to.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    http_port: int = Field(
+        8000,
+        ge=-1,
+        le=65535,
+        description="HTTP port: Open Inference Protocol REST (/v2) and POST /v1/segment, on the gRPC bind "
+        "address and TLS settings (0 picks a free one, -1 turns it off).",
+    )
     model: ModelName = Field("deeplabv3_mobilenet_v3_large", description="DeepLabV3 variant to serve.")
     weights: str = Field(
         "auto",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import struct
 import threading
 import zlib
@@ -22,6 +23,10 @@ from server.settings import Settings
 from tests import known_model
 
 pytest_plugins = ["tests.no_skips"]
+
+# Servers the tests start (in-process or `python -m server`) take a free HTTP port, never the default 8000,
+# which a developer's own server may hold and several test servers would compete for.
+os.environ.setdefault("SEGSERVE_HTTP_PORT", "0")
 
 TEST_MAX_SIZE = 64
 
@@ -63,6 +68,7 @@ def make_settings(**overrides: object) -> Settings:
         "max_size": TEST_MAX_SIZE,
         "grace_period_s": 1.0,
         "metrics_port": 0,
+        "http_port": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

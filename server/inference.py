@@ -1,0 +1,310 @@
+"""segserve's model in the Open Inference Protocol, transport-free: its tensor contract, metadata,
+configuration and statistics, and inference over the same pipeline and batcher as Segment.
+
+Inputs: IMAGE (BYTES [N] or [N,1], encoded images) or PIXELS (UINT8 [N,H,W,3], RGB).
+Parameters: max_size, overlay, overlay_opacity.
+Outputs: MASK (UINT8 [N,H,W]), MASK_PNG (BYTES [N]), CLASSES (BYTES [N], JSON), OVERLAY_PNG (BYTES [N]).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from server.errors import InvalidTensor, SegservError, TooManyImages, UnknownModel
+from server.interceptor import ImageNote, note_image
+from server.pipeline import SegmentationPipeline, SegmentOptions, SegmentResult
+from server.tensors import BYTES, Tensor
+
+MODEL_VERSION = "1"
+PLATFORM = "segserve"
+IMAGE, PIXELS = "IMAGE", "PIXELS"
+MASK, MASK_PNG, CLASSES, OVERLAY_PNG = "MASK", "MASK_PNG", "CLASSES", "OVERLAY_PNG"
+OUTPUTS = (MASK, MASK_PNG, CLASSES, OVERLAY_PNG)
+PARAMETERS = ("max_size", "overlay", "overlay_opacity")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
+
+ParameterValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    """With the batch dimension first; -1: any length."""
+    optional: bool = False
+
+
+INPUT_SPECS = (
+    TensorSpec(IMAGE, BYTES, (-1, 1), optional=True),
+    TensorSpec(PIXELS, "UINT8", (-1, -1, -1, 3), optional=True),
+)
+OUTPUT_SPECS = (
+    TensorSpec(MASK, "UINT8", (-1, -1, -1)),
+    TensorSpec(MASK_PNG, BYTES, (-1,)),
+    TensorSpec(CLASSES, BYTES, (-1,)),
+    TensorSpec(OVERLAY_PNG, BYTES, (-1,)),
+)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    model_name: str
+    model_version: str
+    id: str
+    inputs: list[Tensor]
+    outputs: list[str] = field(default_factory=list)
+    """Requested output names; empty: MASK_PNG, CLASSES, MASK when the images share a size, and
+    OVERLAY_PNG when the overlay parameter asks."""
+    parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[Tensor]
+    results: list[SegmentResult]
+
+
+@dataclass
+class Statistics:
+    """Cumulative counts and times, for Triton's ModelStatistics; from the pipeline's own timing."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    images: int = 0
+    queue_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+    last_inference_ms: int = 0
+
+
+def _ns(ms: float) -> int:
+    return int(ms * 1_000_000)
+
+
+class InferenceModel:
+    """The served model as the protocol sees it."""
+
+    def __init__(self, pipeline: SegmentationPipeline) -> None:
+        self.pipeline = pipeline
+        self.statistics = Statistics()
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.settings.model
+
+    @property
+    def ready(self) -> bool:
+        return self.pipeline.ready and not self.pipeline.draining
+
+    def statistics_report(self) -> dict[str, Any]:
+        """Triton's ModelStatistics for this model, as the JSON its REST extension answers (the gRPC door
+        parses the same dict into its message)."""
+        s = self.statistics
+        batches = self.pipeline.batch_size_counts
+
+        def duration(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
+        return {
+            "name": self.name,
+            "version": MODEL_VERSION,
+            "last_inference": s.last_inference_ms,
+            "inference_count": s.images,
+            "execution_count": sum(batches),
+            "inference_stats": {
+                "success": duration(s.success_count, s.success_ns),
+                "fail": duration(s.fail_count, s.fail_ns),
+                "queue": duration(s.images, s.queue_ns),
+                "compute_input": duration(s.images, s.compute_input_ns),
+                "compute_infer": duration(s.images, s.compute_infer_ns),
+                "compute_output": duration(s.images, s.compute_output_ns),
+            },
+            "batch_stats": [
+                {"batch_size": size, "compute_infer": duration(count, 0)}
+                for size, count in enumerate(batches, start=1)
+                if count
+            ],
+        }
+
+    def check_model(self, name: str, version: str = "") -> None:
+        if name != self.name:
+            raise UnknownModel(f"unknown model {name!r}; this server serves {self.name!r}")
+        if version not in ("", MODEL_VERSION):
+            raise UnknownModel(f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}")
+
+    # ---- inference ------------------------------------------------------------------------
+
+    async def infer(
+        self, request: InferRequest, deadline: float | None = None, admitted_before_drain: bool = False
+    ) -> InferResponse:
+        self.check_model(request.model_name, request.model_version)
+        started = time.monotonic()
+        try:
+            response = await self._infer(request, deadline, admitted_before_drain)
+        except SegservError:
+            self.statistics.fail_count += 1
+            self.statistics.fail_ns += int((time.monotonic() - started) * 1e9)
+            raise
+        stats = self.statistics
+        stats.success_count += 1
+        stats.success_ns += int((time.monotonic() - started) * 1e9)
+        stats.last_inference_ms = int(time.time() * 1000)
+        for result in response.results:
+            t = result.timing
+            stats.images += 1
+            stats.queue_ns += _ns(t.queue_ms)
+            stats.compute_input_ns += _ns(t.preprocess_ms)
+            stats.compute_infer_ns += _ns(t.inference_ms)
+            stats.compute_output_ns += _ns(t.postprocess_ms)
+        return response
+
+    async def _infer(self, request: InferRequest, deadline: float | None, admitted_before_drain: bool) -> InferResponse:
+        images = images_of(request.inputs)
+        wanted = requested_outputs(request)
+        options = options_of(request.parameters, wanted)
+        pipeline = self.pipeline
+        pipeline.check_options(options)
+        limit = pipeline.settings.max_queue
+        if len(images) > limit:
+            raise TooManyImages(
+                f"{len(images)} images in one request can never fit the queue of {limit} (SEGSERVE_MAX_QUEUE); "
+                f"send at most {limit} per request"
+            )
+        with ExitStack() as slots:
+            # All N places or none: a request is admitted whole, like N Segment calls at once.
+            admitted = [
+                slots.enter_context(pipeline.admit(admitted_before_drain=admitted_before_drain)) for _ in images
+            ]
+            tasks = [
+                asyncio.ensure_future(pipeline.segment(image, options, deadline, slot))
+                for image, slot in zip(images, admitted, strict=True)
+            ]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:  # one image failed (or the call was cancelled): the others stop before their places go back
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        outputs = [output_tensor(name, results) for name in wanted]
+        return InferResponse(self.name, MODEL_VERSION, request.id, outputs, list(results))
+
+
+def images_of(inputs: list[Tensor]) -> list[bytes | np.ndarray]:
+    """The request's images: the elements of IMAGE, or the frames of PIXELS."""
+    names = [tensor.name for tensor in inputs]
+    unknown = [name for name in names if name not in (IMAGE, PIXELS)]
+    if unknown:
+        raise InvalidTensor(f"unknown input {unknown[0]!r}; the inputs are IMAGE (BYTES) or PIXELS (UINT8)")
+    if len(inputs) != 1:
+        raise InvalidTensor(f"send exactly one input, IMAGE or PIXELS; got {len(inputs)} ({', '.join(names)})")
+    tensor = inputs[0]
+    if tensor.name == IMAGE:
+        if tensor.datatype != BYTES:
+            raise InvalidTensor(f"IMAGE must be BYTES, got {tensor.datatype}")
+        if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+            raise InvalidTensor(f"IMAGE must have shape [N] or [N,1], got {list(tensor.shape)}")
+        assert isinstance(tensor.data, list)
+        images: list[bytes | np.ndarray] = list(tensor.data)
+    else:
+        if tensor.datatype != "UINT8":
+            raise InvalidTensor(f"PIXELS must be UINT8, got {tensor.datatype}")
+        if len(tensor.shape) != 4 or tensor.shape[3] != 3:
+            raise InvalidTensor(f"PIXELS must have shape [N,H,W,3] (RGB), got {list(tensor.shape)}")
+        assert isinstance(tensor.data, np.ndarray)
+        images = list(tensor.data.reshape(tensor.shape))
+    if not images:
+        raise InvalidTensor(f"{tensor.name} holds no images (N is 0)")
+    return images
+
+
+def requested_outputs(request: InferRequest) -> list[str]:
+    for name in request.outputs:
+        if name not in OUTPUTS:
+            raise InvalidTensor(f"unknown output {name!r}; the outputs are {', '.join(OUTPUTS)}")
+    if request.outputs:
+        return list(dict.fromkeys(request.outputs))
+    wanted = [MASK_PNG, CLASSES]
+    if request.parameters.get("overlay") is True:
+        wanted.append(OVERLAY_PNG)
+    return wanted
+
+
+def _parameter(parameters: Mapping[str, ParameterValue], name: str, kind: type) -> ParameterValue | None:
+    value = parameters.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python; an int is accepted where a float is asked.
+    ok = isinstance(value, bool) if kind is bool else (isinstance(value, kind | int) and not isinstance(value, bool))
+    if not ok:
+        raise InvalidTensor(f"parameter {name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def options_of(parameters: Mapping[str, ParameterValue], wanted: list[str]) -> SegmentOptions:
+    _parameter(parameters, "overlay", bool)  # read by requested_outputs; its type is checked here
+    max_size = _parameter(parameters, "max_size", int)
+    opacity = _parameter(parameters, "overlay_opacity", float)
+    return SegmentOptions(
+        max_size=int(max_size or 0),
+        overlay=OVERLAY_PNG in wanted,
+        overlay_opacity=None if opacity is None else float(opacity),
+        mask_png=MASK_PNG in wanted,
+        label_map=MASK in wanted,
+    )
+
+
+def output_tensor(name: str, results: list[SegmentResult]) -> Tensor:
+    n = len(results)
+    if name == MASK:
+        sizes = {(r.height, r.width) for r in results}
+        if len(sizes) != 1:
+            raise InvalidTensor("MASK needs the request's images to share one size; ask for MASK_PNG instead")
+        (height, width) = sizes.pop()
+        maps = [r.label_map for r in results if r.label_map is not None]
+        return Tensor(MASK, "UINT8", (n, height, width), np.stack(maps).reshape(-1))
+    if name == MASK_PNG:
+        return Tensor(MASK_PNG, BYTES, (n,), [r.mask_png for r in results])
+    if name == OVERLAY_PNG:
+        return Tensor(OVERLAY_PNG, BYTES, (n,), [r.overlay_png or b"" for r in results])
+    return Tensor(CLASSES, BYTES, (n,), [classes_json(r) for r in results])
+
+
+def note_response(request_id: str, response: InferResponse) -> None:
+    """Each image answered, into the current call's record (its log line and the per-stage metrics)."""
+    for result in response.results:
+        t = result.timing
+        stages = {
+            "preprocess": t.preprocess_ms,
+            "queue": t.queue_ms,
+            "inference": t.inference_ms,
+            "postprocess": t.postprocess_ms,
+        }
+        note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("segserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def classes_json(result: SegmentResult) -> bytes:
+    shares = [{"index": c.index, "name": c.name, "fraction": c.fraction} for c in result.classes]
+    return json.dumps(shares, separators=(",", ":")).encode()

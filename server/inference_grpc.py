@@ -1,0 +1,198 @@
+"""inference.GRPCInferenceService (Open Inference Protocol, with Triton's extensions): thin.
+Messages in (inference_grpc_converters), server.inference, messages out; errors become statuses here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from protos.inference import grpc_predict_v2_pb2 as pb
+from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from server import inference
+from server import inference_grpc_converters as converters
+from server.errors import NotServed, SegservError
+from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
+from server.inference import InferenceModel, note_response
+from server.interceptor import Context, ImageNote, note_image
+from server.servicer import STREAM_WINDOW
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_NOT_SERVED = {
+    "RepositoryModelLoad": "segserve serves one model, loaded at start-up; it cannot load others",
+    "RepositoryModelUnload": "segserve serves one model, loaded at start-up; it cannot unload it",
+    "SystemSharedMemoryStatus": "segserve takes tensors in the request only; it has no shared memory",
+    "SystemSharedMemoryRegister": "segserve takes tensors in the request only; it has no shared memory",
+    "SystemSharedMemoryUnregister": "segserve takes tensors in the request only; it has no shared memory",
+    "CudaSharedMemoryStatus": "segserve takes tensors in the request only; it has no CUDA shared memory",
+    "CudaSharedMemoryRegister": "segserve takes tensors in the request only; it has no CUDA shared memory",
+    "CudaSharedMemoryUnregister": "segserve takes tensors in the request only; it has no CUDA shared memory",
+    "TraceSetting": "segserve has no request tracing; its per-call log line carries x-request-id",
+    "LogSettings": "segserve's log level is set at start-up (SEGSERVE_LOG_LEVEL)",
+}
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, model: InferenceModel) -> None:
+        self.model = model
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.model.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return await guarded(context, self._model_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="segserve", version=inference.server_version(), extensions=inference.EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        return await guarded(context, self._checked(request.name, request.version, converters.metadata_to_proto))
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        config = await guarded(context, self._checked(request.name, request.version, converters.config_to_proto))
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
+        if not request.name:  # every model
+            return pb.ModelStatisticsResponse(model_stats=[converters.statistics_to_proto(self.model)])
+        stats = await guarded(context, self._checked(request.name, request.version, converters.statistics_to_proto))
+        return pb.ModelStatisticsResponse(model_stats=[stats])
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+        model = self.model
+        if request.ready and not model.ready:
+            return pb.RepositoryIndexResponse()
+        state = "READY" if model.ready else "UNAVAILABLE" if model.pipeline.draining else "LOADING"
+        entry = pb.RepositoryIndexResponse.ModelIndex(name=model.name, version=inference.MODEL_VERSION, state=state)
+        return pb.RepositoryIndexResponse(models=[entry])
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        return await guarded(context, self._infer(request, call_deadline(context)))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request answered in order; up to a window of them in progress at once, so frames share batches.
+        A failed request is answered with its error_message and the stream goes on."""
+        deadline = call_deadline(context)
+        if self.model.pipeline.draining:  # refused whole, before any answer, so the client retries it elsewhere
+            await guarded(context, refuse_new_call(self.model.pipeline))
+        window = asyncio.Semaphore(min(STREAM_WINDOW, self.model.pipeline.settings.max_queue))
+        pending: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                # A stream open when the drain began is an admitted call: it is served to its end.
+                response = await self._infer(request, deadline, admitted_before_drain=True)
+                return pb.ModelStreamInferResponse(infer_response=response)
+            except SegservError as exc:
+                note_image(ImageNote(request.id, code=exc.code.name))
+                return pb.ModelStreamInferResponse(error_message=exc.message)
+            except Exception:
+                log.exception("unexpected error in stream request %r", request.id)
+                note_image(ImageNote(request.id, code=grpc.StatusCode.INTERNAL.name))
+                return pb.ModelStreamInferResponse(error_message="internal error; see the server log")
+
+        async def read_all() -> None:
+            try:
+                while True:
+                    await window.acquire()
+                    request = await read_message(context)
+                    if request is None:
+                        window.release()
+                        break
+                    await pending.put(asyncio.create_task(one(request)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read_all())
+        tasks: list[asyncio.Task[Any]] = [reader]
+        try:
+            while (task := await pending.get()) is not None:
+                tasks.append(task)
+                response = await task
+                tasks.remove(task)
+                yield response
+                window.release()
+            try:
+                await reader
+            except DecodeError as exc:  # bytes that are no ModelInferRequest: the caller's error, said once
+                error = f"a stream request could not be parsed: {exc}"
+            else:
+                return
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        finally:
+            for task in tasks:
+                task.cancel()
+            while not pending.empty():
+                if (task := pending.get_nowait()) is not None:
+                    task.cancel()
+                    tasks.append(task)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- not served -----------------------------------------------------------------------
+
+    async def _not_served(self, context: Context, method: str) -> Any:
+        return await guarded(context, self._raise(NotServed(f"{method} is not implemented: {_NOT_SERVED[method]}")))
+
+    @staticmethod
+    async def _raise(error: SegservError) -> Any:
+        raise error
+
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "RepositoryModelLoad")
+
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "RepositoryModelUnload")
+
+    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "SystemSharedMemoryStatus")
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "SystemSharedMemoryRegister")
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "SystemSharedMemoryUnregister")
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "CudaSharedMemoryStatus")
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "CudaSharedMemoryRegister")
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "CudaSharedMemoryUnregister")
+
+    async def TraceSetting(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "TraceSetting")
+
+    async def LogSettings(self, request: Any, context: Context) -> Any:
+        return await self._not_served(context, "LogSettings")
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    async def _model_ready(self, name: str, version: str) -> pb.ModelReadyResponse:
+        self.model.check_model(name, version)
+        return pb.ModelReadyResponse(ready=self.model.ready)
+
+    async def _checked(self, name: str, version: str, convert: Any) -> Any:
+        self.model.check_model(name, version)
+        return convert(self.model)
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, admitted_before_drain: bool = False
+    ) -> pb.ModelInferResponse:
+        response = await self.model.infer(converters.request_from_proto(request), deadline, admitted_before_drain)
+        note_response(request.id, response)
+        return converters.response_to_proto(response)

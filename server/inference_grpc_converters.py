@@ -1,0 +1,131 @@
+"""Open Inference Protocol protobuf messages <-> server.inference's domain. The only module that knows both."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from google.protobuf import json_format
+
+from protos.inference import grpc_predict_v2_pb2 as pb
+from server import inference, tensors
+from server.errors import InvalidTensor
+from server.inference import InferenceModel, InferRequest, InferResponse, ParameterValue, TensorSpec
+from server.tensors import Tensor
+
+# Which typed-contents list carries each datatype (FP16 and BF16 travel only raw).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_CONFIG_TYPES = {name: getattr(pb, f"TYPE_{'STRING' if name == 'BYTES' else name}") for name in tensors.DATATYPES}
+
+
+def parameters_from_proto(parameters: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    values: dict[str, ParameterValue] = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice is not None:
+            values[key] = getattr(parameter, choice)
+    return values
+
+
+def request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidTensor(
+            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; one per input, in order"
+        )
+    inputs = [_input_from_proto(tensor, raw[i] if raw else None) for i, tensor in enumerate(message.inputs)]
+    return InferRequest(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        inputs=inputs,
+        outputs=[output.name for output in message.outputs],
+        parameters=parameters_from_proto(message.parameters),
+    )
+
+
+def _input_from_proto(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
+    name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
+    tensors.check_datatype(name, datatype)
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise InvalidTensor(f"{name}: send contents or raw_input_contents, not both")
+        return Tensor(name, datatype, shape, tensors.from_raw(name, datatype, shape, raw))
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidTensor(f"{name}: {datatype} travels only in raw_input_contents")
+    values: Sequence[object] = getattr(tensor.contents, field)
+    return Tensor(name, datatype, shape, tensors.from_list(name, datatype, shape, list(values)))
+
+
+def response_to_proto(response: InferResponse) -> pb.ModelInferResponse:
+    """Outputs as raw_output_contents, as Triton answers and its clients read."""
+    return pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+            for t in response.outputs
+        ],
+        raw_output_contents=[tensors.to_raw(t.data) for t in response.outputs],
+    )
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+
+
+def metadata_to_proto(model: InferenceModel) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=[inference.MODEL_VERSION],
+        platform=inference.PLATFORM,
+        inputs=[_tensor_metadata(spec) for spec in inference.INPUT_SPECS],
+        outputs=[_tensor_metadata(spec) for spec in inference.OUTPUT_SPECS],
+    )
+
+
+def config_to_proto(model: InferenceModel) -> pb.ModelConfig:
+    """Triton's model configuration: shapes without the batch dimension (max_batch_size > 0)."""
+    settings = model.pipeline.settings
+    return pb.ModelConfig(
+        name=model.name,
+        platform=inference.PLATFORM,
+        backend=inference.PLATFORM,
+        max_batch_size=settings.max_queue,
+        input=[
+            pb.ModelInput(
+                name=spec.name,
+                data_type=_CONFIG_TYPES[spec.datatype],
+                format=pb.ModelInput.FORMAT_NHWC if spec.name == inference.PIXELS else pb.ModelInput.FORMAT_NONE,
+                dims=spec.shape[1:],
+                optional=spec.optional,
+            )
+            for spec in inference.INPUT_SPECS
+        ],
+        output=[
+            pb.ModelOutput(name=spec.name, data_type=_CONFIG_TYPES[spec.datatype], dims=spec.shape[1:] or (1,))
+            for spec in inference.OUTPUT_SPECS
+        ],
+        dynamic_batching=pb.ModelDynamicBatching(
+            preferred_batch_size=[settings.max_batch_size],
+            max_queue_delay_microseconds=int(settings.max_batch_delay_ms * 1000),
+        ),
+    )
+
+
+def statistics_to_proto(model: InferenceModel) -> pb.ModelStatistics:
+    return json_format.ParseDict(model.statistics_report(), pb.ModelStatistics())

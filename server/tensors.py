@@ -1,0 +1,129 @@
+"""Open Inference Protocol tensors, transport-free: the datatypes, their raw byte layout, element checks.
+
+Both front doors of the protocol (gRPC raw_input_contents, HTTP's binary tensor extension) carry
+tensors in the same raw layout: little-endian values, row-major; a BYTES element as a 4-byte
+little-endian length and then its bytes. JSON and typed protobuf contents arrive as lists.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import InvalidTensor
+
+BYTES = "BYTES"
+NUMPY_TYPES: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+DATATYPES = (*NUMPY_TYPES, BYTES)
+_LENGTH = struct.Struct("<I")
+
+TensorData = list[bytes] | np.ndarray
+"""BYTES: one bytes object per element; any other datatype: a flat numpy array of its dtype."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: TensorData
+
+
+MAX_RANK = 8
+
+
+def element_count(name: str, shape: Sequence[int]) -> int:
+    if len(shape) > MAX_RANK:
+        raise InvalidTensor(f"{name}: shape has {len(shape)} dimensions; at most {MAX_RANK}")
+    if any(dim < 0 for dim in shape):
+        raise InvalidTensor(f"{name}: shape {list(shape)} has a negative dimension")
+    return math.prod(shape)
+
+
+def check_datatype(name: str, datatype: str) -> None:
+    if datatype not in DATATYPES:
+        raise InvalidTensor(f"{name}: unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}")
+
+
+def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> TensorData:
+    """Raw bytes to tensor data, refusing a length that does not match the shape."""
+    check_datatype(name, datatype)
+    count = element_count(name, shape)
+    if datatype == BYTES:
+        return split_bytes_elements(name, raw, count)
+    dtype = NUMPY_TYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidTensor(
+            f"{name}: {len(raw)} raw bytes do not match shape {list(shape)} of {datatype} "
+            f"({count * dtype.itemsize} bytes expected)"
+        )
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def split_bytes_elements(name: str, raw: bytes | memoryview, count: int) -> list[bytes]:
+    """BYTES elements from their length-prefixed layout: exactly `count`, each length inside the buffer."""
+    view = memoryview(raw)
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if len(elements) == count:
+            raise InvalidTensor(f"{name}: raw BYTES hold more than the {count} elements of its shape")
+        if offset + _LENGTH.size > len(view):
+            raise InvalidTensor(f"{name}: raw BYTES end inside an element's 4-byte length")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += _LENGTH.size
+        if offset + length > len(view):
+            raise InvalidTensor(f"{name}: a BYTES element declares {length} bytes but only {len(view) - offset} remain")
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(elements) != count:
+        raise InvalidTensor(f"{name}: raw BYTES hold {len(elements)} elements; its shape needs {count}")
+    return elements
+
+
+def from_list(name: str, datatype: str, shape: Sequence[int], values: Sequence[object]) -> TensorData:
+    """Typed contents (protobuf lists, JSON arrays already flattened) to tensor data."""
+    check_datatype(name, datatype)
+    count = element_count(name, shape)
+    if len(values) != count:
+        raise InvalidTensor(f"{name}: {len(values)} values do not match shape {list(shape)} ({count} expected)")
+    if datatype == BYTES:
+        if not all(isinstance(v, bytes) for v in values):
+            raise InvalidTensor(f"{name}: BYTES elements must be strings")
+        return [v for v in values if isinstance(v, bytes)]
+    dtype = NUMPY_TYPES[datatype]
+    try:
+        array = np.asarray(values)
+        if array.dtype.kind not in "biuf" or array.ndim != 1:
+            raise ValueError("not numbers")
+        if dtype.kind in "iu" and array.size:
+            info = np.iinfo(dtype.type)  # type: ignore[type-var]  # an integer dtype, checked above
+            if array.dtype.kind == "f" or array.min() < info.min or array.max() > info.max:
+                raise ValueError(f"values outside {datatype}")
+        return array.astype(dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidTensor(f"{name}: values are not {datatype}: {exc}") from None
+
+
+def to_raw(data: TensorData) -> bytes:
+    """Tensor data to the raw layout."""
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).tobytes()
+    return b"".join(_LENGTH.pack(len(element)) + element for element in data)
