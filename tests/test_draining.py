@@ -14,6 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from protos.inference import grpc_predict_v2_pb2 as ipb
+from protos.inference import grpc_predict_v2_pb2_grpc as ipb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, encode, make_settings, photo_like
@@ -114,6 +116,20 @@ def frames_then(before: list[bytes], signalled: threading.Event, after: list[byt
         yield pb.SegmentRequest(id=f"after-{i}", image=image)
 
 
+def infer_requests_then(
+    before: list[bytes], signalled: threading.Event, after: list[bytes]
+) -> Iterator[ipb.ModelInferRequest]:
+    """ModelStreamInfer's counterpart of frames_then."""
+    for name, images in (("before", before), ("after", after)):
+        if name == "after":
+            signalled.wait(60)
+        for i, image in enumerate(images):
+            tensor = ipb.ModelInferRequest.InferInputTensor(
+                name="IMAGE", datatype="BYTES", shape=[1], contents=ipb.InferTensorContents(bytes_contents=[image])
+            )
+            yield ipb.ModelInferRequest(id=f"{name}-{i}", model_name="deeplabv3_mobilenet_v3_large", inputs=[tensor])
+
+
 def chunks_then(image: bytes, signalled: threading.Event) -> Iterator[pb.ImageChunk]:
     """An upload's chunks: the first half before the signal, the rest once the drain has begun."""
     half = len(image) // 2
@@ -132,7 +148,7 @@ def drain_begun(channel: grpc.Channel) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["stream", "upload"])
+@pytest.mark.parametrize("kind", ["stream", "upload", "model-stream-infer"])
 def test_sigterm_in_the_middle_of_a_stream_or_an_upload_lets_it_finish(kind: str) -> None:
     """A call that began before SIGTERM is admitted: a stream's later frames and an upload's later chunks
     are served too, while a call begun after it is refused with UNAVAILABLE."""
@@ -150,6 +166,12 @@ def test_sigterm_in_the_middle_of_a_stream_or_an_upload_lets_it_finish(kind: str
             if kind == "stream":
                 call = stub.SegmentStream(frames_then([image] * 3, signalled, [image] * 3), timeout=60)
                 first = next(call)  # the stream is under way: admitted
+            elif kind == "model-stream-infer":
+                inference = ipb_grpc.GRPCInferenceServiceStub(channel)
+                infer_call = inference.ModelStreamInfer(
+                    infer_requests_then([image] * 3, signalled, [image] * 3), timeout=60
+                )
+                first_infer = next(infer_call)
             else:
                 upload = stub.SegmentUpload.future(chunks_then(image, signalled), timeout=60)
                 deadline = time.monotonic() + 30
@@ -168,6 +190,11 @@ def test_sigterm_in_the_middle_of_a_stream_or_an_upload_lets_it_finish(kind: str
                 expected = [f"before-{i}" for i in range(3)] + [f"after-{i}" for i in range(3)]
                 assert sorted(a.id for a in answers) == sorted(expected)  # a stream answers as images are done
                 assert all(not a.HasField("error") and a.width == 320 for a in answers), answers
+            elif kind == "model-stream-infer":
+                replies = [first_infer, *infer_call]
+                assert [r.error_message for r in replies] == [""] * 6, [r.error_message for r in replies]
+                expected = [f"before-{i}" for i in range(3)] + [f"after-{i}" for i in range(3)]
+                assert [r.infer_response.id for r in replies] == expected  # answered in order
             else:
                 result = upload.result(timeout=30)
                 assert result.id == "upload" and result.width == 320 and result.mask_png
