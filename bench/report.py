@@ -170,6 +170,23 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
                 f"| {label} | {s['concurrency']} | {s['throughput']:.2f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | "
                 f"{s['p99_ms']:.0f} | {s['errors']} | {s['mean_batch_size']:.2f} | {parts} |"
             )
+    oip_steps = result["served"].get("oip_steps") or []
+    if oip_steps:
+        lines += [
+            "",
+            "### Open Inference Protocol, Triton's perf_analyzer (same server and images as batching on)",
+            "",
+            "| Protocol | Concurrency | Images/s | p50 ms | p99 ms | Server queue / compute ms "
+            "| Segmenter, loadgen: images/s at this concurrency |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for s in oip_steps:
+            loadgen = _step(result["served"]["steps"], s["concurrency"])
+            lines.append(
+                f"| {s['protocol']} | {s['concurrency']} | {s['throughput']:.2f} | {s['p50_ms']:.0f} | "
+                f"{s['p99_ms']:.0f} | {s['server_queue_ms']:.0f} / {s['server_compute_ms']:.0f} | "
+                f"{_fmt(loadgen['throughput'] if loadgen else None, 2)} |"
+            )
     lines += [
         "",
         "### In-process (decode, model, postprocess called directly; no gRPC, no batcher)",

@@ -4,7 +4,8 @@
    with the default runtime (before and after the served sweeps), then with every other runtime and
    precision installed (torch, onnxruntime, openvino, onnxruntime int8), fewer windows each.
 2. A real `python -m server` (random weights, free port) with the default settings, swept by bench.loadgen
-   (its own process) over the concurrency steps.
+   (its own process) over the concurrency steps; then, on the same server, Triton's perf_analyzer over the
+   Open Inference Protocol (gRPC and HTTP) at concurrency 1 and 8 (bench.perf_analyzer).
 3. The same server with batching off (SEGSERVE_MAX_BATCH_SIZE=1), same sweep.
 4. The same server with SEGSERVE_RUNTIME=torch, at concurrency 8 only (the runtime target's step).
 5. Pixel agreement of each runtime with torch (bench.agreement, on the known-answer test model).
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import perf_analyzer
 from bench.images import image_set
 from bench.plot import plot
 from bench.report import update_performance_doc
@@ -43,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SMOKE = {"concurrency": "1,8", "batch_sizes": "1,2", "warmup": 0.5, "duration": 1.5, "repeats": 1}
 RUNTIME_TARGET_CONCURRENCY = 8
+# perf_analyzer's steps: the single caller and the runtime target's concurrency, beside loadgen's same steps.
+OIP_CONCURRENCY = (1, 8)
 # The other runtimes' in-process rows: the batch sizes that matter on a CPU, and fewer windows, so that
 # `make bench` stays under 15 minutes on 2 cores.
 OTHER_RUNTIME_BATCH_SIZES = "1,4"
@@ -95,11 +99,23 @@ def _json_lines(command: list[str], env: dict[str, str], timeout: float) -> list
 
 
 def served_sweep(
-    name: str, images: Path, args: argparse.Namespace, env: dict[str, str], concurrency: str | None = None
+    name: str,
+    images: Path,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    concurrency: str | None = None,
+    oip: bool = False,
 ) -> dict[str, Any]:
-    """Starts a server, waits for SERVING, runs the load generator against it, stops it."""
-    port = free_port()
-    server_env = {**env, "SEGSERVE_WEIGHTS": "random", "SEGSERVE_HOST": "127.0.0.1", "SEGSERVE_PORT": str(port)}
+    """Starts a server, waits for SERVING, runs the load generator against it (and perf_analyzer over the
+    Open Inference Protocol when `oip`), stops it."""
+    port, http_port = free_port(), free_port()
+    server_env = {
+        **env,
+        "SEGSERVE_WEIGHTS": "random",
+        "SEGSERVE_HOST": "127.0.0.1",
+        "SEGSERVE_PORT": str(port),
+        "SEGSERVE_HTTP_PORT": str(http_port),
+    }
     server_env.update(_server_overrides(name))
     log.info("starting server (%s) on port %d", name, port)
     started = time.monotonic()
@@ -120,18 +136,34 @@ def served_sweep(
                 env,
                 timeout=3600,
             )  # fmt: skip
-            info = client.model_info()
+            info = client.model_info()  # before perf_analyzer: batch_sizes are the loadgen sweep's
+            oip_steps = oip_sweep(info.model, port, http_port, images, args) if oip else []
         return {
             "name": name,
             "settings": _server_overrides(name),
             "ready_s": ready_s,
             "steps": steps,
+            "oip_steps": oip_steps,
             "batch_sizes": list(info.batch_sizes),
             "runtime": info.runtime,
         }
     finally:
         stop_server(server)
         server_log.close()
+
+
+def oip_sweep(model: str, port: int, http_port: int, images: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """perf_analyzer over gRPC, then HTTP, on the bench's images: windows as long as loadgen's."""
+    data = perf_analyzer.write_input_data([p.read_bytes() for p in sorted(images.iterdir())], images.parent / "pa.json")
+    rows: list[dict[str, Any]] = []
+    for protocol, at in (("grpc", port), ("http", http_port)):
+        log.info("perf_analyzer over %s at concurrency %s", protocol, OIP_CONCURRENCY)
+        rows += perf_analyzer.run(
+            model, f"127.0.0.1:{at}", protocol, data, OIP_CONCURRENCY, int(args.duration * 1000),
+            images.parent / "pa.csv", stability_percentage=100 if args.smoke else 15,
+            max_trials=3 if args.smoke else args.repeats + 3,
+        )  # fmt: skip
+    return rows
 
 
 def stop_server(server: subprocess.Popen[bytes]) -> None:
@@ -230,7 +262,10 @@ def run(args: argparse.Namespace) -> Path:
         # The in-process limit runs before and after the served sweeps, so that a machine whose speed
         # drifts over minutes (a shared VM does) does not favour one side of the ratios.
         before = _json_lines(default_command, env, timeout=3600)
-        served = [served_sweep(name, images, args, env) for name in ("batching", "batching_off")]
+        served = [
+            served_sweep("batching", images, args, env, oip=True),
+            served_sweep("batching_off", images, args, env),
+        ]
         served_torch = served_sweep("torch", images, args, env, str(RUNTIME_TARGET_CONCURRENCY))
         after = [] if args.smoke else _json_lines(default_command, env, timeout=3600)
         inprocess = merge_inprocess_runs(before, after)

@@ -136,6 +136,23 @@ def test_runtime_targets_use_the_torch_sweep_and_the_fastest_fp32_limit(tmp_path
     assert "| openvino | fp32 | 12.00 | 4 | 90 | 99.95% |" in text
     assert "| onnxruntime | int8 | 50.00 | 4 | 40 | 97.00% |" in text
     assert "| torch | 8 | 6.00 |" in text  # the torch sweep's row in the served table
+    assert "perf_analyzer" not in text  # a result without the protocol sweep: no empty table
+
+
+def test_report_puts_perf_analyzers_steps_beside_loadgens(tmp_path: Path) -> None:
+    data = result(served_at_8=9.5, off_at_2=9.0)
+    oip = {"server_queue_ms": 3.0, "server_compute_ms": 80.0}
+    data["served"]["oip_steps"] = [  # type: ignore[index]
+        {"protocol": "grpc", "concurrency": 1, "throughput": 8.5, "p50_ms": 118.0, "p99_ms": 140.0, **oip},
+        {"protocol": "http", "concurrency": 8, "throughput": 9.25, "p50_ms": 850.0, "p99_ms": 990.0, **oip},
+    ]
+    json_path = tmp_path / "run.json"
+    json_path.write_text(json.dumps(data))
+    doc = tmp_path / "performance.md"
+    update_performance_doc(json_path, doc)
+    text = doc.read_text()
+    assert "| grpc | 1 | 8.50 | 118 | 140 | 3 / 80 | 9.00 |" in text  # loadgen's 9/s at concurrency 1
+    assert "| http | 8 | 9.25 | 850 | 990 | 3 / 80 | 9.50 |" in text
 
 
 def test_report_rewrites_only_its_section_and_the_plot_is_a_png(tmp_path: Path) -> None:

@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-import base64
 import csv
-import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from server import tensors
+from bench import perf_analyzer
 from tests.conftest import ServerThread, encode
 from tests.known_model import MODEL_NAME, Shape, render_scene
 
-PERF_ANALYZER = shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
-
-
-def cuda_runtime_library_dir() -> str:
-    """libcudart.so.12, from PyPI's nvidia-cuda-runtime-cu12: perf_analyzer links it, and it loads without a GPU."""
-    import nvidia.cuda_runtime  # a namespace package: found only where installed
-
-    return str(Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib")
+PERF_ANALYZER = perf_analyzer.binary()
 
 
 def input_data(path: Path) -> Path:
-    """perf_analyzer's --input-data: a BYTES tensor given as base64 of its raw form (length-prefixed elements)."""
     image = encode(Image.fromarray(render_scene(200, 150, [Shape("red", "disc", 0.4, 0.4, 0.25)])[0]))
-    raw = base64.b64encode(tensors.to_raw([image])).decode()
-    path.write_text(json.dumps({"data": [{"IMAGE": {"b64": raw}}]}))
-    return path
+    return perf_analyzer.write_input_data([image], path)
 
 
 @pytest.mark.slow
@@ -48,7 +33,7 @@ def test_perf_analyzer_reports_throughput_and_latency(
         [PERF_ANALYZER, "-m", MODEL_NAME, "-i", protocol, "-u", f"127.0.0.1:{port}",
          "--input-data", str(input_data(tmp_path / "input.json")), "--concurrency-range", "1:2",
          "--measurement-interval", "1000", "--stability-percentage", "100", "-f", str(report)],
-        env={**os.environ, "LD_LIBRARY_PATH": cuda_runtime_library_dir()},
+        env=perf_analyzer.environment(),
         capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -58,3 +43,16 @@ def test_perf_analyzer_reports_throughput_and_latency(
         assert float(row["Inferences/Second"]) > 0 and int(row["p99 latency"]) > 0
     # the server's side of the report comes from ModelStatistics
     assert "Server:" in done.stdout and "compute infer" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_bench_sweep_reads_perf_analyzers_report(known_server: ServerThread, tmp_path: Path) -> None:
+    """What `make bench` runs: one step per concurrency, in the bench's units."""
+    rows = perf_analyzer.run(
+        MODEL_NAME, f"127.0.0.1:{known_server.port}", "grpc", input_data(tmp_path / "input.json"), [1, 2],
+        window_ms=1000, report=tmp_path / "pa.csv", stability_percentage=100, max_trials=3,
+    )  # fmt: skip
+    assert [(r["protocol"], r["concurrency"]) for r in rows] == [("grpc", 1), ("grpc", 2)]
+    for row in rows:
+        assert row["throughput"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] < 60_000
+        assert row["server_compute_ms"] > 0  # from ModelStatistics
