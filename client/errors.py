@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 UNHEALTHY_MARK = "backend unhealthy"
+NOT_SERVING_PREFIX = "no replica is serving: each says NOT_SERVING"
 
 
 class SegmentError(Exception):
@@ -23,10 +24,13 @@ class SegmentError(Exception):
         details = (error.details() if hasattr(error, "details") else str(error)) or ""
         if code == grpc.StatusCode.UNAVAILABLE and UNHEALTHY_MARK in details:
             # gRPC's own words when client-side health checking found every replica NOT_SERVING.
-            details = (
-                f"no replica is serving: each says NOT_SERVING (still loading its model, or shutting down); {details}"
-            )
+            details = f"{NOT_SERVING_PREFIX} (still loading its model, or shutting down); {details}"
         return cls(code or grpc.StatusCode.UNKNOWN, details, image_id)
+
+    @property
+    def not_serving(self) -> bool:
+        """The server is up and answers its health checks, but says NOT_SERVING: the client sends it nothing."""
+        return self.code == grpc.StatusCode.UNAVAILABLE and self.message.startswith(NOT_SERVING_PREFIX)
 
     @classmethod
     def from_status_number(cls, number: int, message: str, image_id: str = "") -> SegmentError:

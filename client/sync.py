@@ -221,7 +221,10 @@ class SegmentClient:
         try:
             response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
+            error = SegmentError.from_rpc_error(exc)
+            if error.not_serving:  # the channel's own health watch heard NOT_SERVING, so it sends nothing
+                return "NOT_SERVING"
+            raise error from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def wait_until_serving(self, timeout: float = 60.0) -> None:

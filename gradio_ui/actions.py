@@ -39,6 +39,7 @@ class PageActions:
         self.target = target
         channel = open_channel(target, extra_options=RECONNECT_OPTIONS)
         self.client = SegmentClient(target, timeout=timeout_s, channel=channel)
+        self._info_error: SegmentError | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -46,13 +47,20 @@ class PageActions:
     # -- model panel -----------------------------------------------------------------------------
 
     def model_info(self) -> pb.ModelInfo | None:
+        self._info_error = None
         try:
             return self.client.model_info(timeout=INFO_TIMEOUT_S)
-        except SegmentError:
+        except SegmentError as exc:
+            self._info_error = exc
             return None
 
     def panel(self, info: pb.ModelInfo | None) -> str:
         if info is None:
+            if self._info_error is not None and self._info_error.not_serving:
+                return render.unreachable_panel(
+                    f"The server at {self.target} is up but not serving yet (loading its model, or shutting down); "
+                    "reload the page in a few seconds."
+                )
             return render.unreachable_panel(f"Cannot reach the segmentation server at {self.target} — is it running?")
         return render.model_panel(info)
 

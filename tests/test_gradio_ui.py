@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from client import ClassShare, SegmentClient, SegmentError, Timing
@@ -25,7 +26,7 @@ from gradio_ui import render
 from gradio_ui.actions import PageActions
 from gradio_ui.errors import describe_error
 from server.labels import VOC_CLASSES
-from tests.conftest import ServerThread, encode, photo_like
+from tests.conftest import ServerThread, encode, make_settings, photo_like
 from tests.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, render_scene
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -280,6 +281,25 @@ def test_server_down_is_a_readable_error(page, pages, cat_photo, tmp_path):
 
 
 # -- without a browser -------------------------------------------------------------------------------
+
+
+def test_a_server_that_says_not_serving_reads_as_up_but_not_ready(tmp_path: Path):
+    """The client sends nothing to a server whose health says NOT_SERVING (loading, or draining): the page
+    must still tell that apart from a server that is not there."""
+    loading = ServerThread(make_settings())
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode(photo_like(64, 48)))
+    actions = PageActions(loading.target, timeout_s=30)
+    try:
+        loading.call(loading.app.health.set("segserve.v1.Segmenter", health_pb2.HealthCheckResponse.NOT_SERVING))
+        panel = actions.panel(actions.model_info())
+        *_, status, _ = actions.segment_one(str(photo), 512, 0.5)
+        assert actions.client.health() == "NOT_SERVING"
+    finally:
+        actions.close()
+        loading.stop()
+    assert f"The server at {loading.target} is up but not serving yet" in panel
+    assert f"The server at {loading.target} is up but not ready (no replica is serving" in status
 
 
 def test_too_large_image_is_a_readable_error(server: ServerThread, tmp_path: Path):
