@@ -72,7 +72,8 @@ def run(
             program, "-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data),
             "--concurrency-range", f"{level}:{level}", "--measurement-interval", str(window_ms),
             "--stability-percentage", str(stability_percentage), "--max-trials", str(max_trials),
-            "-f", str(step_report),
+            # perf_analyzer names every output; the overlay (a full-size decode and blend) is not what Segment does.
+            "--request-parameter", "overlay:false:bool", "-f", str(step_report),
         ]  # fmt: skip
         done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0 or not step_report.is_file():

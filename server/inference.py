@@ -238,7 +238,12 @@ def requested_outputs(request: InferRequest) -> list[str]:
         if name not in OUTPUTS:
             raise InvalidTensor(f"unknown output {name!r}; the outputs are {', '.join(OUTPUTS)}")
     if request.outputs:
-        return list(dict.fromkeys(request.outputs))
+        wanted = list(dict.fromkeys(request.outputs))
+        if request.parameters.get("overlay") is False and OVERLAY_PNG in wanted:
+            # Generic clients (perf_analyzer) name every output the model lists; overlay=false leaves out the
+            # one that costs a full-size decode and blend, so they can measure what a Segment call does.
+            wanted.remove(OVERLAY_PNG)
+        return wanted
     wanted = [MASK_PNG, CLASSES]
     if request.parameters.get("overlay") is True:
         wanted.append(OVERLAY_PNG)

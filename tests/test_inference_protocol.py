@@ -217,6 +217,18 @@ def test_only_the_requested_outputs_are_returned(
     assert [o.name for o in overlay.outputs] == ["OVERLAY_PNG"]
     (png,) = tensors.split_bytes_elements("OVERLAY_PNG", overlay.raw_output_contents[0], 1)
     assert Image.open(io.BytesIO(png)).size == (WIDTH, HEIGHT)
+    # What perf_analyzer sends: every output named, and overlay=false to leave the costly one out.
+    every = [pb.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in ("MASK", "MASK_PNG", "OVERLAY_PNG")]
+    no_overlay = stub.ModelInfer(
+        pb.ModelInferRequest(
+            model_name=MODEL_NAME,
+            inputs=[tensor],
+            raw_input_contents=raw,
+            parameters={"overlay": pb.InferParameter(bool_param=False)},
+            outputs=every,
+        )
+    )
+    assert [o.name for o in no_overlay.outputs] == ["MASK", "MASK_PNG"]
 
 
 def test_model_infer_writes_one_log_line_with_its_protocol(
