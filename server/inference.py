@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import InvalidTensor, SegservError, TooManyImages, UnknownModel
-from server.interceptor import ImageNote, note_image
+from server.interceptor import note_result
 from server.pipeline import SegmentationPipeline, SegmentOptions, SegmentResult
 from server.tensors import BYTES, Tensor
 
@@ -293,14 +293,7 @@ def output_tensor(name: str, results: list[SegmentResult]) -> Tensor:
 def note_response(request_id: str, response: InferResponse) -> None:
     """Each image answered, into the current call's record (its log line and the per-stage metrics)."""
     for result in response.results:
-        t = result.timing
-        stages = {
-            "preprocess": t.preprocess_ms,
-            "queue": t.queue_ms,
-            "inference": t.inference_ms,
-            "postprocess": t.postprocess_ms,
-        }
-        note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
+        note_result(request_id, result)
 
 
 def server_version() -> str:

@@ -18,12 +18,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from server.drain import CallTracker
 from server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from server.pipeline import SegmentResult
 
 log = logging.getLogger("segserve.access")
 
@@ -67,6 +70,18 @@ def note_image(note: ImageNote) -> None:
     record = _current.get()
     if record is not None:
         record.images.append(note)
+
+
+def note_result(request_id: str, result: SegmentResult) -> None:
+    """An image answered, with its size, batch and stage times."""
+    t = result.timing
+    stages = {
+        "preprocess": t.preprocess_ms,
+        "queue": t.queue_ms,
+        "inference": t.inference_ms,
+        "postprocess": t.postprocess_ms,
+    }
+    note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
 
 
 def _request_id(context: Context) -> str:

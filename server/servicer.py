@@ -15,7 +15,7 @@ from server import converters
 from server.buffers import UploadHold
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
-from server.interceptor import Context, ImageNote, note_image
+from server.interceptor import Context, ImageNote, note_image, note_result
 from server.pipeline import AdmissionSlot, SegmentationPipeline, SegmentOptions
 from server.stream_window import Place, StreamWindow
 
@@ -137,14 +137,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         slot: AdmissionSlot | None = None,
     ) -> pb.SegmentResponse:
         result = await self.pipeline.segment(image, options, deadline, slot)
-        t = result.timing
-        stages = {
-            "preprocess": t.preprocess_ms,
-            "queue": t.queue_ms,
-            "inference": t.inference_ms,
-            "postprocess": t.postprocess_ms,
-        }
-        note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
+        note_result(request_id, result)
         return converters.result_to_proto(request_id, result)
 
     async def _upload(self, context: Context, deadline: float | None) -> pb.SegmentResponse:

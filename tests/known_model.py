@@ -185,25 +185,18 @@ def gate_scenes() -> list[tuple[np.ndarray, np.ndarray, tuple[Shape, ...]]]:
     for k in range(GATE_SCENES):
         (left_colour, left_kind), (right_colour, right_kind) = kinds[k % len(kinds)], kinds[(k * 5 + 1) % len(kinds)]
         shapes = (
-            Shape(
-                left_colour,
-                left_kind,
-                float(rng.uniform(0.22, 0.32)),
-                float(rng.uniform(0.3, 0.7)),
-                float(rng.uniform(0.15, 0.24)),
-            ),
-            Shape(
-                right_colour,
-                right_kind,
-                float(rng.uniform(0.68, 0.78)),
-                float(rng.uniform(0.3, 0.7)),
-                float(rng.uniform(0.15, 0.24)),
-            ),
+            _gate_shape(left_colour, left_kind, (0.22, 0.32), rng),
+            _gate_shape(right_colour, right_kind, (0.68, 0.78), rng),
         )
         height, width = TRAIN_SHAPES[k % len(TRAIN_SHAPES)]
         image, labels = render_scene(width, height, shapes, seed=GATE_SEED + k)
         scenes.append((image, labels, shapes))
     return scenes
+
+
+def _gate_shape(colour: str, kind: str, across: tuple[float, float], rng: np.random.Generator) -> Shape:
+    cx, cy, size = rng.uniform(*across), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.24)
+    return Shape(colour, kind, float(cx), float(cy), float(size))
 
 
 def predict(model: nn.Module, images: list[np.ndarray]) -> np.ndarray:
