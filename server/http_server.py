@@ -20,6 +20,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 HTTP_DISABLED = -1
+LISTEN_BACKLOG = 2048  # uvicorn's default; it listens again with its own
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -31,6 +32,10 @@ def bind(host: str, port: int) -> socket.socket:
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "[::]" takes IPv4 too, as gRPC's does
     sock.bind((address, port))
+    # Listening at once claims the port now: with SO_REUSEADDR, two servers can both bind a port that no one
+    # listens on yet, and the second then failed at start-up, where it stopped the whole server (three
+    # replicas sharing a host network did, 1 run in 3).
+    sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
 

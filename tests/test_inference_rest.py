@@ -427,3 +427,22 @@ def test_bodies_in_progress_share_the_upload_budget(images: list[bytes]) -> None
     finally:
         go_on.set()
         server.stop()
+
+
+async def test_a_taken_http_port_is_logged_and_both_servers_serve_grpc(caplog: pytest.LogCaptureFixture) -> None:
+    """Two servers built before either starts, as replicas on one host network are: the second finds the
+    HTTP port taken when it is built, says so, and serves gRPC without it; neither stops."""
+    from server.app import create_app
+
+    first = await create_app(make_settings(http_port=0))
+    assert first.http_port is not None
+    second = await create_app(make_settings(http_port=first.http_port))
+    try:
+        assert second.http is None
+        for app in (first, second):
+            await app.start()
+            assert app.pipeline.ready
+    finally:
+        for app in (first, second):
+            await app.stop(0)
+    assert any("HTTP port not started" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
