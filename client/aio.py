@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import DEFAULT_TARGET
-from client.errors import SegmentError
+from client.errors import SegmentError, health_of_refused_check
 from client.frames import (
     DEFAULT_FRAME_FORMAT,
     DEFAULT_WINDOW,
@@ -207,10 +207,7 @@ class AsyncSegmentClient:
         try:
             response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
-            error = SegmentError.from_rpc_error(exc)
-            if error.not_serving:  # the channel's own health watch heard NOT_SERVING, so it sends nothing
-                return "NOT_SERVING"
-            raise error from None
+            return health_of_refused_check(exc)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     async def close(self) -> None:

@@ -36,3 +36,12 @@ class SegmentError(Exception):
     def from_status_number(cls, number: int, message: str, image_id: str = "") -> SegmentError:
         code = next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
         return cls(code, message, image_id)
+
+
+def health_of_refused_check(exc: grpc.RpcError) -> str:
+    """A failed health check: "NOT_SERVING" when the channel's own health watch heard that (so it sends the
+    server nothing, the check included); otherwise the SegmentError, raised."""
+    error = SegmentError.from_rpc_error(exc)
+    if error.not_serving:
+        return "NOT_SERVING"
+    raise error from None
