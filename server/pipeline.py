@@ -23,7 +23,9 @@ from server.buffers import StreamCounts, UploadBudget
 from server.errors import InvalidOptions, NotReady, Overloaded
 from server.imaging import Limits, decode_full_image, decode_image, image_from_pixels, let_pillow_accept
 from server.labels import Label
+from server.mask_png import mask_png_at
 from server.postprocess import (
+    VOC_PALETTE,
     ClassShare,
     blend_overlay,
     class_shares_of_upsampled,
@@ -286,9 +288,11 @@ class SegmentationPipeline:
         shares = class_shares_of_upsampled(labels, size, self.runtime.facts.labels)
         if not (options.mask_png or options.label_map):
             return b"", shares, None
+        if not options.label_map:  # the PNG alone never needs the full-size mask in memory
+            return mask_png_at(labels, size, VOC_PALETTE), shares, None
         mask = upsample_labels(labels, size)
         mask_png = encode_mask_png(mask) if options.mask_png else b""
-        return mask_png, shares, np.asarray(mask) if options.label_map else None
+        return mask_png, shares, np.asarray(mask)
 
     def _render_overlay(
         self, labels: np.ndarray, size: tuple[int, int], data: bytes | np.ndarray, opacity: float
