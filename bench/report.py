@@ -196,6 +196,15 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
                 f"| {label} | {s['concurrency']} | {s['throughput']:.2f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | "
                 f"{s['p99_ms']:.0f} | {s['errors']} | {s['mean_batch_size']:.2f} | {parts} |"
             )
+    starts = [(label, result[config]["ready_s"]) for config, label in configs if "ready_s" in result.get(config, {})]
+    if starts:
+        lines += [
+            "",
+            "Start to SERVING, in run order (the first start on a machine measures auto's candidates unless an "
+            "earlier start cached the verdict; onnxruntime fp32 named measures nothing): "
+            + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in starts)
+            + ".",
+        ]
     oip_steps = result["served"].get("oip_steps") or []
     if oip_steps:
         lines += [

@@ -154,7 +154,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
     for name, field in Settings.model_fields.items():
         env = "SEGSERVE_" + name.upper()
-        help_text = f"{field.description} [env {env}, default: {field.default}]"
+        # argparse formats help with %: a literal one (as in "99.5%") must be doubled.
+        help_text = f"{field.description} [env {env}, default: {field.default}]".replace("%", "%%")
         if field.annotation is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -182,3 +182,25 @@ def test_onnxruntime_on_cuda_takes_tensorrt_then_cuda_and_says_so_when_neither_i
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(ModelLoadError, match="no CUDA provider"):
         providers_for(torch.device("cuda"), tmp_path)
+
+
+def test_openvino_sends_no_telemetry_and_starts_no_process(tmp_path: Path) -> None:
+    """OpenVINO's usage telemetry is on by default (no opt-out file in a fresh home) and forks a process to
+    send each event; the server must neither report home nor leave a child its exit waits for."""
+    code = """
+import multiprocessing, os
+from server.settings import Settings
+from server.runtimes.factory import create_runtime, importable
+assert importable("openvino")
+runtime = create_runtime(Settings(weights="random", max_size=32, runtime="openvino", precision="fp32",
+                                  device="cpu", cache_dir=os.environ["CACHE"]))
+runtime.predict([__import__("numpy").zeros((32, 24, 3), "uint8")])
+import openvino_telemetry.main as telemetry
+print("consent", telemetry.Telemetry().consent, "children", len(multiprocessing.active_children()),
+      "CI" in os.environ)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env |= {"HOME": str(tmp_path), "CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("consent False children 0 False"), done.stdout

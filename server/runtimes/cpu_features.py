@@ -44,21 +44,10 @@ def flags_digest() -> str:
     return hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
 
 
-@functools.cache
-def openvino_capabilities() -> frozenset[str]:
-    """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU (FP32, BF16, INT8...); empty without openvino."""
-    try:
-        import openvino as ov
-
-        return frozenset(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    except Exception:
-        return frozenset()
-
-
 def native_bf16() -> bool:
-    """bf16 in hardware (AVX512_BF16 or AMX): OpenVINO's own verdict, else the kernel's flags. Elsewhere bf16
-    is emulated and slower than fp32 (on a Zen 2 EPYC openvino bf16 ran at half its f32 speed)."""
-    capabilities = openvino_capabilities()
-    if capabilities:
-        return "BF16" in capabilities
+    """bf16 in hardware: AVX512_BF16 or AMX, which is what OpenVINO's OPTIMIZATION_CAPABILITIES reports as
+    BF16 on x86. Read from the kernel's flags rather than by asking OpenVINO: creating an ov.Core in every
+    server just to ask would load OpenVINO and its thread pool into servers that never run it. Without
+    those units bf16 is emulated and slower than fp32 (on a Zen 2 EPYC openvino bf16 ran at half its f32
+    speed)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

@@ -16,6 +16,7 @@ from server.model import LoadedModel, load_model, resolve_device, weights_finger
 from server.runtimes import cpu_features, selection
 from server.runtimes.base import ModelFacts, Runtime
 from server.runtimes.export_cache import cached_file, resolve_cache_root
+from server.runtimes.openvino_import import import_openvino
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ GRAPH_RUNTIMES = ("onnxruntime", "openvino")
 
 def importable(name: str) -> bool:
     try:
-        importlib.import_module(name)
+        import_openvino() if name == "openvino" else importlib.import_module(name)
     except Exception:  # a broken install (missing shared library...) is as good as absent
         return False
     return True
@@ -67,9 +68,7 @@ def _library_version(name: str) -> str:
 
 
 def _openvino_version() -> str:
-    import openvino
-
-    return str(openvino.get_version())
+    return str(import_openvino().get_version())
 
 
 def graph_key(

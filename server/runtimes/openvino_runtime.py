@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 import torch
+
+from server.runtimes.openvino_import import telemetry_declined
+
+with telemetry_declined():
+    import openvino as ov
 
 from server.errors import ModelLoadError
 from server.runtimes.base import ModelFacts

@@ -29,6 +29,7 @@ from server.errors import ModelLoadError
 from server.runtimes import cpu_features
 from server.runtimes.base import Runtime
 from server.runtimes.calibration import agreement_images
+from server.runtimes.openvino_import import import_openvino
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def _selection_code_sha256() -> str:
 
 def _version(name: str) -> str:
     try:
-        module = importlib.import_module(name)
+        module = import_openvino() if name == "openvino" else importlib.import_module(name)
     except Exception:
         return "absent"
     return str(module.get_version() if name == "openvino" else module.__version__)
