@@ -48,7 +48,7 @@ def plan(settings: Settings, device: torch.device) -> list[selection.Candidate]:
         settings.runtime,
         settings.precision,
         device,
-        installed=importable,
+        installed=selection.installed,
         native_bf16=cpu_features.native_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported(),
     )
 
