@@ -41,6 +41,11 @@ class OpenVinoRuntime:
         }
         self.compiled = core.compile_model(str(graph), "CPU", config)
         self.request = self.compiled.create_infer_request()
+        # A CPU without bf16 units ignores the bf16 hint and compiles f32: say what runs, not what was asked.
+        ran = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if precision == "bf16" and "bf16" not in ran:
+            self.precision = "fp32"
+            precision = "bf16 asked, f32 runs: no bf16 units"
         self.description = f"openvino {ov.get_version().split('-')[0]} (CPU, {precision}, {threads} threads)"
 
     @property

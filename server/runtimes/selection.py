@@ -94,7 +94,7 @@ class Choice:
 
 
 def auto_precisions(device: torch.device, native_bf16: bool) -> tuple[str, ...]:
-    """`native_bf16`: the device computes bf16 in hardware (elsewhere it is emulated, and slower)."""
+    """`native_bf16`: the device computes bf16 in hardware (elsewhere OpenVINO runs f32 for it anyway)."""
     bf16 = ("bf16",) if native_bf16 else ()
     return ("fp32", "fp16", *bf16) if device.type == "cuda" else ("fp32", *bf16)
 
