@@ -176,7 +176,7 @@ def test_the_verdict_is_cached_and_measured_again_when_cpu_or_versions_change(
     monkeypatch.setattr(cpu_features, "flags_digest", lambda: "another cpu")
     _, moved, built = choose(found, fresh(), timings, tmp_path, key())
     assert not moved.cached and built == [ORT, OV]
-    monkeypatch.setattr(selection, "_version", lambda name: "99.0")
+    monkeypatch.setattr(selection, "library_version", lambda name: "99.0")
     _, upgraded, built = choose(found, fresh(), timings, tmp_path, key())
     assert not upgraded.cached and built == [ORT, OV]
 

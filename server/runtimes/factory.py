@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib
 import logging
 from pathlib import Path
@@ -15,7 +13,7 @@ from server.labels import VOC_CLASSES, make_labels
 from server.model import LoadedModel, load_model, resolve_device, weights_fingerprint, without_aux_head
 from server.runtimes import cpu_features, selection
 from server.runtimes.base import ModelFacts, Runtime
-from server.runtimes.export_cache import cached_file, resolve_cache_root
+from server.runtimes.export_cache import cached_file, resolve_cache_root, source_sha256
 from server.runtimes.openvino_import import import_openvino
 from server.settings import Settings
 
@@ -57,20 +55,6 @@ def facts_of(settings: Settings, loaded: LoadedModel) -> ModelFacts:
     return ModelFacts(settings.model, loaded.weights_description, loaded.trained, make_labels(VOC_CLASSES))
 
 
-@functools.cache
-def source_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-@functools.cache
-def _library_version(name: str) -> str:
-    return str(importlib.import_module(name).__version__) if name != "openvino" else _openvino_version()
-
-
-def _openvino_version() -> str:
-    return str(import_openvino().get_version())
-
-
 def graph_key(
     settings: Settings, loaded: LoadedModel, weights_sha256: str, runtime: str, precision: str
 ) -> dict[str, str]:
@@ -81,11 +65,11 @@ def graph_key(
         "weights_sha256": weights_sha256,
         "mean_std": repr((loaded.mean, loaded.std)),
         "torch": torch.__version__,
-        "onnx": _library_version("onnx"),
+        "onnx": selection.library_version("onnx"),
         # The export code itself, hashed: an edit to it can never be served from a graph the old code made.
         "export_code_sha256": source_sha256(graph_export.__file__),
         "opset": str(graph_export.OPSET),
-        "runtime": f"{runtime} {_library_version(runtime)}",
+        "runtime": f"{runtime} {selection.library_version(runtime)}",
         "precision": precision,
     }
     if precision == "int8":

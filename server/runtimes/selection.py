@@ -11,7 +11,6 @@ the graph cache, keyed by everything that could change it, so a warm start build
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import json
@@ -31,6 +30,7 @@ from server.errors import ModelLoadError
 from server.runtimes import cpu_features
 from server.runtimes.base import Runtime
 from server.runtimes.calibration import agreement_images
+from server.runtimes.export_cache import source_sha256
 
 log = logging.getLogger(__name__)
 
@@ -220,20 +220,16 @@ def table(trials: list[Trial], chosen: Candidate) -> str:
 # ---- the cache ----------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _selection_code_sha256() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
 # The distributions each runtime module may come from (onnxruntime has GPU and OpenVINO builds).
 _DISTRIBUTIONS = {
     "torch": ("torch",),
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"),
     "openvino": ("openvino",),
+    "onnx": ("onnx",),
 }
 
 
-def _version(name: str) -> str:
+def library_version(name: str) -> str:
     """The installed version, read from the package's metadata: a warm start then never imports a runtime it
     will not serve (importing openvino alone costs 0.2-0.4 s)."""
     for distribution in _DISTRIBUTIONS.get(name, (name,)):
@@ -253,12 +249,12 @@ def cache_key(
     """Everything the verdict depends on: a change of any misses the cache and measures again."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
-        "selection_code_sha256": _selection_code_sha256(),
+        "selection_code_sha256": source_sha256(__file__),
         "cpu": cpu_features.cpu_model(),
         "cpu_flags_sha256": cpu_features.flags_digest(),
         "device": device_name,
         "threads": str(threads),
-        "versions": " ".join(f"{n} {_version(n)}" for n in ("torch", "onnxruntime", "openvino")),
+        "versions": " ".join(f"{n} {library_version(n)}" for n in ("torch", "onnxruntime", "openvino")),
         "model": model,
         "weights_sha256": weights_sha256,
         "max_size": str(max_size),
