@@ -15,13 +15,15 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from bench.loadgen import load_images
 from server.imaging import Limits, decode_image
-from server.postprocess import class_shares_of_upsampled, encode_mask_png, upsample_labels
+from server.mask_png import mask_png_at
+from server.postprocess import VOC_PALETTE, class_shares_of_upsampled
 from server.runtimes import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import Settings
@@ -31,8 +33,7 @@ def _one_batch(runtime: Runtime, settings: Settings, batch: list[bytes], limits:
     decoded = [decode_image(data, settings.max_size, limits) for data in batch]
     labels = runtime.predict([np.asarray(d.model_input, dtype=np.uint8) for d in decoded])
     for label_map, image in zip(labels, decoded, strict=True):
-        mask = upsample_labels(label_map, image.original_size)
-        encode_mask_png(mask)
+        mask_png_at(label_map, image.original_size, VOC_PALETTE)
         class_shares_of_upsampled(label_map, image.original_size, runtime.facts.labels)
 
 
@@ -43,21 +44,32 @@ def measure(
     batch_size: int,
     windows: int,
     window_s: float,
+    *,
+    model_alone: bool = False,
 ) -> dict[str, Any]:
+    """Images/s over `windows` windows of batches taken round-robin. `model_alone`: the runtime's predict
+    alone, on the images decoded and resized beforehand: the ceiling the served path is judged against
+    (what a server would reach if everything around the model were free)."""
     limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
+    step: Callable[[list[int]], object]
+    if model_alone:
+        inputs = [np.asarray(decode_image(d, settings.max_size, limits).model_input, np.uint8) for _, d in images]
+        step = lambda chosen: runtime.predict([inputs[j] for j in chosen])  # noqa: E731
+    else:
+        step = lambda chosen: _one_batch(runtime, settings, [images[j][1] for j in chosen], limits)  # noqa: E731
     i = 0
     per_window: list[float] = []
     latencies: dict[str, list[float]] = {}
-    _one_batch(runtime, settings, [images[0][1]] * batch_size, limits)  # first call per batch shape is slow
+    step([0] * batch_size)  # first call per batch shape is slow
     for _ in range(windows):
         done, started = 0, time.monotonic()
         while time.monotonic() - started < window_s:
-            chosen = [images[(i + k) % len(images)] for k in range(batch_size)]
+            chosen = [(i + k) % len(images) for k in range(batch_size)]
             i += batch_size
             t0 = time.monotonic()
-            _one_batch(runtime, settings, [data for _, data in chosen], limits)
-            if batch_size == 1:
-                latencies.setdefault(chosen[0][0], []).append(time.monotonic() - t0)
+            step(chosen)
+            if batch_size == 1 and not model_alone:
+                latencies.setdefault(images[chosen[0]][0], []).append(time.monotonic() - t0)
             done += batch_size
         per_window.append(done / (time.monotonic() - started))
     by_kind = {kind: {"count": len(v), "p50_ms": float(np.median(v) * 1000)} for kind, v in sorted(latencies.items())}
@@ -67,33 +79,6 @@ def measure(
         "throughput_windows": per_window,
         "by_kind": by_kind,
     }
-
-
-def measure_model_alone(
-    runtime: Runtime,
-    settings: Settings,
-    images: list[tuple[str, bytes]],
-    batch_size: int,
-    windows: int,
-    window_s: float,
-) -> dict[str, Any]:
-    """The runtime's predict alone, on the same images decoded and resized beforehand: the ceiling the served
-    path is judged against (what a server could reach if everything around the model were free)."""
-    limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
-    inputs = [
-        np.asarray(decode_image(data, settings.max_size, limits).model_input, dtype=np.uint8) for _, data in images
-    ]
-    runtime.predict(inputs[:1] * batch_size)
-    i = 0
-    per_window: list[float] = []
-    for _ in range(windows):
-        done, started = 0, time.monotonic()
-        while time.monotonic() - started < window_s:
-            runtime.predict([inputs[(i + k) % len(inputs)] for k in range(batch_size)])
-            i += batch_size
-            done += batch_size
-        per_window.append(done / (time.monotonic() - started))
-    return {"batch_size": batch_size, "throughput": statistics.median(per_window), "throughput_windows": per_window}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(runtime, settings, images, batch_size, args.repeats, args.duration)
         sys.stdout.write(json.dumps(result | labels) + "\n")
         if args.model_alone:
-            alone = measure_model_alone(runtime, settings, images, batch_size, args.repeats, args.duration)
+            alone = measure(runtime, settings, images, batch_size, args.repeats, args.duration, model_alone=True)
             sys.stdout.write(json.dumps(alone | labels | {"model_alone": True}) + "\n")
         sys.stdout.flush()
     return 0
