@@ -1,4 +1,5 @@
-"""Label map to what callers get: a VOC palette PNG at the input's size, class shares, an overlay."""
+"""Label map to what callers get: a palette PNG (the model's label colours) at the input's size, class shares,
+an overlay."""
 
 from __future__ import annotations
 
@@ -76,19 +77,22 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def encode_mask_png(mask: Image.Image) -> bytes:
-    """A palette PNG whose pixel values are the class ids and whose palette holds the VOC colours."""
+def encode_mask_png(mask: Image.Image, palette: list[int] | None = None) -> bytes:
+    """A palette PNG whose pixel values are the class ids and whose palette holds the label colours
+    (server.labels.palette_of; VOC's by default)."""
     paletted = mask.copy()
-    paletted.putpalette(_PALETTE)
+    paletted.putpalette(palette or _PALETTE)
     return encode_png(paletted)
 
 
 _FOREGROUND_LUT = [0] + [255] * 255
 
 
-def blend_overlay(image: Image.Image, mask: Image.Image, opacity: float) -> Image.Image:
+def blend_overlay(
+    image: Image.Image, mask: Image.Image, opacity: float, palette: list[int] | None = None
+) -> Image.Image:
     """The image with each pixel's class colour laid over it; background (class 0) left untouched."""
     paletted = mask.copy()
-    paletted.putpalette(_PALETTE)
+    paletted.putpalette(palette or _PALETTE)
     blended = Image.blend(image, paletted.convert("RGB"), opacity)
     return Image.composite(blended, image, mask.point(_FOREGROUND_LUT))

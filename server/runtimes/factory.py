@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from server.errors import ModelLoadError
-from server.labels import VOC_CLASSES, make_labels
+from server.labels import VOC_CLASSES, Label, make_labels
 from server.model import LoadedModel, load_model, resolve_device, weights_fingerprint, without_aux_head
 from server.runtimes.base import ModelFacts, Runtime
 from server.runtimes.export_cache import cached_file, resolve_cache_root
@@ -53,8 +53,8 @@ def choose_runtime(requested: str, device: torch.device, precision: str) -> str:
     return next((name for name in CPU_PREFERENCE if importable(name)), "torch")
 
 
-def facts_of(settings: Settings, loaded: LoadedModel) -> ModelFacts:
-    return ModelFacts(settings.model, loaded.weights_description, loaded.trained, make_labels(VOC_CLASSES))
+def facts_of(settings: Settings, loaded: LoadedModel, labels: tuple[Label, ...] | None = None) -> ModelFacts:
+    return ModelFacts(settings.model, loaded.weights_description, loaded.trained, labels or make_labels(VOC_CLASSES))
 
 
 @functools.cache
@@ -130,16 +130,17 @@ def _graph_runtime(settings: Settings, graph: Path, facts: ModelFacts, device: t
     return OpenVinoRuntime(graph, facts, device, precision=settings.precision, threads=settings.inference_threads)
 
 
-def create_runtime(settings: Settings) -> Runtime:
-    """Loads the weights and builds the runtime the settings ask for. Raises ModelLoadError with one line."""
+def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
+    """Loads the weights and builds the runtime the settings ask for, with one output class per label (VOC's
+    21 when None). Raises ModelLoadError with one line."""
     device = resolve_device(settings.device)
     name = choose_runtime(settings.runtime, device, settings.precision)
     if settings.precision == "int8" and name != "onnxruntime":
         raise ModelLoadError(f"precision int8 is offered by the onnxruntime runtime only, not {name}")
     if settings.inference_threads:
         torch.set_num_threads(settings.inference_threads)  # the export runs on torch too
-    loaded = load_model(settings.model, settings.weights)
-    facts = facts_of(settings, loaded)
+    loaded = load_model(settings.model, settings.weights, len(labels or VOC_CLASSES))
+    facts = facts_of(settings, loaded, labels)
     if name == "torch":
         from server.runtimes.torch_eager import TorchRuntime
 
