@@ -101,7 +101,8 @@ def _load_state_dict_file(builder: Callable[..., nn.Module], path: Path, num_cla
     head = state.get(HEAD_WEIGHT)
     if isinstance(head, torch.Tensor) and head.shape[0] != num_classes:
         raise ModelLoadError(
-            f"weights file {path} has a head of {head.shape[0]} classes, but its labels name {num_classes}"
+            f"weights file {path} does not match the labels: its head has {head.shape[0]} classes, "
+            f"the labels name {num_classes}"
         )
     has_aux = any(str(key).startswith("aux_classifier.") for key in state)
     model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=has_aux)

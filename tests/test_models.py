@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -71,6 +73,11 @@ def log_lines() -> Iterator[list[str]]:
 def repository(tmp_path_factory: pytest.TempPathFactory, known_weights: Path) -> Path:
     root = build_repository(tmp_path_factory.mktemp("models"), known_weights, batch_delay_ms=100.0)
     write_config(root / "broken", architecture=BROKEN_ARCHITECTURE)
+    # A config that reads fine, with weights that do not fit it: 21 classes in the head, 4 in the labels.
+    mismatched = root / "mismatched"
+    shutil.copytree(root / "colours", mismatched)
+    (mismatched / "weights.pt").unlink()
+    os.link(root / "shapes" / "weights.pt", mismatched / "weights.pt")
     return root
 
 
@@ -215,10 +222,13 @@ def test_a_broken_model_folder_leaves_the_others_serving_and_says_why(
     assert {name: m.state for name, m in listed.items()} == {
         "broken": "UNAVAILABLE",
         "colours": "READY",
+        "mismatched": "UNAVAILABLE",
         "shapes": "READY",
     }
     reason = listed["broken"].reason
     assert "broken/config.yaml: architecture:" in reason and BROKEN_ARCHITECTURE in reason
+    mismatch = listed["mismatched"].reason
+    assert "mismatched/config.yaml: weights:" in mismatch and "its head has 21 classes, the labels name 4" in mismatch
     assert listed["shapes"].is_default and listed["colours"].architecture == "deeplabv3_mobilenet_v3_large"
     assert any("model broken not loaded" in line and BROKEN_ARCHITECTURE in line for line in log_lines)
     with grpc.insecure_channel(two_models.target) as channel:
@@ -238,6 +248,7 @@ def test_a_broken_model_folder_leaves_the_others_serving_and_says_why(
         assert {(m.name, m.state) for m in index.models} == {
             ("broken", "UNAVAILABLE"),
             ("colours", "READY"),
+            ("mismatched", "UNAVAILABLE"),
             ("shapes", "READY"),
         }
     with pytest.raises(SegmentError) as refused:
