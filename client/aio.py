@@ -25,6 +25,8 @@ from client.frames import (
 from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.security import open_aio_channel, request_metadata
+from protos.inference import grpc_predict_v2_pb2 as inference_pb
+from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 
@@ -46,6 +48,7 @@ class AsyncSegmentClient:
         self._channel = open_aio_channel(target, credentials)
         self._stub = pb_grpc.SegmenterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._inference = inference_pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def segment(
         self,
@@ -212,6 +215,22 @@ class AsyncSegmentClient:
         """Every model the server is configured with: name, architecture, state (READY...), is_default."""
         try:
             return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)).models)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    async def load_model(self, model: str, timeout: float | None = None) -> None:
+        """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL."""
+        request = inference_pb.RepositoryModelLoadRequest(model_name=model)
+        try:
+            await self._inference.RepositoryModelLoad(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    async def unload_model(self, model: str, timeout: float | None = None) -> None:
+        """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""
+        request = inference_pb.RepositoryModelUnloadRequest(model_name=model)
+        try:
+            await self._inference.RepositoryModelUnload(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc) from None
 

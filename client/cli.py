@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_video_parser(commands)
 
     for name, help_text in (
+        ("load", "load (or reload) a model of the server's repository (needs SEGSERVE_MODEL_CONTROL)"),
+        ("unload", "unload a model once its requests are answered (needs SEGSERVE_MODEL_CONTROL)"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("model", metavar="MODEL", help="the model's name (its folder in the repository)")
+        sub.add_argument("--target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    for name, help_text in (
         ("info", "print a model being served and its labels"),
         ("models", "list the server's models and their state"),
         ("health", "print the serving status; exit 1 unless SERVING"),
@@ -138,6 +146,18 @@ def cmd_models(client: SegmentClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(client: SegmentClient, args: argparse.Namespace) -> int:
+    client.load_model(args.model)
+    print(f"{args.model}: loaded")
+    return 0
+
+
+def cmd_unload(client: SegmentClient, args: argparse.Namespace) -> int:
+    client.unload_model(args.model)
+    print(f"{args.model}: unloaded")
+    return 0
+
+
 def cmd_health(client: SegmentClient, args: argparse.Namespace) -> int:
     status = client.health(f"model/{args.model}" if args.model else "")
     print(status)
@@ -151,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "segment-video": cmd_segment_video,
         "info": cmd_info,
         "models": cmd_models,
+        "load": cmd_load,
+        "unload": cmd_unload,
         "health": cmd_health,
     }[args.command]
     try:

@@ -24,6 +24,7 @@ from server.http_server import HttpServer, create_http_server
 from server.inference import InferenceModels
 from server.interceptor import ObservingInterceptor
 from server.metrics import Metrics
+from server.model_control import ModelControl
 from server.pipeline import SegmentationPipeline
 from server.rest import build_app
 from server.servicer import SegmenterServicer
@@ -144,7 +145,8 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     calls = CallTracker()
     server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics, calls)])
     pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
-    inference_models = InferenceModels(pipeline)
+    control = ModelControl(pipeline)
+    inference_models = InferenceModels(pipeline, control)
     inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         inference_grpc.InferenceServicer(inference_models), server
     )
@@ -161,7 +163,9 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
     http = create_http_server(build_app(inference_models, metrics, calls), settings)
-    return App(server, port, pipeline, health_servicer, metrics, metrics_port, calls, http)
+    app = App(server, port, pipeline, health_servicer, metrics, metrics_port, calls, http)
+    control.on_change = app.set_model_health
+    return app
 
 
 async def serve(settings: Settings) -> int:

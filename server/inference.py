@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import InvalidTensor, SegservError, TooManyImages, UnknownModel
+from server.errors import InvalidTensor, ModelControlRefused, SegservError, TooManyImages, UnknownModel
 from server.interceptor import note_result
+from server.model_control import ModelControl
 from server.pipeline import ModelPipeline, SegmentationPipeline, SegmentOptions, SegmentResult
 from server.registry import ModelEntry
 from server.tensors import BYTES, Tensor
@@ -31,6 +32,10 @@ IMAGE, PIXELS = "IMAGE", "PIXELS"
 MASK, MASK_PNG, CLASSES, OVERLAY_PNG = "MASK", "MASK_PNG", "CLASSES", "OVERLAY_PNG"
 OUTPUTS = (MASK, MASK_PNG, CLASSES, OVERLAY_PNG)
 PARAMETERS = ("max_size", "overlay", "overlay_opacity")
+UNLOAD_PARAMETERS = ("unload_dependents",)
+"""What tritonclient's unload_model sends; segserve's models have no dependents, so it changes nothing. A load
+takes no parameter: Triton's `config` and `file:` ones would let a caller write a model, and segserve's
+models come from the repository folder only."""
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
 
 ParameterValue = bool | int | float | str
@@ -101,8 +106,9 @@ def _ns(ms: float) -> int:
 class InferenceModels:
     """The served models as the protocol sees them: each by its name, with its own statistics."""
 
-    def __init__(self, pipeline: SegmentationPipeline) -> None:
+    def __init__(self, pipeline: SegmentationPipeline, control: ModelControl | None = None) -> None:
         self.pipeline = pipeline
+        self.control = control or ModelControl(pipeline)
         self.statistics: dict[str, Statistics] = {}
 
     @property
@@ -205,12 +211,14 @@ class InferenceModels:
                 f"send at most {limit} per request"
             )
         with ExitStack() as slots:
+            # Held for the whole request: an unload waits for all of its images, never refuses the later ones.
+            model = slots.enter_context(pipeline.models.acquire(name))
             # All N places or none: a request is admitted whole, like N Segment calls at once.
             admitted = [
                 slots.enter_context(pipeline.admit(admitted_before_drain=admitted_before_drain)) for _ in images
             ]
             tasks = [
-                asyncio.ensure_future(pipeline.segment(image, options, deadline, slot))
+                asyncio.ensure_future(pipeline.segment(image, options, deadline, slot, model))
                 for image, slot in zip(images, admitted, strict=True)
             ]
             try:
@@ -333,3 +341,12 @@ def labels_json(model: ModelPipeline) -> str:
 
 def labels_list(model: ModelPipeline) -> list[dict[str, Any]]:
     return [{"index": label.index, "name": label.name, "color": label.hex_color} for label in model.labels]
+
+
+def check_control_parameters(parameters: Mapping[str, object], allowed: tuple[str, ...]) -> None:
+    for key in parameters:
+        if key not in allowed:
+            raise ModelControlRefused(
+                f"parameter {key!r} is not taken: segserve loads each model's config and files from its "
+                "repository folder, by name"
+            )

@@ -15,7 +15,7 @@ from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server import inference
 from server import inference_grpc_converters as converters
-from server.errors import NotReady, NotServed, SegservError
+from server.errors import NotPermitted, NotReady, NotServed, SegservError
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
 from server.inference import InferenceModels, note_response
 from server.interceptor import Context, ImageNote, note_image
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _NOT_SERVED = {
-    "RepositoryModelLoad": "segserve serves one model, loaded at start-up; it cannot load others",
-    "RepositoryModelUnload": "segserve serves one model, loaded at start-up; it cannot unload it",
     "SystemSharedMemoryStatus": "segserve takes tensors in the request only; it has no shared memory",
     "SystemSharedMemoryRegister": "segserve takes tensors in the request only; it has no shared memory",
     "SystemSharedMemoryUnregister": "segserve takes tensors in the request only; it has no shared memory",
@@ -148,11 +146,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _raise(error: SegservError) -> Any:
         raise error
 
-    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
-        return await self._not_served(context, "RepositoryModelLoad")
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        return await guarded(context, self._load(request, context))
 
-    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
-        return await self._not_served(context, "RepositoryModelUnload")
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        return await guarded(context, self._unload(request, context))
+
+    async def _load(self, request: pb.RepositoryModelLoadRequest, context: Context) -> pb.RepositoryModelLoadResponse:
+        self._check_caller(context)
+        inference.check_control_parameters(request.parameters, ())
+        await self.models.control.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def _unload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._check_caller(context)
+        inference.check_control_parameters(request.parameters, inference.UNLOAD_PARAMETERS)
+        await self.models.control.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_caller(self, context: Context) -> None:
+        """Under TLS with client certificates, model control is for callers that presented one. gRPC's handshake
+        already requires it of every caller then; this holds even if that ever changes."""
+        self.models.control.check_enabled()
+        if self.models.pipeline.settings.tls_client_ca and not context.auth_context().get("x509_pem_cert"):
+            raise NotPermitted("loading and unloading models takes a client certificate")
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
         return await self._not_served(context, "SystemSharedMemoryStatus")

@@ -24,7 +24,7 @@ from PIL import Image
 from server.batch_sizing import BatchSizer
 from server.batcher import Batcher
 from server.buffers import StreamCounts, UploadBudget
-from server.errors import InvalidOptions, ModelLoadError, NotReady, Overloaded
+from server.errors import InvalidOptions, ModelLoadError, NotReady, Overloaded, TooManyModels
 from server.imaging import Limits, decode_full_image, decode_image, image_from_pixels, let_pillow_accept
 from server.labels import Label, palette_of
 from server.memory import resident_bytes
@@ -153,6 +153,7 @@ class ModelPipeline:
         """Requests that named this model and are not answered yet (an unload waits for them)."""
         self.resident_bytes = 0
         """What loading it added to the process's resident memory (runtime, graph, warm-up), measured."""
+        self._idle: asyncio.Event | None = None
 
     async def start(self) -> None:
         """Load the model (unless one was given) and warm it up, off the event loop. Raises ModelLoadError."""
@@ -203,9 +204,18 @@ class ModelPipeline:
             self.runtime.predict([np.zeros((height, width, 3), dtype=np.uint8)])
         log.info("warm-up of %s done in %.0f ms", self.name, (time.monotonic() - started) * 1000)
 
+    def became_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request holds this model (the registry's acquire counts them)."""
+        while self.in_flight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
     async def close(self) -> None:
-        if self.state != "UNAVAILABLE":
-            self.state = "UNAVAILABLE"
+        self.state = "UNAVAILABLE"
         if self._batcher is not None:
             await self._batcher.close()
 
@@ -332,6 +342,13 @@ class SegmentationPipeline:
                 continue
             given = self._given_runtime if config.name == self.models.default_name else None
             model = ModelPipeline(config, config.settings_for(self.settings), self.workers, given)
+            try:
+                self.models.check_room(config, self.settings)
+            except TooManyModels as exc:
+                self.models.add_broken(config.name, exc.message)
+                log.error("model %s not loaded: %s", config.name, exc.message)
+                errors.append(exc.message)
+                continue
             self.models.add(model)
             try:
                 await model.start()
@@ -415,15 +432,29 @@ class SegmentationPipeline:
         options: SegmentOptions,
         deadline: float | None = None,
         slot: AdmissionSlot | None = None,
+        held: ModelPipeline | None = None,
     ) -> SegmentResult:
         """Segment one encoded image (or decoded RGB pixels, height x width x 3) with the model the options
         name. `deadline` is a time.monotonic() value after which the model skips it.
 
         Without `slot`, admits the request and frees its place on return; with one, the caller holds
-        the place already and frees it itself."""
+        the place already and frees it itself. `held`: the model, acquired by the caller (models.acquire),
+        so that an unload waits for the request from then on."""
+        if held is not None:  # the caller acquired the model already (an upload, from its first chunk)
+            return await self._segment(held, data, options, deadline, slot)
         with self.models.acquire(options.model) as model:
-            model.check_options(options)
-            if slot is not None:
-                return await model.segment(data, options, deadline)
-            with self.admit():
-                return await model.segment(data, options, deadline)
+            return await self._segment(model, data, options, deadline, slot)
+
+    async def _segment(
+        self,
+        model: ModelPipeline,
+        data: bytes | np.ndarray,
+        options: SegmentOptions,
+        deadline: float | None,
+        slot: AdmissionSlot | None,
+    ) -> SegmentResult:
+        model.check_options(options)
+        if slot is not None:
+            return await model.segment(data, options, deadline)
+        with self.admit():
+            return await model.segment(data, options, deadline)

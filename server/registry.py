@@ -9,10 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.errors import NotReady, UnknownModel
+from server.errors import NotReady, TooManyModels, UnknownModel
 
 if TYPE_CHECKING:
     from server.pipeline import ModelPipeline
+    from server.repository import ModelConfig
+    from server.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,18 @@ class ModelRegistry:
         self._models.pop(name, None)
         self._broken[name] = reason
 
+    def is_listed(self, name: str) -> bool:
+        return name in self._models or name in self._broken
+
     def remove(self, name: str) -> None:
         self._models.pop(name, None)
 
     def find(self, name: str) -> ModelPipeline | None:
         return self._models.get(name or self.default_name)
+
+    def named(self, name: str) -> ModelPipeline | None:
+        """The model called exactly `name` (never the default for an empty name)."""
+        return self._models.get(name) if name else None
 
     def loaded(self) -> list[ModelPipeline]:
         return list(self._models.values())
@@ -64,6 +73,24 @@ class ModelRegistry:
             for name, reason in self._broken.items()
         ]
         return sorted(entries, key=lambda entry: entry.name)
+
+    def check_room(self, config: ModelConfig, settings: Settings, replacing: ModelPipeline | None = None) -> None:
+        """Refuses (RESOURCE_EXHAUSTED, with the figures) a model that would pass SEGSERVE_MAX_MODELS or
+        SEGSERVE_MAX_MODEL_WEIGHTS_BYTES. A model being reloaded makes room for its new version: for the moment
+        of the swap both are in memory, which the byte limit leaves out."""
+        others = [m for m in self._models.values() if m is not replacing and m.state in ("READY", "LOADING")]
+        if settings.max_models and len(others) + 1 > settings.max_models:
+            raise TooManyModels(
+                f"cannot load {config.name!r}: {len(others)} models are loaded and SEGSERVE_MAX_MODELS="
+                f"{settings.max_models}; unload one first"
+            )
+        held = sum(m.config.weights_bytes for m in others)
+        limit = settings.max_model_weights_bytes
+        if limit and held + config.weights_bytes > limit:
+            raise TooManyModels(
+                f"cannot load {config.name!r}: its {config.weights_bytes} bytes of weights and the {held} loaded "
+                f"pass SEGSERVE_MAX_MODEL_WEIGHTS_BYTES={limit}"
+            )
 
     def get(self, name: str) -> ModelPipeline:
         """The ready model called `name` (empty: the default). UNAVAILABLE when it is known but not ready,
@@ -92,3 +119,5 @@ class ModelRegistry:
             yield model
         finally:
             model.in_flight -= 1
+            if model.in_flight == 0:
+                model.became_idle()

@@ -35,6 +35,13 @@ CONFIG_FIELDS = ("architecture", "weights", "labels", "max_size", "max_batch_siz
 WEIGHTS_WORDS = ("auto", "pretrained", "random")
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".safetensors")
 MAX_CONFIG_BYTES = 1024 * 1024
+# Bytes of each architecture's float32 weights at 21 classes (its state_dict, measured): what a pretrained or
+# random model counts against SEGSERVE_MAX_MODEL_WEIGHTS_BYTES; a file counts its own size.
+ARCHITECTURE_WEIGHTS_BYTES = {
+    "deeplabv3_mobilenet_v3_large": 44_214_268,
+    "deeplabv3_resnet50": 158_782_772,
+    "deeplabv3_resnet101": 234_960_588,
+}
 
 
 class ModelConfigError(ModelLoadError):
@@ -62,6 +69,14 @@ class ModelConfig:
             if getattr(self, field) is not None:
                 update[field] = getattr(self, field)
         return settings.model_copy(update=update)
+
+    @property
+    def weights_bytes(self) -> int:
+        """What its weights count against SEGSERVE_MAX_MODEL_WEIGHTS_BYTES, known before loading them."""
+        path = Path(self.weights)
+        if self.weights not in WEIGHTS_WORDS and path.is_file():
+            return path.stat().st_size
+        return ARCHITECTURE_WEIGHTS_BYTES.get(self.architecture, 0)
 
     def where(self, field: str) -> str:
         """'models/crops/config.yaml: weights' for messages; just the field without a source."""

@@ -31,7 +31,15 @@ from server.errors import (
     SegservError,
     TooManyImages,
 )
-from server.inference import EXTENSIONS, MODEL_VERSION, InferenceModels, note_response, server_version
+from server.inference import (
+    EXTENSIONS,
+    MODEL_VERSION,
+    UNLOAD_PARAMETERS,
+    InferenceModels,
+    check_control_parameters,
+    note_response,
+    server_version,
+)
 from server.interceptor import REQUEST_ID_KEY, ImageNote, note_image, record_call, start_record
 from server.metrics import Metrics
 from server.pipeline import ModelPipeline, SegmentOptions
@@ -47,6 +55,10 @@ _STATUS_OF_CODE = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    # What is left of RESOURCE_EXHAUSTED once images and the queue are matched: a load past the model limits.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 409,
 }
 _CODE_OF_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
 # The body is the image: image/*, octet-stream, and curl's default for --data-binary (a form encoding by name only).
@@ -143,6 +155,8 @@ class RestApp:
             ("/v2/health/live", "GET", "ServerLive", self.live),
             ("/v2/health/ready", "GET", "ServerReady", self.ready),
             ("/v2/repository/index", "POST", "RepositoryIndex", self.repository_index),
+            ("/v2/repository/models/{model}/load", "POST", "RepositoryModelLoad", self.load_model),
+            ("/v2/repository/models/{model}/unload", "POST", "RepositoryModelUnload", self.unload_model),
             ("/v2/models/stats", "GET", "ModelStatistics", self.model_statistics),  # before /v2/models/{model}
             *[(p, "GET", "ModelMetadata", self.model_metadata) for p in (m, v)],
             *[(p + "/ready", "GET", "ModelReady", self.model_ready) for p in (m, v)],
@@ -253,6 +267,28 @@ class RestApp:
                 item["reason"] = entry.reason
             index.append(item)
         return JSONResponse(index)
+
+    # ---- model control ------------------------------------------------------------------------------------
+    # Under TLS with client certificates, uvicorn's handshake requires one of every caller (ssl.CERT_REQUIRED).
+
+    async def _control_parameters(self, request: Request, allowed: tuple[str, ...]) -> None:
+        self.models.control.check_enabled()
+        body = await read_body(request, INDEX_BODY_LIMIT, "a repository request", self.pipeline.uploads)
+        parsed = converters.parse_json(body) if body else {}
+        parameters = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
+        if not isinstance(parameters, dict):
+            raise converters.BadBody("the body must be a JSON object, with an optional `parameters` object")
+        check_control_parameters(parameters, allowed)
+
+    async def load_model(self, request: Request) -> Response:
+        await self._control_parameters(request, ())
+        await self.models.control.load(request.path_params["model"])
+        return JSONResponse({})
+
+    async def unload_model(self, request: Request) -> Response:
+        await self._control_parameters(request, UNLOAD_PARAMETERS)
+        await self.models.control.unload(request.path_params["model"])
+        return JSONResponse({})
 
     # ---- inference ----------------------------------------------------------------------------------------
 

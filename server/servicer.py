@@ -16,7 +16,7 @@ from server.buffers import UploadHold
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
 from server.interceptor import Context, ImageNote, note_image, note_result
-from server.pipeline import AdmissionSlot, SegmentationPipeline, SegmentOptions
+from server.pipeline import AdmissionSlot, ModelPipeline, SegmentationPipeline, SegmentOptions
 from server.stream_window import Place, StreamWindow
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         options: SegmentOptions,
         deadline: float | None,
         slot: AdmissionSlot | None = None,
+        model: ModelPipeline | None = None,
     ) -> pb.SegmentResponse:
-        result = await self.pipeline.segment(image, options, deadline, slot)
+        result = await self.pipeline.segment(image, options, deadline, slot, model)
         note_result(request_id, result)
         return converters.result_to_proto(request_id, result)
 
@@ -152,10 +153,12 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if first is None:
                 raise InvalidImage("upload had no chunks")
             image_id, options = first.id, converters.options_from_proto(first.options)
-            pipeline.check_options(options)
-            image = await self._receive_upload(first, context, hold)
-            del first
-            return await self._segment(image_id, image, options, deadline, slot)
+            # Held from the first chunk: an unload of this model waits for the upload rather than refuse it late.
+            with pipeline.models.acquire(options.model) as model:
+                model.check_options(options)
+                image = await self._receive_upload(first, context, hold)
+                del first
+                return await self._segment(image_id, image, options, deadline, slot, model)
 
     async def _receive_upload(self, first: pb.ImageChunk, context: Context, hold: UploadHold) -> bytes:
         limit = self.pipeline.limits.max_bytes

@@ -48,6 +48,20 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         None, description="The model a request without a model name gets (unset: the first model listed)."
     )
+    model_control: bool = Field(
+        False,
+        description="Load, reload and unload repository models at run time (the inference protocol's "
+        "RepositoryModelLoad/Unload; python -m client load/unload). Off: those calls are refused.",
+    )
+    max_models: int = Field(
+        0, ge=0, description="Most models loaded at once (0: no limit); a load past it is refused (RESOURCE_EXHAUSTED)."
+    )
+    max_model_weights_bytes: int = Field(
+        0,
+        ge=0,
+        description="Most bytes of weights loaded at once, all models together (0: no limit); a load past it is "
+        "refused (RESOURCE_EXHAUSTED).",
+    )
     weights: str = Field(
         "auto",
         description="auto (pretrained, random if unavailable), pretrained (fail if unavailable), "
@@ -137,6 +151,8 @@ class Settings(BaseSettings):
     def _one_way_to_name_models(self) -> Settings:
         if self.model_repository and self.models:
             raise ValueError("model_repository and models are two ways to list models: set one of them")
+        if self.model_control and not self.model_repository:
+            raise ValueError("model_control loads models from a repository: set model_repository too")
         return self
 
     @model_validator(mode="after")
