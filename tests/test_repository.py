@@ -176,3 +176,16 @@ def test_a_head_that_does_not_match_the_labels_names_both_numbers(known_weights:
     with pytest.raises(ModelLoadError) as refused:
         load_model(MOBILENET, str(known_weights), 4)
     assert "its head has 21 classes, the labels name 4" in refused.value.message
+
+
+def test_the_example_repository_reads_as_documented() -> None:
+    root = Path(__file__).resolve().parents[1] / "deploy" / "model-repository"
+    models = {m.name: m for m in configured_models(Settings(model_repository=str(root)))}
+    assert sorted(models) == ["crops", "fast"]
+    crops = models["crops"]
+    assert isinstance(crops, ModelConfig) and crops.architecture == "deeplabv3_resnet50" and crops.max_size == 384
+    assert [(label.name, label.hex_color) for label in crops.labels][:3] == [
+        ("background", "#000000"),
+        ("wheat", "#e0c050"),
+        ("weed", "#c82828"),
+    ]
