@@ -33,7 +33,7 @@ WORKDIR /app
 FROM base AS ui
 COPY pyproject.toml constraints.txt /build/
 COPY docker/requirements.py /build/docker/requirements.py
-RUN python /build/docker/requirements.py --without torch torchvision onnx onnxruntime debugpy watchfiles > /build/requirements.txt \
+RUN python /build/docker/requirements.py --without torch torchvision onnx onnxruntime openvino debugpy watchfiles > /build/requirements.txt \
     && pip install -c /build/constraints.txt -r /build/requirements.txt
 COPY protos/ /app/protos/
 COPY client/ /app/client/

@@ -30,8 +30,16 @@ SHAPES = ((96, 128), (128, 96), (128, 128))
 def variants() -> list[dict[str, str]]:
     """Every runtime and precision that can run here, torch fp32 on the CPU (the reference) first."""
     found = [{"runtime": "torch", "precision": "fp32", "device": "cpu"}]
-    found += [{"runtime": name, "precision": "fp32", "device": "cpu"} for name in ("onnxruntime", "openvino")]
-    found.append({"runtime": "onnxruntime", "precision": "int8", "device": "cpu"})
+    found += [
+        {"runtime": name, "precision": precision, "device": "cpu"}
+        for name, precision in (
+            ("onnxruntime", "fp32"),
+            ("openvino", "fp32"),
+            ("openvino", "bf16"),
+            ("onnxruntime", "int8"),
+            ("openvino", "int8"),
+        )
+    ]
     found = [v for v in found if v["runtime"] == "torch" or importable(v["runtime"])]
     if torch.cuda.is_available():
         found += [{"runtime": "torch", "precision": p, "device": "cuda"} for p in ("fp32", "fp16", "bf16")]

@@ -1,10 +1,11 @@
 """The in-process limit: the server's own decode, model and postprocess calls, without gRPC or the batcher.
 
-`python -m bench.inprocess --images DIR --batch-sizes 1,2,4,8 [--runtime NAME] [--precision P]` prints
-one JSON object per batch size. Images are taken round-robin from the same set the load generator sends;
-each batch is decoded, run through the model and postprocessed in a plain loop. Other settings (model,
-threads, channels_last...) come from the same SEGSERVE_* environment the server reads; the runtime is
-built by the server's own factory, so it is exactly what a server with those settings would run.
+`python -m bench.inprocess --images DIR --batch-sizes 1,2,4,8 [--runtime NAME] [--precision P] [--model-alone]`
+prints one JSON object per batch size (and, with --model-alone, one more per batch size timing the runtime's
+predict alone on the same images decoded beforehand). Images are taken round-robin from the same set the
+load generator sends; each batch is decoded, run through the model and postprocessed in a plain loop.
+Other settings (model, threads, channels_last...) come from the same SEGSERVE_* environment the server
+reads; the runtime is built by the server's own factory, so it is exactly what a server with those settings would run.
 """
 
 from __future__ import annotations
@@ -68,6 +69,33 @@ def measure(
     }
 
 
+def measure_model_alone(
+    runtime: Runtime,
+    settings: Settings,
+    images: list[tuple[str, bytes]],
+    batch_size: int,
+    windows: int,
+    window_s: float,
+) -> dict[str, Any]:
+    """The runtime's predict alone, on the same images decoded and resized beforehand: the ceiling the served
+    path is judged against (what a server could reach if everything around the model were free)."""
+    limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
+    inputs = [
+        np.asarray(decode_image(data, settings.max_size, limits).model_input, dtype=np.uint8) for _, data in images
+    ]
+    runtime.predict(inputs[:1] * batch_size)
+    i = 0
+    per_window: list[float] = []
+    for _ in range(windows):
+        done, started = 0, time.monotonic()
+        while time.monotonic() - started < window_s:
+            runtime.predict([inputs[(i + k) % len(inputs)] for k in range(batch_size)])
+            i += batch_size
+            done += batch_size
+        per_window.append(done / (time.monotonic() - started))
+    return {"batch_size": batch_size, "throughput": statistics.median(per_window), "throughput_windows": per_window}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--images", required=True)
@@ -76,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measured windows per batch size")
     parser.add_argument("--runtime", help="SEGSERVE_RUNTIME for this run (default: the environment's, or auto)")
     parser.add_argument("--precision", help="SEGSERVE_PRECISION for this run")
+    parser.add_argument(
+        "--model-alone", action="store_true", help="also time the runtime's predict alone (rows with model_alone)"
+    )
     args = parser.parse_args(argv)
     from pathlib import Path
 
@@ -84,10 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides |= {k: v for k, v in (("runtime", args.runtime), ("precision", args.precision)) if v}
     settings = Settings(**overrides)
     runtime = create_runtime(settings)
+    # What ran, in the same words whether it was named or chosen by auto.
+    labels = {
+        "runtime": runtime.description,
+        "runtime_name": runtime.description.split()[0],
+        "precision": runtime.precision,
+    }
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         result = measure(runtime, settings, images, batch_size, args.repeats, args.duration)
-        result |= {"runtime": runtime.description, "precision": settings.precision}
-        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.write(json.dumps(result | labels) + "\n")
+        if args.model_alone:
+            alone = measure_model_alone(runtime, settings, images, batch_size, args.repeats, args.duration)
+            sys.stdout.write(json.dumps(alone | labels | {"model_alone": True}) + "\n")
         sys.stdout.flush()
     return 0
 

@@ -77,6 +77,22 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     ratio = at8["throughput"] / limit if at8 and limit else None
+    alone = max((r["throughput"] for r in result.get("model_alone", [])), default=None)
+    rows.append(
+        {
+            "target": "served at concurrency 8 / the served runtime's model alone (best batch, same images)",
+            "ratio": at8["throughput"] / alone if at8 and alone else None,
+            "bound": ">= 0.85",
+        }
+    )
+    ort_at8 = _step(result.get("served_onnxruntime_fp32", {}).get("steps", []), 8)
+    rows.append(
+        {
+            "target": "served at concurrency 8, default (auto) / SEGSERVE_RUNTIME=onnxruntime SEGSERVE_PRECISION=fp32",
+            "ratio": at8["throughput"] / ort_at8["throughput"] if at8 and ort_at8 else None,
+            "bound": ">= 1.6",
+        }
+    )
     rows.append(
         {
             "target": f"served throughput at concurrency 8 / fastest in-process limit ({fastest['runtime']})",
@@ -136,11 +152,14 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
     machine, run = result["machine"], result["run"]
     rel = os.path.relpath(png_path, DOC.parent)
     load = ", ".join(f"{x:.2f}" for x in machine["load_average_at_start"])
+    flags = ", ".join(machine.get("cpu_flags", [])) or "none of avx2, avx512, bf16, vnni, amx"
+    bf16 = {True: "native bf16", False: "no native bf16", None: "bf16 not checked"}[machine.get("native_bf16")]
     lines = [
         BEGIN,
         "",
         f"Run of {result['date']} ({json_path.name}): **{machine['device']}**, {machine['cpu']}, "
-        f"{machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} threads), "
+        f"{machine['cores']} cores (flags: {flags}; {bf16}), torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), "
         f"Python {machine['python']}; load average at start {load}. "
         f"Each step: {run['warmup_s']:g} s warm-up, then {run['windows']} windows of {run['window_s']:g} s "
         f"(throughput is the median window). Whole run: {run['wall_s'] / 60:.1f} min.",
@@ -163,13 +182,29 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
         "Server parts ms (pre / queue / model / post) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for config, label in (("served", "batching on"), ("batching_off", "batching off"), ("served_torch", "torch")):
+    configs = (
+        ("served", "batching on"),
+        ("batching_off", "batching off"),
+        ("served_torch", "torch"),
+        ("served_fp32", "SEGSERVE_PRECISION=fp32"),
+        ("served_onnxruntime_fp32", "onnxruntime fp32 named"),
+    )
+    for config, label in configs:
         for s in result.get(config, {}).get("steps", []):
             parts = " / ".join(f"{v:.0f}" for v in s["server_parts_ms"].values())
             lines.append(
                 f"| {label} | {s['concurrency']} | {s['throughput']:.2f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | "
                 f"{s['p99_ms']:.0f} | {s['errors']} | {s['mean_batch_size']:.2f} | {parts} |"
             )
+    starts = [(label, result[config]["ready_s"]) for config, label in configs if "ready_s" in result.get(config, {})]
+    if starts:
+        lines += [
+            "",
+            "Start to SERVING, in run order (the first start on a machine measures auto's candidates unless an "
+            "earlier start cached the verdict; onnxruntime fp32 named measures nothing): "
+            + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in starts)
+            + ".",
+        ]
     oip_steps = result["served"].get("oip_steps") or []
     if oip_steps:
         lines += [
@@ -199,7 +234,16 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
             f"| {r['batch_size']} | {r['throughput']:.2f} | {_fmt(_p50(r['by_kind'], 'photo'), 0)} | "
             f"{_fmt(_p50(r['by_kind'], 'large'), 0)} |"
         )
+    if result.get("model_alone"):
+        lines += [
+            "",
+            "Model alone (the served runtime's predict on the same images, decoded beforehand): "
+            + ", ".join(f"batch {r['batch_size']}: {r['throughput']:.2f} images/s" for r in result["model_alone"])
+            + ".",
+        ]
     lines += [
+        "",
+        f"Served runtime, as ModelInfo.runtime reports it: `{result['served'].get('runtime', 'n/a')}`.",
         "",
         "### Runtimes, in-process (same run; served runtime marked)",
         "",

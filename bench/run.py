@@ -1,13 +1,15 @@
 """`make bench` / `python -m bench.run`: the whole benchmark in one run, then the JSON, the plot and the report.
 
-1. The in-process limit (bench.inprocess, its own process): decode, model, postprocess called directly,
-   with the default runtime (before and after the served sweeps), then with every other runtime and
-   precision installed (torch, onnxruntime, openvino, onnxruntime int8), fewer windows each.
+1. The in-process limit (bench.inprocess, its own process): decode, model, postprocess called directly, and
+   the model alone on the same images decoded beforehand, with the server's default settings (auto), before
+   and after the served sweeps; then every other runtime and precision installed (torch, onnxruntime,
+   openvino fp32 and bf16, onnxruntime and openvino int8), fewer windows each.
 2. A real `python -m server` (random weights, free port) with the default settings, swept by bench.loadgen
    (its own process) over the concurrency steps; then, on the same server, Triton's perf_analyzer over the
    Open Inference Protocol's gRPC door at concurrency 1 and 8 (bench.perf_analyzer).
 3. The same server with batching off (SEGSERVE_MAX_BATCH_SIZE=1), same sweep.
-4. The same server with SEGSERVE_RUNTIME=torch, at concurrency 8 only (the runtime target's step).
+4. At concurrency 8 only: SEGSERVE_RUNTIME=torch; SEGSERVE_PRECISION=fp32 (auto's runtime, fp32); and
+   onnxruntime fp32 named (the server before auto measured), for the targets' ratios.
 5. Pixel agreement of each runtime with torch (bench.agreement, on the known-answer test model).
 
 Durations come from flags or BENCH_* environment variables; BENCH_SMOKE=1 (or --smoke) is a run of
@@ -59,23 +61,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     import torch
+
+    from server.runtimes import cpu_features
 
     cuda = torch.cuda.is_available()
     return {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "cpu": cpu_model(),
+        "cpu": cpu_features.cpu_model(),
+        "cpu_flags": cpu_features.relevant_flags(),
+        "native_bf16": cpu_features.native_bf16(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -160,7 +156,7 @@ def oip_sweep(model: str, port: int, images: Path, args: argparse.Namespace) -> 
     log.info("perf_analyzer over grpc at concurrency %s", OIP_CONCURRENCY)
     return perf_analyzer.run(
         model, f"127.0.0.1:{port}", "grpc", data, OIP_CONCURRENCY, int(args.duration * 1000),
-        images.parent / "pa.csv", stability_percentage=100 if args.smoke else 15,
+        images.parent / "pa.csv", stability_percentage=1000 if args.smoke else 15,
         max_trials=3 if args.smoke else args.repeats + 3,
     )  # fmt: skip
 
@@ -189,35 +185,56 @@ def _wait_until_serving(client: SegmentClient, server: subprocess.Popen[bytes], 
     raise RuntimeError(f"server not serving after 300 s:\n{log_path.read_text()[-3000:]}")
 
 
+SERVER_OVERRIDES = {
+    "batching_off": {"SEGSERVE_MAX_BATCH_SIZE": "1"},
+    "torch": {"SEGSERVE_RUNTIME": "torch", "SEGSERVE_PRECISION": "fp32"},
+    # auto's runtime choice, precision pinned: what auto's precision adds on this machine.
+    "fp32": {"SEGSERVE_PRECISION": "fp32"},
+    # The server before runtimes and precisions were chosen by measurement.
+    "onnxruntime_fp32": {"SEGSERVE_RUNTIME": "onnxruntime", "SEGSERVE_PRECISION": "fp32"},
+}
+
+
 def _server_overrides(name: str) -> dict[str, str]:
-    return {"batching_off": {"SEGSERVE_MAX_BATCH_SIZE": "1"}, "torch": {"SEGSERVE_RUNTIME": "torch"}}.get(name, {})
+    return SERVER_OVERRIDES.get(name, {})
 
 
-def runtime_variants() -> tuple[dict[str, str], list[dict[str, str]]]:
-    """The default runtime (what a server with this environment runs) and every other installed variant."""
-    from server.model import resolve_device
-    from server.runtimes.factory import choose_runtime, importable
-    from server.settings import Settings
-
-    settings = Settings()  # the same SEGSERVE_* environment the server and bench.inprocess read
-    default = {
-        "runtime": choose_runtime(settings.runtime, resolve_device(settings.device), settings.precision),
-        "precision": settings.precision,
-    }
-    candidates = [{"runtime": name, "precision": "fp32"} for name in ("torch", "onnxruntime", "openvino")]
-    candidates.append({"runtime": "onnxruntime", "precision": "int8"})
-    others = [c for c in candidates if c != default and (c["runtime"] == "torch" or importable(c["runtime"]))]
-    return default, others
+VARIANTS = (
+    {"runtime": "torch", "precision": "fp32"},
+    {"runtime": "onnxruntime", "precision": "fp32"},
+    {"runtime": "openvino", "precision": "fp32"},
+    {"runtime": "openvino", "precision": "bf16"},
+    {"runtime": "onnxruntime", "precision": "int8"},
+    {"runtime": "openvino", "precision": "int8"},
+)
+"""Every runtime and precision the in-process table compares (those installed); bf16 and int8 rows are
+measured even where the CPU lacks native support, so the table shows what auto avoided and why."""
 
 
-def inprocess_command(images: Path, args: argparse.Namespace, variant: dict[str, str], other: bool) -> list[str]:
-    return [
+def runtime_variants(served: dict[str, str]) -> list[dict[str, str]]:
+    """Every installed variant except the one served (`served`: what the default run reported it ran)."""
+    from server.runtimes.factory import importable
+
+    return [v for v in VARIANTS if v != served and (v["runtime"] == "torch" or importable(v["runtime"]))]
+
+
+def inprocess_command(images: Path, args: argparse.Namespace, variant: dict[str, str] | None) -> list[str]:
+    """`variant` None: the server's own settings (auto, unless the environment names one), with the model
+    alone timed too; else one other variant, with fewer batch sizes and windows."""
+    other = variant is not None
+    command = [
         sys.executable, "-m", "bench.inprocess", "--images", str(images),
         "--batch-sizes", args.batch_sizes if not other or args.smoke else OTHER_RUNTIME_BATCH_SIZES,
         "--duration", str(args.duration),
         "--repeats", str(args.repeats if not other or args.smoke else OTHER_RUNTIME_REPEATS),
-        "--runtime", variant["runtime"], "--precision", variant["precision"],
     ]  # fmt: skip
+    if variant is None:
+        return [*command, "--model-alone"]
+    return [*command, "--runtime", variant["runtime"], "--precision", variant["precision"]]
+
+
+def what_ran(rows: list[dict[str, Any]]) -> dict[str, str]:
+    return {"runtime": rows[0]["runtime_name"], "precision": rows[0]["precision"]}
 
 
 def merge_inprocess_runs(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -256,21 +273,26 @@ def run(args: argparse.Namespace) -> Path:
         images.mkdir()
         for k, image in enumerate(image_set()):
             (images / f"{image.kind}-{k}-{image.name}.jpg").write_bytes(image.data)
-        default, others = runtime_variants()
-        default_command = inprocess_command(images, args, default, other=False)
+        default_command = inprocess_command(images, args, None)
         # The in-process limit runs before and after the served sweeps, so that a machine whose speed
         # drifts over minutes (a shared VM does) does not favour one side of the ratios.
-        before = _json_lines(default_command, env, timeout=3600)
+        before_all = _json_lines(default_command, env, timeout=3600)
+        at8 = str(RUNTIME_TARGET_CONCURRENCY)
         served = [
             served_sweep("batching", images, args, env, oip=True),
             served_sweep("batching_off", images, args, env),
         ]
-        served_torch = served_sweep("torch", images, args, env, str(RUNTIME_TARGET_CONCURRENCY))
-        after = [] if args.smoke else _json_lines(default_command, env, timeout=3600)
+        served_torch = served_sweep("torch", images, args, env, at8)
+        served_fp32 = served_sweep("fp32", images, args, env, at8)
+        served_onnxruntime_fp32 = served_sweep("onnxruntime_fp32", images, args, env, at8)
+        after_all = [] if args.smoke else _json_lines(default_command, env, timeout=3600)
+        before, after = ([r for r in rows if not r.get("model_alone")] for rows in (before_all, after_all))
+        alone_before, alone_after = ([r for r in rows if r.get("model_alone")] for rows in (before_all, after_all))
         inprocess = merge_inprocess_runs(before, after)
+        default = what_ran(before)
         runtimes = [{**default, "default": True, "rows": inprocess}]
-        for variant in others:
-            rows = _json_lines(inprocess_command(images, args, variant, other=True), env, timeout=3600)
+        for variant in runtime_variants(default):
+            rows = _json_lines(inprocess_command(images, args, variant), env, timeout=3600)
             runtimes.append({**variant, "default": False, "rows": rows})
         agreement = _json_lines([sys.executable, "-m", "bench.agreement"], env, timeout=3600)
     result: dict[str, Any] = {
@@ -287,9 +309,12 @@ def run(args: argparse.Namespace) -> Path:
         },
         "inprocess": inprocess,
         "inprocess_runs": [before, after],
+        "model_alone": merge_inprocess_runs(alone_before, alone_after),
         "served": served[0],
         "batching_off": served[1],
         "served_torch": served_torch,
+        "served_fp32": served_fp32,
+        "served_onnxruntime_fp32": served_onnxruntime_fp32,
         "runtimes": runtimes,
         "agreement": agreement,
     }

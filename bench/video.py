@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.run import cpu_model, device_slug, free_port, machine_info, stop_server
+from bench.run import device_slug, free_port, machine_info, stop_server
 from client import SegmentClient
 from client.video import VideoWriter, probe, read_frames
 from gradio_ui.video import VideoActions
@@ -230,7 +230,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info()
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
-        "machine": {"device": machine["device"], "cpu": cpu_model(), "cores": os.cpu_count(), "load": os.getloadavg()},
+        "machine": {
+            "device": machine["device"],
+            "cpu": machine["cpu"],
+            "cores": os.cpu_count(),
+            "load": os.getloadavg(),
+        },
         "clip": f"{WIDTH}x{HEIGHT}, {RATE} fps, {args.frames} frames",
         "note": args.note,
         "clips": [],

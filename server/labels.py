@@ -68,12 +68,12 @@ MAX_CLASSES = 256
 """Label maps travel as uint8 (and masks as 8-bit palette PNGs): 256 classes at most."""
 
 
-def palette_of(labels: tuple[Label, ...]) -> list[int]:
-    """A flat 256-entry palette for Pillow's putpalette: the labels' colours, then VOC's for unused indices."""
+def palette_of(labels: tuple[Label, ...]) -> bytes:
+    """A 256-entry RGB palette (768 bytes, a PNG's PLTE): the labels' colours, then VOC's for unused indices."""
     palette = voc_palette()
     for label in labels:
         palette[label.index * 3 : label.index * 3 + 3] = label.color
-    return palette
+    return bytes(palette)
 
 
 def parse_color(value: object) -> tuple[int, int, int] | None:

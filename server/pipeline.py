@@ -27,6 +27,7 @@ from server.buffers import StreamCounts, UploadBudget
 from server.errors import InvalidOptions, ModelLoadError, NotReady, Overloaded, TooManyModels
 from server.imaging import Limits, decode_full_image, decode_image, image_from_pixels, let_pillow_accept
 from server.labels import Label, palette_of
+from server.mask_png import mask_png_at
 from server.memory import resident_bytes
 from server.postprocess import (
     ClassShare,
@@ -285,9 +286,11 @@ class ModelPipeline:
         shares = class_shares_of_upsampled(labels, size, self.labels)
         if not (options.mask_png or options.label_map):
             return b"", shares, None
+        if not options.label_map:  # the PNG alone never needs the full-size mask in memory
+            return mask_png_at(labels, size, self.palette), shares, None
         mask = upsample_labels(labels, size)
         mask_png = encode_mask_png(mask, self.palette) if options.mask_png else b""
-        return mask_png, shares, np.asarray(mask) if options.label_map else None
+        return mask_png, shares, np.asarray(mask)
 
     def _render_overlay(
         self, labels: np.ndarray, size: tuple[int, int], data: bytes | np.ndarray, opacity: float

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelName = Literal["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101"]
 RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 
 MIN_MAX_SIZE = 16
 
@@ -70,13 +70,15 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
     runtime: RuntimeName = Field(
         "auto",
-        description="Engine that runs the model: auto (the fastest installed for the device), torch, onnxruntime "
-        "or openvino.",
+        description="Engine that runs the model: auto (each installed one timed at the first start on this "
+        "machine, the fastest serves; the verdict is cached), torch, onnxruntime or openvino.",
     )
     precision: Precision = Field(
-        "fp32",
-        description="fp32; fp16 or bf16 (torch on CUDA); int8 (onnxruntime, statically quantized; masks differ "
-        "slightly).",
+        "auto",
+        description="auto (bf16 where the CPU computes it natively, fp16 or bf16 on CUDA, if faster and its "
+        "masks agree with fp32's on 99.5% of pixels or more; else fp32); fp32 (masks identical on every "
+        "machine); bf16 (openvino on the CPU, torch on CUDA); fp16 (torch on CUDA); int8 (onnxruntime or "
+        "openvino, statically quantized; masks differ slightly).",
     )
     cache_dir: str = Field(
         "auto",
@@ -190,7 +192,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     )
     for name, field in Settings.model_fields.items():
         env = "SEGSERVE_" + name.upper()
-        help_text = f"{field.description} [env {env}, default: {field.default}]"
+        # argparse formats help with %: a literal one (as in "99.5%") must be doubled.
+        help_text = f"{field.description} [env {env}, default: {field.default}]".replace("%", "%%")
         if field.annotation is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -146,11 +146,12 @@ def open_page(page, url: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
-def test_segment_one_photo_shows_overlay_legend_and_timing(page, pages, cat_photo, tmp_path):
+def test_segment_one_photo_shows_overlay_legend_and_timing(page, pages, server, cat_photo, tmp_path):
     live, _ = pages
     open_page(page, live.url)
     panel = page.locator("#segserve-model").inner_text()
-    assert "deeplabv3_mobilenet_v3_large" in panel and "runtime\nonnxruntime 1." in panel.lower()
+    engine = " ".join(server.app.pipeline.runtime.description.split()[:2])  # e.g. "onnxruntime 1.32.0"
+    assert "deeplabv3_mobilenet_v3_large" in panel and f"runtime\n{engine}" in panel.lower()
     warning = page.locator("#segserve-random-warning")
     assert warning.is_visible() and "random weights" in warning.inner_text()
 

@@ -24,6 +24,8 @@ class Runtime(Protocol):
     """Not thread-safe by design: the batcher calls `predict` from one worker thread."""
 
     facts: ModelFacts
+    precision: str
+    """fp32, bf16, fp16 or int8: what the model computes in."""
     description: str
     """Which engine runs the model and how, e.g. "onnxruntime 1.32.0 (CPUExecutionProvider, fp32, 2 threads)"."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -57,6 +58,12 @@ def file_sha256(path: Path) -> str:
         while chunk := file.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.cache
+def source_sha256(path: str) -> str:
+    """A hash of a source file, for keys: an edit to the code that makes a file never reuses the old file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def key_digest(key: dict[str, str]) -> str:

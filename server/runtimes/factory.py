@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib
 import logging
 from pathlib import Path
@@ -13,64 +11,48 @@ import torch
 from server.errors import ModelLoadError
 from server.labels import VOC_CLASSES, Label, make_labels
 from server.model import LoadedModel, load_model, resolve_device, weights_fingerprint, without_aux_head
+from server.runtimes import cpu_features, selection
 from server.runtimes.base import ModelFacts, Runtime
-from server.runtimes.export_cache import cached_file, resolve_cache_root
+from server.runtimes.export_cache import cached_file, resolve_cache_root, source_sha256
+from server.runtimes.openvino_import import import_openvino
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 GRAPH_RUNTIMES = ("onnxruntime", "openvino")
-CPU_PREFERENCE = ("onnxruntime", "openvino")
-"""auto on the CPU: the first of these that imports. onnxruntime first: it measured faster on this CPU kind
-(384x512, 2 threads: 79 vs 83 ms per image in issue 12; 167 vs 185 ms at batch 1 and 172 vs 203 at batch 4
-measured interleaved on a busy machine while building this; bench.run measures both on each machine).
-On CUDA auto is torch."""
 
 
 def importable(name: str) -> bool:
     try:
-        importlib.import_module(name)
+        import_openvino() if name == "openvino" else importlib.import_module(name)
     except Exception:  # a broken install (missing shared library...) is as good as absent
         return False
     return True
 
 
-def choose_runtime(requested: str, device: torch.device, precision: str) -> str:
-    """The runtime to use; a runtime asked for by name that cannot run here is a one-line ModelLoadError."""
-    if requested != "auto":
-        if requested != "torch" and not importable(requested):
-            raise ModelLoadError(
-                f"runtime {requested} asked for (SEGSERVE_RUNTIME), but {requested} is not installed: "
-                f"pip install {requested}, or use SEGSERVE_RUNTIME=auto"
-            )
-        return requested
-    if precision == "int8":
-        if importable("onnxruntime"):
-            return "onnxruntime"
-        raise ModelLoadError("precision int8 needs onnxruntime, which is not installed")
-    if device.type == "cuda" or precision in ("fp16", "bf16"):
-        return "torch"
-    return next((name for name in CPU_PREFERENCE if importable(name)), "torch")
+def check_installed(requested: str) -> None:
+    """A runtime asked for by name that cannot run here is a one-line ModelLoadError."""
+    if requested not in ("auto", "torch") and not importable(requested):
+        raise ModelLoadError(
+            f"runtime {requested} asked for (SEGSERVE_RUNTIME), but {requested} is not installed: "
+            f"pip install {requested}, or use SEGSERVE_RUNTIME=auto"
+        )
+
+
+def plan(settings: Settings, device: torch.device) -> list[selection.Candidate]:
+    """What auto compares for these settings on this device (one candidate when both are named)."""
+    check_installed(settings.runtime)
+    return selection.candidates(
+        settings.runtime,
+        settings.precision,
+        device,
+        installed=selection.installed,
+        native_bf16=cpu_features.native_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported(),
+    )
 
 
 def facts_of(settings: Settings, loaded: LoadedModel, labels: tuple[Label, ...] | None = None) -> ModelFacts:
     return ModelFacts(settings.model, loaded.weights_description, loaded.trained, labels or make_labels(VOC_CLASSES))
-
-
-@functools.cache
-def source_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-@functools.cache
-def _library_version(name: str) -> str:
-    return str(importlib.import_module(name).__version__) if name != "openvino" else _openvino_version()
-
-
-def _openvino_version() -> str:
-    import openvino
-
-    return str(openvino.get_version())
 
 
 def graph_key(
@@ -83,11 +65,11 @@ def graph_key(
         "weights_sha256": weights_sha256,
         "mean_std": repr((loaded.mean, loaded.std)),
         "torch": torch.__version__,
-        "onnx": _library_version("onnx"),
+        "onnx": selection.library_version("onnx"),
         # The export code itself, hashed: an edit to it can never be served from a graph the old code made.
         "export_code_sha256": source_sha256(graph_export.__file__),
         "opset": str(graph_export.OPSET),
-        "runtime": f"{runtime} {_library_version(runtime)}",
+        "runtime": f"{runtime} {selection.library_version(runtime)}",
         "precision": precision,
     }
     if precision == "int8":
@@ -95,17 +77,18 @@ def graph_key(
     return key
 
 
-def exported_graph(settings: Settings, loaded: LoadedModel, runtime: str, *, rebuild: bool = False) -> Path:
+def exported_graph(
+    settings: Settings, loaded: LoadedModel, runtime: str, precision: str, weights_sha256: str, *, rebuild: bool = False
+) -> Path:
     """The cached graph for these weights and this runtime, exported (and quantized) when not cached."""
     from server.runtimes.graph_export import export_onnx
     from server.runtimes.int8 import quantize_int8
 
     root = resolve_cache_root(settings.cache_dir)
-    weights_sha256 = weights_fingerprint(without_aux_head(loaded.module))
     fp32_key = graph_key(settings, loaded, weights_sha256, runtime, "fp32")
     fp32 = cached_file(root, settings.model, ".onnx", fp32_key, lambda out: export_onnx(loaded, out), rebuild=rebuild)
-    if settings.precision != "int8":
-        return fp32
+    if precision != "int8":
+        return fp32  # bf16 is the runtime's own lowering of the fp32 graph, at compile time
     int8_key = graph_key(settings, loaded, weights_sha256, runtime, "int8")
     return cached_file(
         root,
@@ -117,30 +100,34 @@ def exported_graph(settings: Settings, loaded: LoadedModel, runtime: str, *, reb
     )
 
 
-def _graph_runtime(settings: Settings, graph: Path, facts: ModelFacts, device: torch.device, name: str) -> Runtime:
-    if name == "onnxruntime":
+def _graph_runtime(
+    settings: Settings, graph: Path, facts: ModelFacts, device: torch.device, candidate: selection.Candidate
+) -> Runtime:
+    if candidate.runtime == "onnxruntime":
         from server.runtimes.onnxruntime_runtime import OnnxRuntimeRuntime
 
         root = resolve_cache_root(settings.cache_dir)
         return OnnxRuntimeRuntime(
-            graph, facts, device, precision=settings.precision, threads=settings.inference_threads, cache_root=root
+            graph, facts, device, precision=candidate.precision, threads=settings.inference_threads, cache_root=root
         )
     from server.runtimes.openvino_runtime import OpenVinoRuntime
 
-    return OpenVinoRuntime(graph, facts, device, precision=settings.precision, threads=settings.inference_threads)
+    return OpenVinoRuntime(graph, facts, device, precision=candidate.precision, threads=settings.inference_threads)
 
 
-def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
-    """Loads the weights and builds the runtime the settings ask for, with one output class per label (VOC's
-    21 when None). Raises ModelLoadError with one line."""
-    device = resolve_device(settings.device)
-    name = choose_runtime(settings.runtime, device, settings.precision)
-    if settings.precision == "int8" and name != "onnxruntime":
-        raise ModelLoadError(f"precision int8 is offered by the onnxruntime runtime only, not {name}")
-    if settings.inference_threads:
-        torch.set_num_threads(settings.inference_threads)  # the export runs on torch too
-    loaded = load_model(settings.model, settings.weights, len(labels or VOC_CLASSES))
+def build_runtime(
+    settings: Settings,
+    loaded: LoadedModel,
+    device: torch.device,
+    candidate: selection.Candidate,
+    weights_sha256: str,
+    labels: tuple[Label, ...] | None = None,
+) -> Runtime:
+    """One runtime at one precision, from loaded weights. Raises ModelLoadError with one line."""
     facts = facts_of(settings, loaded, labels)
+    name, precision = candidate.runtime, candidate.precision
+    if precision == "int8" and name not in GRAPH_RUNTIMES:
+        raise ModelLoadError(f"precision int8 is offered by the onnxruntime and openvino runtimes, not {name}")
     if name == "torch":
         from server.runtimes.torch_eager import TorchRuntime
 
@@ -148,17 +135,19 @@ def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) 
             loaded,
             facts,
             device,
-            precision=settings.precision,
+            precision=precision,
             channels_last=settings.channels_last,
             capture=settings.capture,
         )
     if settings.capture:
         raise ModelLoadError(f"SEGSERVE_CAPTURE is a torch runtime option; the {name} runtime does not offer it")
-    if settings.precision in ("fp16", "bf16"):
-        raise ModelLoadError(f"precision {settings.precision} is a torch-on-CUDA option; use SEGSERVE_RUNTIME=torch")
-    graph = exported_graph(settings, loaded, name)
+    if precision == "fp16" or (precision == "bf16" and name != "openvino"):
+        raise ModelLoadError(
+            f"precision {precision} is offered by torch on CUDA (and bf16 by openvino on the CPU), not by {name}"
+        )
+    graph = exported_graph(settings, loaded, name, precision, weights_sha256)
     try:
-        return _graph_runtime(settings, graph, facts, device, name)
+        return _graph_runtime(settings, graph, facts, device, candidate)
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -166,5 +155,34 @@ def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) 
         log.warning(
             "%s could not load %s (%s); exporting again", name, graph, str(exc).splitlines()[0] if str(exc) else exc
         )
-        graph = exported_graph(settings, loaded, name, rebuild=True)
-        return _graph_runtime(settings, graph, facts, device, name)
+        graph = exported_graph(settings, loaded, name, precision, weights_sha256, rebuild=True)
+        return _graph_runtime(settings, graph, facts, device, candidate)
+
+
+def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
+    """Loads the weights and builds the runtime the settings ask for, with one output class per label (VOC's 21
+    when None); with runtime or precision auto, the fastest that passes the agreement check
+    (server/runtimes/selection.py). Raises ModelLoadError with one line."""
+    device = resolve_device(settings.device)
+    found = plan(settings, device)
+    if settings.inference_threads:
+        torch.set_num_threads(settings.inference_threads)  # the export runs on torch too
+    loaded = load_model(settings.model, settings.weights, len(labels or VOC_CLASSES))
+    weights_sha256 = weights_fingerprint(without_aux_head(loaded.module))
+    key = selection.cache_key(
+        model=settings.model,
+        weights_sha256=weights_sha256,
+        max_size=settings.max_size,
+        threads=settings.inference_threads or torch.get_num_threads(),
+        device=device,
+        found=found,
+    )
+    runtime, choice = selection.choose(
+        found,
+        lambda candidate: build_runtime(settings, loaded, device, candidate, weights_sha256, labels),
+        max_size=settings.max_size,
+        cache_root=resolve_cache_root(settings.cache_dir),
+        key=key,
+    )
+    runtime.description += choice.summary()
+    return runtime

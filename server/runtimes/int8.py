@@ -11,26 +11,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from server.runtimes.calibration import sample_photos
 from server.runtimes.graph_export import INPUT_NAME
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-
-
-def calibration_images(max_size: int) -> list[np.ndarray]:
-    """The sample photos as uint8 HxWx3, one shape (max_size on the long side, 4:3), as the model sees them."""
-    from skimage import data as samples
-
-    width, height = max_size, max_size * 3 // 4
-    images = []
-    for name in CALIBRATION_PHOTOS:
-        pixels = getattr(samples, name)()
-        image = Image.fromarray(pixels).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-        images.append(np.asarray(image, dtype=np.uint8))
-    return images
 
 
 def quantize_int8(fp32_graph: Path, out: Path, max_size: int) -> None:
@@ -40,7 +25,7 @@ def quantize_int8(fp32_graph: Path, out: Path, max_size: int) -> None:
 
     class Reader(q.CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
-            self._batches = iter([{INPUT_NAME: image[None]} for image in calibration_images(max_size)])
+            self._batches = iter([{INPUT_NAME: image[None]} for image in sample_photos(max_size)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)

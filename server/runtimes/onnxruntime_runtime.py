@@ -67,6 +67,7 @@ class OnnxRuntimeRuntime:
     ) -> None:
         self.facts = facts
         self.device = device
+        self.precision = precision
         self.graph = graph
         threads = cpu_threads(threads)
         self.session = ort.InferenceSession(

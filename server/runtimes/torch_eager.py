@@ -40,6 +40,7 @@ class TorchRuntime:
             raise ModelLoadError("SEGSERVE_CAPTURE needs a CUDA device (it captures CUDA graphs per shape)")
         self.facts = facts
         self.device = device
+        self.precision = precision
         self.dtype = TORCH_DTYPES[precision]
         self.channels_last = channels_last
         module = without_aux_head(loaded.module).eval().to(device, dtype=self.dtype)

@@ -1,0 +1,332 @@
+"""auto, decided by measurement: which runtime and precision serve, on this machine, with these weights.
+
+The candidates are every installed runtime at every precision auto allows here (fp32 always; bf16 where
+the CPU computes it natively; fp16 and bf16 on CUDA). Each is built, warmed and timed on the warm-up
+shapes, in interleaved rounds within a fixed budget (so a machine that slows down mid-way does not favour
+one side). A lower precision serves only if its labels agree with fp32's on the calibration images by
+MIN_AGREEMENT or more. The fastest candidate left wins; the log shows the table. The verdict is cached in
+the graph cache, keyed by everything that could change it, so a warm start builds only the winner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.errors import ModelLoadError
+from server.runtimes import cpu_features
+from server.runtimes.base import Runtime
+from server.runtimes.calibration import agreement_images
+from server.runtimes.export_cache import source_sha256
+
+log = logging.getLogger(__name__)
+
+MIN_AGREEMENT = 0.995
+"""Share of pixels whose label must equal fp32's before a lower precision may serve."""
+TIMING_BUDGET_S = 4.0
+"""Timed rounds stop once they have taken this long (after each candidate's untimed first calls)."""
+MIN_ROUNDS, MAX_ROUNDS = 2, 12
+
+# What each runtime offers on each device type. int8 is opt-in only: it never beat fp32 on the CPUs
+# measured so far, and its masks differ most (docs/performance.md).
+OFFERED = {
+    ("cpu", "onnxruntime"): ("fp32", "int8"),
+    ("cpu", "openvino"): ("fp32", "bf16", "int8"),
+    ("cpu", "torch"): ("fp32",),
+    ("cuda", "onnxruntime"): ("fp32",),
+    ("cuda", "torch"): ("fp32", "fp16", "bf16"),
+}
+CPU_RUNTIMES = ("onnxruntime", "openvino", "torch")
+"""auto's candidates on the CPU, in the order ties go."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    runtime: str
+    precision: str
+
+    def __str__(self) -> str:
+        return f"{self.runtime} {self.precision}"
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    ms_per_image: float | None = None
+    agreement: float | None = None
+    """Pixel agreement of the labels with fp32's on the calibration images; None for fp32 itself."""
+    problem: str | None = None
+    """Why this candidate may not serve (it failed to build, or disagreed); None if it may."""
+
+
+@dataclass
+class Choice:
+    chosen: Candidate
+    trials: list[Trial]
+    measured: bool
+    """False when there was one candidate only (nothing to compare)."""
+    cached: bool = False
+
+    @property
+    def trial(self) -> Trial | None:
+        return next((t for t in self.trials if t.candidate == self.chosen), None)
+
+    def summary(self) -> str:
+        """What ModelInfo.runtime adds to the runtime's own description."""
+        if not self.measured:
+            return ""
+        trial = self.trial
+        agreement = f", {trial.agreement:.2%} pixel agreement with fp32" if trial and trial.agreement else ""
+        return f"; auto: fastest of {len(self.trials)} measured{agreement}"
+
+
+def auto_precisions(device: torch.device, native_bf16: bool) -> tuple[str, ...]:
+    """`native_bf16`: the device computes bf16 in hardware (elsewhere OpenVINO runs f32 for it anyway)."""
+    bf16 = ("bf16",) if native_bf16 else ()
+    return ("fp32", "fp16", *bf16) if device.type == "cuda" else ("fp32", *bf16)
+
+
+def candidates(
+    runtime: str,
+    precision: str,
+    device: torch.device,
+    *,
+    installed: Callable[[str], bool],
+    native_bf16: bool,
+) -> list[Candidate]:
+    """The (runtime, precision) pairs auto compares; a single one when both are named."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if runtime != "auto":
+        runtimes: tuple[str, ...] = (runtime,)
+    elif kind == "cuda":
+        runtimes = ("torch",)  # until a GPU run measures the graph runtimes there
+    else:
+        runtimes = tuple(r for r in CPU_RUNTIMES if r == "torch" or installed(r))
+    wanted = auto_precisions(device, native_bf16) if precision == "auto" else (precision,)
+    found = [
+        Candidate(r, p)
+        for r in runtimes
+        for p in wanted
+        if p in OFFERED.get((kind, r), ()) or (runtime != "auto" and precision != "auto")
+    ]
+    if not found:
+        offering = sorted(r for (k, r), offered in OFFERED.items() if k == kind and precision in offered)
+        raise ModelLoadError(
+            f"precision {precision} is not offered by {'any runtime' if runtime == 'auto' else runtime} on {kind}"
+            + (f"; it is by {', '.join(offering)}" if offering else "")
+        )
+    return found
+
+
+def timing_images(max_size: int) -> list[np.ndarray]:
+    """One image per warm-up shape: 4:3 landscape, portrait, square (the pipeline warms the same ones)."""
+    rng = np.random.default_rng(0)
+    short = max_size * 3 // 4
+    shapes = dict.fromkeys([(short, max_size), (max_size, short), (max_size, max_size)])
+    return [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in shapes]
+
+
+def _time_once(runtime: Runtime, image: np.ndarray) -> float:
+    started = time.perf_counter()
+    runtime.predict([image])
+    return time.perf_counter() - started
+
+
+def agreement(labels: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    same = sum(int((a == b).sum()) for a, b in zip(labels, reference, strict=True))
+    return same / sum(a.size for a in reference)
+
+
+def _labels(runtime: Runtime, images: list[np.ndarray]) -> list[np.ndarray]:
+    return [runtime.predict([image])[0] for image in images]
+
+
+def measure(
+    found: list[Candidate],
+    build: Callable[[Candidate], Runtime],
+    *,
+    max_size: int,
+    time_once: Callable[[Runtime, np.ndarray], float] = _time_once,
+    budget_s: float = TIMING_BUDGET_S,
+) -> tuple[list[Trial], dict[Candidate, Runtime]]:
+    """Builds each candidate, checks lower precisions against fp32, times the rest; returns the trials and
+    the runtimes built (the caller keeps the winner)."""
+    trials = {c: Trial(c) for c in found}
+    built: dict[Candidate, Runtime] = {}
+    for candidate in found:
+        try:
+            built[candidate] = build(candidate)
+        except Exception as exc:
+            trials[candidate].problem = f"failed to start: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+    reference_candidate = next((c for c in found if c.precision == "fp32" and c in built), None)
+    if reference_candidate is not None and any(c.precision != "fp32" for c in built):
+        images = agreement_images(max_size)
+        reference = _labels(built[reference_candidate], images)
+        for candidate in [c for c in built if c.precision != "fp32"]:
+            share = agreement(_labels(built[candidate], images), reference)
+            trials[candidate].agreement = share
+            if share < MIN_AGREEMENT:
+                trials[candidate].problem = f"agrees with fp32 on {share:.2%} of pixels, under {MIN_AGREEMENT:.1%}"
+                del built[candidate]
+    images = timing_images(max_size)
+    for runtime in built.values():
+        for image in images:
+            runtime.predict([image])  # first calls of a shape pay one-off set-up: never timed
+    seconds: dict[Candidate, list[float]] = {c: [] for c in built}
+    started = time.monotonic()
+    rounds = 0
+    while built and rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.monotonic() - started < budget_s):
+        for candidate, runtime in built.items():
+            seconds[candidate].append(sum(time_once(runtime, image) for image in images) / len(images))
+        rounds += 1
+    for candidate, values in seconds.items():
+        trials[candidate].ms_per_image = statistics.median(values) * 1000
+    return list(trials.values()), built
+
+
+def pick(trials: list[Trial]) -> Candidate:
+    """The fastest candidate that may serve; ties go to the earlier one."""
+    usable = [t for t in trials if t.problem is None and t.ms_per_image is not None]
+    if not usable:
+        raise ModelLoadError(
+            "no runtime could serve: " + "; ".join(f"{t.candidate}: {t.problem}" for t in trials if t.problem)
+        )
+    return min(usable, key=lambda t: t.ms_per_image or 0.0).candidate
+
+
+def table(trials: list[Trial], chosen: Candidate) -> str:
+    rows = []
+    for t in trials:
+        speed = f"{t.ms_per_image:7.1f} ms/image" if t.ms_per_image is not None else "       -        "
+        agreed = f"  agreement {t.agreement:.2%}" if t.agreement is not None else ""
+        verdict = "  <- serving" if t.candidate == chosen else (f"  not served: {t.problem}" if t.problem else "")
+        rows.append(f"  {t.candidate!s:<18} {speed}{agreed}{verdict}")
+    return "\n".join(rows)
+
+
+# ---- the cache ----------------------------------------------------------------------------------------
+
+
+# The distributions each runtime module may come from (onnxruntime has GPU and OpenVINO builds).
+_DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"),
+    "openvino": ("openvino",),
+    "onnx": ("onnx",),
+}
+
+
+def library_version(name: str) -> str:
+    """The installed version, read from the package's metadata: a warm start then never imports a runtime it
+    will not serve (importing openvino alone costs 0.2-0.4 s)."""
+    for distribution in _DISTRIBUTIONS.get(name, (name,)):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(distribution)
+    return "absent"
+
+
+def installed(name: str) -> bool:
+    """Whether `name` is there to try, without importing it; a broken install fails its trial instead."""
+    return name == "torch" or importlib.util.find_spec(name) is not None
+
+
+def cache_key(
+    *, model: str, weights_sha256: str, max_size: int, threads: int, device: torch.device, found: list[Candidate]
+) -> dict[str, str]:
+    """Everything the verdict depends on: a change of any misses the cache and measures again."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "selection_code_sha256": source_sha256(__file__),
+        "cpu": cpu_features.cpu_model(),
+        "cpu_flags_sha256": cpu_features.flags_digest(),
+        "device": device_name,
+        "threads": str(threads),
+        "versions": " ".join(f"{n} {library_version(n)}" for n in ("torch", "onnxruntime", "openvino")),
+        "model": model,
+        "weights_sha256": weights_sha256,
+        "max_size": str(max_size),
+        "candidates": ", ".join(map(str, found)),
+    }
+
+
+def _cache_path(root: Path, key: dict[str, str]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return root / f"auto-choice-{key['model']}-{digest}.json"
+
+
+def read_cached(root: Path, key: dict[str, str]) -> Choice | None:
+    try:
+        record = json.loads(_cache_path(root, key).read_text())
+        if record["key"] != key:
+            return None
+        trials = [
+            Trial(Candidate(**t["candidate"]), t["ms_per_image"], t["agreement"], t["problem"])
+            for t in record["trials"]
+        ]
+        return Choice(Candidate(**record["chosen"]), trials, measured=True, cached=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_cached(root: Path, key: dict[str, str], choice: Choice) -> None:
+    path = _cache_path(root, key)
+    record: dict[str, Any] = {"key": key, "chosen": asdict(choice.chosen), "trials": [asdict(t) for t in choice.trials]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+    except OSError as exc:  # a cache that cannot be written costs the next start its timing, nothing more
+        log.warning("could not cache auto's choice in %s: %s", path, exc)
+
+
+def choose(
+    found: list[Candidate],
+    build: Callable[[Candidate], Runtime],
+    *,
+    max_size: int,
+    cache_root: Path,
+    key: dict[str, str],
+    time_once: Callable[[Runtime, np.ndarray], float] = _time_once,
+) -> tuple[Runtime, Choice]:
+    """The runtime to serve and how it was chosen: cached verdict, single candidate, or measured now."""
+    if len(found) == 1:
+        return build(found[0]), Choice(found[0], [Trial(found[0])], measured=False)
+    cached = read_cached(cache_root, key)
+    if cached is not None:
+        try:
+            runtime = build(cached.chosen)
+        except Exception as exc:
+            log.warning("auto's cached choice %s failed to start (%s); measuring again", cached.chosen, exc)
+        else:
+            log.info(
+                "auto: serving %s, measured at an earlier start:\n%s",
+                cached.chosen,
+                table(cached.trials, cached.chosen),
+            )
+            return runtime, cached
+    started = time.monotonic()
+    trials, built = measure(found, build, max_size=max_size, time_once=time_once)
+    chosen = pick(trials)
+    choice = Choice(chosen, trials, measured=True)
+    log.info(
+        "auto: measured %d candidates in %.1f s, serving %s:\n%s",
+        len(found),
+        time.monotonic() - started,
+        chosen,
+        table(trials, chosen),
+    )
+    write_cached(cache_root, key, choice)
+    return built[chosen], choice
