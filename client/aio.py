@@ -25,6 +25,8 @@ from client.frames import (
 from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.security import open_aio_channel, request_metadata
+from protos.inference import grpc_predict_v2_pb2 as inference_pb
+from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 
@@ -46,6 +48,7 @@ class AsyncSegmentClient:
         self._channel = open_aio_channel(target, credentials)
         self._stub = pb_grpc.SegmenterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._inference = inference_pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def segment(
         self,
@@ -54,11 +57,12 @@ class AsyncSegmentClient:
         max_size: int = 0,
         overlay: bool = False,
         overlay_opacity: float | None = None,
+        model: str = "",
         image_id: str | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> SegmentationResult:
-        call = single_call(image, Options(max_size, overlay, overlay_opacity), image_id, self.upload_threshold)
+        call = single_call(image, Options(max_size, overlay, overlay_opacity, model), image_id, self.upload_threshold)
         method: Any = self._stub.SegmentUpload if call.upload else self._stub.Segment
         timeout = self.timeout if timeout is None else timeout
         try:
@@ -74,11 +78,12 @@ class AsyncSegmentClient:
         max_size: int = 0,
         overlay: bool = False,
         overlay_opacity: float | None = None,
+        model: str = "",
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[SegmentationResult]:
         """As SegmentClient.segment_many: results in arrival order, failures as results with `error`."""
-        options = Options(max_size, overlay, overlay_opacity)
+        options = Options(max_size, overlay, overlay_opacity, model)
         timeout = self.timeout if timeout is None else timeout
         deferred: list[tuple[str, bytes | OSError]] = []
         call = self._stub.SegmentStream(
@@ -101,6 +106,7 @@ class AsyncSegmentClient:
                     max_size=max_size,
                     overlay=overlay,
                     overlay_opacity=overlay_opacity,
+                    model=model,
                     image_id=image_id,
                     timeout=timeout,
                 )
@@ -112,6 +118,7 @@ class AsyncSegmentClient:
         path_or_frames: VideoInput,
         *,
         max_size: int = 0,
+        model: str = "",
         every: int = 1,
         window: int = DEFAULT_WINDOW,
         frame_format: str = DEFAULT_FRAME_FORMAT,
@@ -122,7 +129,7 @@ class AsyncSegmentClient:
 
         Reading, decoding and encoding frames run in a worker thread, so the event loop stays free.
         """
-        window_ = FrameWindow(window, every, Options(max_size), frame_format)
+        window_ = FrameWindow(window, every, Options(max_size, model=model), frame_format)
         source = frame_source(path_or_frames)
         changed = asyncio.Condition()
         failures: list[BaseException] = []  # of the call: end at once
@@ -197,9 +204,33 @@ class AsyncSegmentClient:
         async for result in self.segment_video(frames, **options):
             yield result
 
-    async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+    async def model_info(self, timeout: float | None = None, model: str = "") -> pb.ModelInfo:
+        """The model `model` (empty: the server's default) and its labels."""
         try:
-            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout)
+            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    async def list_models(self, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Every model the server is configured with: name, architecture, state (READY...), is_default."""
+        try:
+            return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)).models)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    async def load_model(self, model: str, timeout: float | None = None) -> None:
+        """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL."""
+        request = inference_pb.RepositoryModelLoadRequest(model_name=model)
+        try:
+            await self._inference.RepositoryModelLoad(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    async def unload_model(self, model: str, timeout: float | None = None) -> None:
+        """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""
+        request = inference_pb.RepositoryModelUnloadRequest(model_name=model)
+        try:
+            await self._inference.RepositoryModelUnload(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc) from None
 

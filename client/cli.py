@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--overlay", action="store_true", help="also write NAME.overlay.png")
     segment.add_argument("--opacity", type=float, default=None, help="overlay colour weight, 0-1 (default 0.5)")
     segment.add_argument("--max-size", type=int, default=0, help="longest side fed to the model (0: server default)")
+    segment.add_argument("--model", default="", help="the model to use, by name (default: the server's default)")
     for name in ("--target", "--timeout"):  # also accepted after the subcommand
         segment.add_argument(
             name,
@@ -51,11 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_video_parser(commands)
 
     for name, help_text in (
-        ("info", "print the model being served"),
+        ("load", "load (or reload) a model of the server's repository (needs SEGSERVE_MODEL_CONTROL)"),
+        ("unload", "unload a model once its requests are answered (needs SEGSERVE_MODEL_CONTROL)"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("model", metavar="MODEL", help="the model's name (its folder in the repository)")
+        sub.add_argument("--target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    for name, help_text in (
+        ("info", "print a model being served and its labels"),
+        ("models", "list the server's models and their state"),
         ("health", "print the serving status; exit 1 unless SERVING"),
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if name in ("info", "health"):
+            what = "whose info to print" if name == "info" else "whose health to check (model/NAME)"
+            sub.add_argument("--model", default="", help=f"the model {what} (default: the server's default)")
     return parser
 
 
@@ -87,7 +100,7 @@ def cmd_segment(client: SegmentClient, args: argparse.Namespace) -> int:
         print("error: two images share a file name; their masks would overwrite each other", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    options = {"max_size": args.max_size, "overlay": args.overlay, "overlay_opacity": args.opacity}
+    options = {"max_size": args.max_size, "overlay": args.overlay, "overlay_opacity": args.opacity, "model": args.model}
     by_name = {p.name: p for p in args.images}
     failures = 0
     if len(args.images) == 1:
@@ -108,7 +121,8 @@ def cmd_segment(client: SegmentClient, args: argparse.Namespace) -> int:
 
 
 def cmd_info(client: SegmentClient, args: argparse.Namespace) -> int:
-    info = client.model_info()
+    info = client.model_info(model=args.model)
+    print(f"name:           {info.name}{' (default)' if info.is_default else ''}")
     print(f"model:          {info.model}")
     print(f"weights:        {info.weights}")
     print(f"device:         {info.device}")
@@ -117,14 +131,35 @@ def cmd_info(client: SegmentClient, args: argparse.Namespace) -> int:
     print(f"max batch size: {info.max_batch_size} (delay {info.max_batch_delay_ms:g} ms, queue {info.max_queue})")
     served = ", ".join(f"{i + 1}x{n}" for i, n in enumerate(info.batch_sizes) if n)
     print(f"batches served: {served or 'none yet'}")
+    print(f"memory:         {info.resident_bytes / 2**20:.0f} MiB resident (measured at load)")
     print("labels:         " + ", ".join(f"{label.index} {label.name} {label.color}" for label in info.labels))
     if not info.weights_are_trained:
         print("warning: the server runs on RANDOM weights; its masks are meaningless (see README: weights offline)")
     return 0
 
 
+def cmd_models(client: SegmentClient, args: argparse.Namespace) -> int:
+    for model in client.list_models():
+        default = " (default)" if model.is_default else ""
+        reason = f": {model.reason}" if model.reason else ""
+        print(f"{model.name}{default}  {model.architecture or '?'}  {model.state}{reason}")
+    return 0
+
+
+def cmd_load(client: SegmentClient, args: argparse.Namespace) -> int:
+    client.load_model(args.model)
+    print(f"{args.model}: loaded")
+    return 0
+
+
+def cmd_unload(client: SegmentClient, args: argparse.Namespace) -> int:
+    client.unload_model(args.model)
+    print(f"{args.model}: unloaded")
+    return 0
+
+
 def cmd_health(client: SegmentClient, args: argparse.Namespace) -> int:
-    status = client.health()
+    status = client.health(f"model/{args.model}" if args.model else "")
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -135,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "segment": cmd_segment,
         "segment-video": cmd_segment_video,
         "info": cmd_info,
+        "models": cmd_models,
+        "load": cmd_load,
+        "unload": cmd_unload,
         "health": cmd_health,
     }[args.command]
     try:

@@ -41,9 +41,11 @@ class Options:
     max_size: int = 0
     overlay: bool = False
     overlay_opacity: float | None = None
+    model: str = ""
+    """The model's name; empty: the server's default model."""
 
     def to_proto(self) -> pb.SegmentOptions:
-        options = pb.SegmentOptions(max_size=self.max_size, overlay=self.overlay)
+        options = pb.SegmentOptions(max_size=self.max_size, overlay=self.overlay, model=self.model)
         if self.overlay_opacity is not None:
             options.overlay_opacity = self.overlay_opacity
         return options

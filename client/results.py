@@ -52,7 +52,7 @@ class SegmentationResult:
 
     @cached_property
     def mask_image(self) -> Image.Image:
-        """Palette ("P") image whose pixel values are PASCAL VOC class indices."""
+        """Palette ("P") image whose pixel values are the model's class indices (PASCAL VOC's by default)."""
         if self.error is not None:
             raise self.error
         image = Image.open(io.BytesIO(self.mask_png))

@@ -25,6 +25,8 @@ from client.frames import (
 from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.security import open_channel, request_metadata
+from protos.inference import grpc_predict_v2_pb2 as inference_pb
+from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 
@@ -52,6 +54,7 @@ class SegmentClient:
         self._channel = channel or open_channel(target, credentials)
         self._stub = pb_grpc.SegmenterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._inference = inference_pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     def segment(
         self,
@@ -60,12 +63,13 @@ class SegmentClient:
         max_size: int = 0,
         overlay: bool = False,
         overlay_opacity: float | None = None,
+        model: str = "",
         image_id: str | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> SegmentationResult:
         """Segment one image (bytes, a path or a PIL image); large ones go through SegmentUpload."""
-        call = single_call(image, Options(max_size, overlay, overlay_opacity), image_id, self.upload_threshold)
+        call = single_call(image, Options(max_size, overlay, overlay_opacity, model), image_id, self.upload_threshold)
         method: Any = self._stub.SegmentUpload if call.upload else self._stub.Segment
         timeout = self.timeout if timeout is None else timeout
         try:
@@ -81,6 +85,7 @@ class SegmentClient:
         max_size: int = 0,
         overlay: bool = False,
         overlay_opacity: float | None = None,
+        model: str = "",
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> Iterator[SegmentationResult]:
@@ -90,7 +95,7 @@ class SegmentClient:
         names for paths and "0", "1"... otherwise. Images above the upload threshold go through
         SegmentUpload after the stream.
         """
-        options = Options(max_size, overlay, overlay_opacity)
+        options = Options(max_size, overlay, overlay_opacity, model)
         timeout = self.timeout if timeout is None else timeout
         deferred: list[tuple[str, bytes | OSError]] = []
         try:
@@ -112,6 +117,7 @@ class SegmentClient:
                     max_size=max_size,
                     overlay=overlay,
                     overlay_opacity=overlay_opacity,
+                    model=model,
                     image_id=image_id,
                     timeout=timeout,
                 )
@@ -123,6 +129,7 @@ class SegmentClient:
         path_or_frames: VideoInput,
         *,
         max_size: int = 0,
+        model: str = "",
         every: int = 1,
         window: int = DEFAULT_WINDOW,
         frame_format: str = DEFAULT_FRAME_FORMAT,
@@ -138,7 +145,7 @@ class SegmentClient:
         a result with `error` set. `timeout` bounds the whole stream (None: no limit). A file that is not
         a video raises client.video.NotAVideoError.
         """
-        window_ = FrameWindow(window, every, Options(max_size), frame_format)
+        window_ = FrameWindow(window, every, Options(max_size, model=model), frame_format)
         source = frame_source(path_or_frames)
         changed = threading.Condition()
         stopped = threading.Event()
@@ -210,9 +217,33 @@ class SegmentClient:
         """segment_video for frames the caller already has: numpy arrays (RGB) or PIL images."""
         return self.segment_video(frames, **options)
 
-    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+    def model_info(self, timeout: float | None = None, model: str = "") -> pb.ModelInfo:
+        """The model `model` (empty: the server's default) and its labels."""
         try:
-            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout)
+            return self._stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    def list_models(self, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Every model the server is configured with: name, architecture, state (READY...), is_default."""
+        try:
+            return list((self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)).models)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    def load_model(self, model: str, timeout: float | None = None) -> None:
+        """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL."""
+        request = inference_pb.RepositoryModelLoadRequest(model_name=model)
+        try:
+            self._inference.RepositoryModelLoad(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise SegmentError.from_rpc_error(exc) from None
+
+    def unload_model(self, model: str, timeout: float | None = None) -> None:
+        """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""
+        request = inference_pb.RepositoryModelUnloadRequest(model_name=model)
+        try:
+            self._inference.RepositoryModelUnload(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc) from None
 

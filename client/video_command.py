@@ -34,6 +34,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     video.set_defaults(look="overlay")
     video.add_argument("--opacity", type=float, default=0.5, help="overlay colour weight, 0-1 (default 0.5)")
     video.add_argument("--max-size", type=int, default=0, help="longest side fed to the model (0: server default)")
+    video.add_argument("--model", default="", help="the model to use, by name (default: the server's default)")
     video.add_argument(
         "--every",
         type=int,
@@ -87,7 +88,9 @@ def cmd_segment_video(client: SegmentClient, args: argparse.Namespace) -> int:
         args.masks_dir.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    frames = client.segment_video(args.video, max_size=args.max_size, every=args.every, window=args.window)
+    frames = client.segment_video(
+        args.video, max_size=args.max_size, model=args.model, every=args.every, window=args.window
+    )
     progress = tqdm(total=info.frames, unit="frame", file=sys.stderr, dynamic_ncols=True)
     with (
         StopOnInterrupt() as interrupt,

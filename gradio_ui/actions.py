@@ -46,13 +46,24 @@ class PageActions:
 
     # -- model panel -----------------------------------------------------------------------------
 
-    def model_info(self) -> pb.ModelInfo | None:
+    def model_info(self, model: str | None = "") -> pb.ModelInfo | None:
+        """The model the page has chosen (empty: the server's default)."""
         self._info_error = None
         try:
-            return self.client.model_info(timeout=INFO_TIMEOUT_S)
+            return self.client.model_info(timeout=INFO_TIMEOUT_S, model=model or "")
         except SegmentError as exc:
             self._info_error = exc
             return None
+
+    def model_names(self) -> tuple[list[str], str]:
+        """The models the server serves now, and its default; nothing when it cannot say."""
+        try:
+            models = self.client.list_models(timeout=INFO_TIMEOUT_S)
+        except SegmentError:
+            return [], ""
+        ready = [m.name for m in models if m.state == "READY"]
+        default = next((m.name for m in models if m.is_default and m.state == "READY"), ready[0] if ready else "")
+        return ready, default
 
     def panel(self, info: pb.ModelInfo | None) -> str:
         if info is None:
@@ -64,38 +75,53 @@ class PageActions:
             return render.unreachable_panel(f"Cannot reach the segmentation server at {self.target} — is it running?")
         return render.model_panel(info)
 
-    def load_page(self) -> tuple[str, Any]:
-        """On page load: the model panel, and the max-size slider capped at the server's maximum."""
+    def load_page(self, chosen: str | None = "") -> tuple[str, Any, Any]:
+        """On page load (and Refresh): the model choices (keeping the one chosen while it is served), the chosen
+        model's panel, and the max-size slider capped at that model's maximum."""
         import gradio as gr
 
-        info = self.model_info()
+        names, default = self.model_names()
+        model = chosen if chosen in names else default
+        choice = gr.update(choices=names, value=model or None, interactive=len(names) > 1)
+        panel, size = self.choose_model(model)
+        return panel, size, choice
+
+    def choose_model(self, model: str | None) -> tuple[str, Any]:
+        """A model picked in the dropdown: its panel, and the max-size slider capped at its maximum."""
+        import gradio as gr
+
+        info = self.model_info(model)
         if info is None or info.max_size == 0:
             return self.panel(info), gr.update()
         return self.panel(info), gr.update(maximum=info.max_size, value=info.max_size)
 
     # -- one image -------------------------------------------------------------------------------
 
-    def segment_one(self, image_path: str | None, max_size: float, opacity: float) -> SingleOutputs:
-        """Overlay, colour mask, legend, timing, status line and model panel for one photo."""
+    def segment_one(
+        self, image_path: str | None, max_size: float, opacity: float, model: str | None = ""
+    ) -> SingleOutputs:
+        """Overlay, colour mask, legend, timing, status line and model panel for one photo, by the chosen model."""
+        model = model or ""
         if not image_path:
-            return None, None, "", "", render.status("Drop a photo, paste one or pick an example."), self._panel()
+            return None, None, "", "", render.status("Drop a photo, paste one or pick an example."), self._panel(model)
         if isinstance(image_path, UnreadableUpload):
-            return None, None, "", "", render.status(str(image_path), "error"), self._panel()
+            return None, None, "", "", render.status(str(image_path), "error"), self._panel(model)
         name = Path(image_path).name
         try:
             data = Path(image_path).read_bytes()
             result = self.client.segment(
-                data, max_size=int(max_size), overlay=True, overlay_opacity=float(opacity), image_id=name
+                data, max_size=int(max_size), overlay=True, overlay_opacity=float(opacity), model=model, image_id=name
             )
         except SegmentError as exc:
             log.info("segment %s failed: %s", name, exc)
-            return None, None, "", "", render.status(self._describe(exc), "error"), self._panel()
+            return None, None, "", "", render.status(self._describe(exc), "error"), self._panel(model)
         except OSError as exc:
-            return None, None, "", "", render.status(f"Cannot read the uploaded file: {exc}", "error"), self._panel()
+            failed = render.status(f"Cannot read the uploaded file: {exc}", "error")
+            return None, None, "", "", failed, self._panel(model)
         except Exception:  # a bug of ours: the log gets the traceback, the page a sentence
             log.exception("segment %s failed", name)
             return None, None, "", "", render.status("Something went wrong in the page; see its log.", "error"), ""
-        info = self.model_info()
+        info = self.model_info(model)
         colors = render.label_colors(info) or palette_colors(result)
         done = f"Segmented {result.width}x{result.height} image: {result.summary(3)}."
         return (
@@ -110,7 +136,7 @@ class PageActions:
     # -- many images -----------------------------------------------------------------------------
 
     def segment_many(
-        self, files: list[str] | None, max_size: float, opacity: float
+        self, files: list[str] | None, max_size: float, opacity: float, model: str | None = ""
     ) -> Iterator[tuple[list[GalleryItem], str]]:
         """Streams the photos through SegmentStream; the gallery grows as each answer arrives."""
         if not files:
@@ -123,7 +149,11 @@ class PageActions:
         yield gallery, render.status(f"Segmenting {len(files)} images…")
         try:
             results = self.client.segment_many(
-                [Path(f) for f in files], max_size=int(max_size), overlay=True, overlay_opacity=float(opacity)
+                [Path(f) for f in files],
+                max_size=int(max_size),
+                overlay=True,
+                overlay_opacity=float(opacity),
+                model=model or "",
             )
             for done, result in enumerate(results, start=1):
                 name = result.id or names[done - 1]
@@ -152,8 +182,8 @@ class PageActions:
                 reachable = False
         return describe_error(exc, self.target, reachable=reachable)
 
-    def _panel(self) -> str:
-        return self.panel(self.model_info())
+    def _panel(self, model: str = "") -> str:
+        return self.panel(self.model_info(model))
 
     @staticmethod
     def _overlay_or_mask(result: SegmentationResult) -> Image.Image:

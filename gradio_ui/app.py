@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 TITLE = "segserve — image segmentation"
 INTRO = (
-    "Segment a photo into the 21 PASCAL VOC classes (person, cat, car, …) with DeepLabV3. "
+    "Segment a photo into classes with DeepLabV3: the 21 PASCAL VOC classes (person, cat, car, …), or the "
+    "classes of the model you pick. "
     "The page sends your photo to the segserve gRPC server at **{target}** and shows what it found."
 )
 # System fonts only: the page must look right on machines without internet access.
@@ -45,6 +46,11 @@ def build_app(settings: UISettings, actions: PageActions | None = None) -> gr.Bl
             model_panel = gr.HTML(render.status("Asking the server about its model…"), elem_id="segserve-panel")
             refresh = gr.Button("Refresh", size="sm", variant="secondary", elem_id="segserve-refresh")
         with gr.Row():
+            model_choice = gr.Dropdown(
+                choices=[], value=None, label="Model",
+                info="Which of the server's models segments (every tab uses it).",
+                elem_id="segserve-model-choice",
+            )  # fmt: skip
             max_size = gr.Slider(
                 16, 2048, value=512, step=16, label="Max size",
                 info="Longest side fed to the model, in pixels (capped at the server's maximum).",
@@ -90,7 +96,8 @@ def build_app(settings: UISettings, actions: PageActions | None = None) -> gr.Bl
                             )  # fmt: skip
                         with gr.Tab("Colour mask"):
                             mask = gr.Image(
-                                label="Colour mask (PASCAL VOC palette PNG)", format="png", interactive=False,
+                                label="Colour mask (palette PNG, the model's class colours)", format="png",
+                                interactive=False,
                                 height=380, buttons=["download", "fullscreen"], elem_id="segserve-mask",
                             )  # fmt: skip
                     gr.Markdown("### Classes found")
@@ -154,25 +161,29 @@ def build_app(settings: UISettings, actions: PageActions | None = None) -> gr.Bl
                         clip_status = gr.HTML("", elem_id="segserve-clip-status")
 
         single_outputs: list[Any] = [overlay, mask, legend, timing, single_status, model_panel]
-        single_inputs: list[Any] = [image, max_size, opacity]
-        demo.load(actions.load_page, outputs=[model_panel, max_size], show_progress="hidden")
-        refresh.click(actions.load_page, outputs=[model_panel, max_size])
+        single_inputs: list[Any] = [image, max_size, opacity, model_choice]
+        demo.load(actions.load_page, [model_choice], [model_panel, max_size, model_choice], show_progress="hidden")
+        refresh.click(actions.load_page, [model_choice], [model_panel, max_size, model_choice])
+        model_choice.input(actions.choose_model, [model_choice], [model_panel, max_size], show_progress="hidden")
         segment.click(actions.segment_one, single_inputs, single_outputs, concurrency_limit=CONCURRENCY)
         # Dropping, pasting or picking an example segments at once; clearing the photo clears the results.
         image.change(actions.segment_one, single_inputs, single_outputs, concurrency_limit=CONCURRENCY)
         segment_all.click(
-            actions.segment_many, [files, max_size, opacity], [gallery, many_status], concurrency_limit=CONCURRENCY
+            actions.segment_many,
+            [files, max_size, opacity, model_choice],
+            [gallery, many_status],
+            concurrency_limit=CONCURRENCY,
         )
         camera.stream(
             video_actions.segment_live,
-            [camera, max_size, opacity, live_session],
+            [camera, max_size, opacity, live_session, model_choice],
             [live_overlay, live_stats, live_session],
             stream_every=LIVE_FRAME_EVERY_S,
             concurrency_limit=CONCURRENCY,
             show_progress="hidden",
         )
         segment_clip.click(
-            video_actions.segment_clip, [clip, max_size, opacity, every], [clip_out, clip_status],
+            video_actions.segment_clip, [clip, max_size, opacity, every, model_choice], [clip_out, clip_status],
             concurrency_limit=CONCURRENCY, show_progress="minimal",
         )  # fmt: skip
     return demo

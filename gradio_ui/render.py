@@ -25,6 +25,7 @@ def status(message: str, kind: str = "info") -> str:
 def model_panel(info: pb.ModelInfo) -> str:
     served = sum(info.batch_sizes)
     rows = [
+        *([("Name", info.name + (" (default)" if info.is_default else ""))] if info.name else []),
         ("Model", info.model),
         ("Weights", info.weights),
         ("Device", info.device),
@@ -32,6 +33,8 @@ def model_panel(info: pb.ModelInfo) -> str:
         ("Max size", f"{info.max_size} px"),
         ("Batching", f"up to {info.max_batch_size} images, {info.max_batch_delay_ms:g} ms"),
         ("Batches served", str(served)),
+        ("Classes", str(len(info.labels))),
+        *([("Memory", f"{info.resident_bytes / 2**20:.0f} MiB")] if info.resident_bytes else []),
     ]
     # Long values (the fallback's explanation) are cut; the full text is in the tooltip and the warning below.
     facts = "".join(

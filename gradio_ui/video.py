@@ -85,7 +85,12 @@ class VideoActions:
         self.describe = describe
 
     def segment_live(
-        self, frame: np.ndarray | None, max_size: float, opacity: float, stats: LiveStats | None
+        self,
+        frame: np.ndarray | None,
+        max_size: float,
+        opacity: float,
+        stats: LiveStats | None,
+        model: str | None = "",
     ) -> tuple[np.ndarray | None, str, LiveStats | None]:
         """One camera frame -> its overlay, the measured frames/s and latency, the session's stats."""
         if frame is None:
@@ -93,7 +98,9 @@ class VideoActions:
         stats = stats or LiveStats()
         started = time.perf_counter()
         try:
-            result = self.client.segment(encode_frame(frame[..., :3]), max_size=int(max_size), image_id="live")
+            result = self.client.segment(
+                encode_frame(frame[..., :3]), max_size=int(max_size), model=model or "", image_id="live"
+            )
             overlay = overlay_frame(frame[..., :3], result.mask_image, float(opacity))
         except SegmentError as exc:
             return None, render.status(self.describe(exc), "error"), stats
@@ -105,7 +112,7 @@ class VideoActions:
         return overlay, live_stats_html(stats, result.timing.total_ms, result.model_size), stats
 
     def segment_clip(
-        self, clip: str | None, max_size: float, opacity: float, every: float
+        self, clip: str | None, max_size: float, opacity: float, every: float, model: str | None = ""
     ) -> Iterator[tuple[str | None, str]]:
         """An uploaded clip -> the segmented clip (same size, frame count and rate), with progress on the way."""
         if not clip:
@@ -123,7 +130,10 @@ class VideoActions:
         yield None, render.status(f"Segmenting {name}: {info.width}x{info.height}, {float(info.rate):.3g} fps…")
         try:
             with VideoWriter(out, info.width, info.height, info.rate) as writer:
-                for item in self.client.segment_video(clip, max_size=int(max_size), every=max(1, int(every))):
+                frames = self.client.segment_video(
+                    clip, max_size=int(max_size), model=model or "", every=max(1, int(every))
+                )
+                for item in frames:
                     writer.write(item.frame if item.error is not None else item.overlay(float(opacity)))
                     now = time.perf_counter()
                     if now - last_shown >= PROGRESS_EVERY_S:

@@ -21,9 +21,10 @@ from server import inference_grpc
 from server.drain import CallTracker
 from server.errors import ModelLoadError
 from server.http_server import HttpServer, create_http_server
-from server.inference import InferenceModel
+from server.inference import InferenceModels
 from server.interceptor import ObservingInterceptor
 from server.metrics import Metrics
+from server.model_control import ModelControl
 from server.pipeline import SegmentationPipeline
 from server.rest import build_app
 from server.servicer import SegmenterServicer
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Segmenter"].full_name
 SERVED_SERVICES = (SERVICE_NAME, inference_grpc.SERVICE_NAME)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+MODEL_HEALTH_PREFIX = "model/"
+"""Each model's own health service name, "model/NAME": SERVING when it serves, NOT_SERVING when it is missing."""
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 # What gRPC's own stop still waits for once the drain has settled: health watches, and a refusal or two
 # from callers that ignore health.
@@ -62,7 +65,14 @@ class App:
             await self.http.start()
         log.info("listening on port %d; loading model", self.port)
         await self.pipeline.start()
+        await self.set_model_health()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_model_health(self) -> None:
+        for entry in self.pipeline.models.entries():
+            serving = entry.state == "READY" and not self.pipeline.draining
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self.health.set(MODEL_HEALTH_PREFIX + entry.name, status)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains, then stops. NOT_SERVING first, so balancers and health-watching clients stop sending;
@@ -135,9 +145,10 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     calls = CallTracker()
     server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics, calls)])
     pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
-    inference_model = InferenceModel(pipeline)
+    control = ModelControl(pipeline)
+    inference_models = InferenceModels(pipeline, control)
     inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        inference_grpc.InferenceServicer(inference_model), server
+        inference_grpc.InferenceServicer(inference_models), server
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -151,8 +162,10 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
-    http = create_http_server(build_app(inference_model, metrics, calls), settings)
-    return App(server, port, pipeline, health_servicer, metrics, metrics_port, calls, http)
+    http = create_http_server(build_app(inference_models, metrics, calls), settings)
+    app = App(server, port, pipeline, health_servicer, metrics, metrics_port, calls, http)
+    control.on_change = app.set_model_health
+    return app
 
 
 async def serve(settings: Settings) -> int:

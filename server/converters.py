@@ -6,6 +6,7 @@ from protos.segserve.v1 import segserve_pb2 as pb
 from server.errors import SegservError
 from server.labels import Label
 from server.pipeline import SegmentOptions, SegmentResult
+from server.registry import ModelEntry
 
 
 def options_from_proto(message: pb.SegmentOptions) -> SegmentOptions:
@@ -13,6 +14,7 @@ def options_from_proto(message: pb.SegmentOptions) -> SegmentOptions:
         max_size=message.max_size,
         overlay=message.overlay,
         overlay_opacity=message.overlay_opacity if message.HasField("overlay_opacity") else None,
+        model=message.model,
     )
 
 
@@ -24,6 +26,7 @@ def result_to_proto(request_id: str, result: SegmentResult) -> pb.SegmentRespons
         height=result.height,
         model_width=result.model_width,
         model_height=result.model_height,
+        model=result.model,
         mask_png=result.mask_png,
         overlay_png=result.overlay_png or b"",
         classes=[pb.ClassFraction(index=c.index, name=c.name, fraction=c.fraction) for c in result.classes],
@@ -44,3 +47,14 @@ def error_to_proto(request_id: str, error: SegservError) -> pb.SegmentResponse:
 
 def labels_to_proto(labels: tuple[Label, ...]) -> list[pb.Label]:
     return [pb.Label(index=label.index, name=label.name, color=label.hex_color) for label in labels]
+
+
+def model_entries_to_proto(entries: list[ModelEntry]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        models=[
+            pb.ModelStatus(
+                name=e.name, architecture=e.architecture, state=e.state, reason=e.reason, is_default=e.is_default
+            )
+            for e in entries
+        ]
+    )

@@ -93,3 +93,27 @@ class NotServed(SegservError):
     """A protocol method segserve does not implement."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class ModelControlRefused(SegservError):
+    """Loading or unloading at run time is off (SEGSERVE_MODEL_CONTROL), or asked in a way segserve refuses."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NotPermitted(SegservError):
+    """Under TLS with client certificates, a model-control call from a caller without one."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class TooManyModels(SegservError):
+    """A load past SEGSERVE_MAX_MODELS or SEGSERVE_MAX_MODEL_WEIGHTS_BYTES."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ModelLoadFailed(SegservError):
+    """A load asked at run time whose config or weights are unusable; the others serve on."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT

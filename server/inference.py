@@ -1,5 +1,5 @@
-"""segserve's model in the Open Inference Protocol, transport-free: its tensor contract, metadata,
-configuration and statistics, and inference over the same pipeline and batcher as Segment.
+"""segserve's models in the Open Inference Protocol, transport-free: their tensor contract, metadata,
+configuration and statistics, and inference over the same pipeline and batchers as Segment.
 
 Inputs: IMAGE (BYTES [N] or [N,1], encoded images) or PIXELS (UINT8 [N,H,W,3], RGB).
 Parameters: max_size, overlay, overlay_opacity.
@@ -13,15 +13,17 @@ import json
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 
-from server.errors import InvalidTensor, SegservError, TooManyImages, UnknownModel
+from server.errors import InvalidTensor, ModelControlRefused, SegservError, TooManyImages, UnknownModel
 from server.interceptor import note_result
-from server.pipeline import SegmentationPipeline, SegmentOptions, SegmentResult
+from server.model_control import ModelControl
+from server.pipeline import ModelPipeline, SegmentationPipeline, SegmentOptions, SegmentResult
+from server.registry import ModelEntry
 from server.tensors import BYTES, Tensor
 
 MODEL_VERSION = "1"
@@ -30,6 +32,10 @@ IMAGE, PIXELS = "IMAGE", "PIXELS"
 MASK, MASK_PNG, CLASSES, OVERLAY_PNG = "MASK", "MASK_PNG", "CLASSES", "OVERLAY_PNG"
 OUTPUTS = (MASK, MASK_PNG, CLASSES, OVERLAY_PNG)
 PARAMETERS = ("max_size", "overlay", "overlay_opacity")
+UNLOAD_PARAMETERS = ("unload_dependents",)
+"""What tritonclient's unload_model sends; segserve's models have no dependents, so it changes nothing. A load
+takes no parameter: Triton's `config` and `file:` ones would let a caller write a model, and segserve's
+models come from the repository folder only."""
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
 
 ParameterValue = bool | int | float | str
@@ -97,32 +103,47 @@ def _ns(ms: float) -> int:
     return int(ms * 1_000_000)
 
 
-class InferenceModel:
-    """The served model as the protocol sees it."""
+class InferenceModels:
+    """The served models as the protocol sees them: each by its name, with its own statistics."""
 
-    def __init__(self, pipeline: SegmentationPipeline) -> None:
+    def __init__(self, pipeline: SegmentationPipeline, control: ModelControl | None = None) -> None:
         self.pipeline = pipeline
-        self.statistics = Statistics()
-
-    @property
-    def name(self) -> str:
-        return self.pipeline.settings.model
+        self.control = control or ModelControl(pipeline)
+        self.statistics: dict[str, Statistics] = {}
 
     @property
     def ready(self) -> bool:
+        """The server's readiness: started (at least one model loaded) and not draining."""
         return self.pipeline.ready and not self.pipeline.draining
 
-    def statistics_report(self) -> dict[str, Any]:
-        """Triton's ModelStatistics for this model, as the JSON its REST extension answers (the gRPC door
+    def names(self) -> list[str]:
+        return [model.name for model in self.pipeline.models.loaded()]
+
+    def known(self, name: str, version: str = "") -> ModelPipeline:
+        """The model called `name` in any state (metadata and readiness are answered while it loads);
+        NOT_FOUND for a name, or a version, it does not have."""
+        model = self.pipeline.models.find(name) if name else None
+        if model is None:
+            self.pipeline.models.get(name)  # raises: UNAVAILABLE with the reason it failed, or NOT_FOUND
+            raise UnknownModel(f"unknown model {name!r}")
+        if version not in ("", MODEL_VERSION):
+            raise UnknownModel(f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}")
+        return model
+
+    def model_ready(self, model: ModelPipeline) -> bool:
+        return self.ready and model.state == "READY"
+
+    def statistics_report(self, model: ModelPipeline) -> dict[str, Any]:
+        """Triton's ModelStatistics for one model, as the JSON its REST extension answers (the gRPC door
         parses the same dict into its message)."""
-        s = self.statistics
-        batches = self.pipeline.batch_size_counts
+        s = self.statistics.get(model.name, Statistics())
+        batches = model.batch_size_counts
 
         def duration(count: int, ns: int) -> dict[str, int]:
             return {"count": count, "ns": ns}
 
         return {
-            "name": self.name,
+            "name": model.name,
             "version": MODEL_VERSION,
             "last_inference": s.last_inference_ms,
             "inference_count": s.images,
@@ -142,26 +163,27 @@ class InferenceModel:
             ],
         }
 
-    def check_model(self, name: str, version: str = "") -> None:
-        if name != self.name:
-            raise UnknownModel(f"unknown model {name!r}; this server serves {self.name!r}")
-        if version not in ("", MODEL_VERSION):
-            raise UnknownModel(f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}")
+    def every_statistics_report(self) -> list[dict[str, Any]]:
+        return [self.statistics_report(model) for model in self.pipeline.models.loaded()]
+
+    def index(self, ready_only: bool = False) -> list[ModelEntry]:
+        entries = self.pipeline.models.entries()
+        return [e for e in entries if e.state == "READY"] if ready_only else entries
 
     # ---- inference ------------------------------------------------------------------------
 
     async def infer(
         self, request: InferRequest, deadline: float | None = None, admitted_before_drain: bool = False
     ) -> InferResponse:
-        self.check_model(request.model_name, request.model_version)
+        model = self.known(request.model_name, request.model_version)
+        stats = self.statistics.setdefault(model.name, Statistics())
         started = time.monotonic()
         try:
-            response = await self._infer(request, deadline, admitted_before_drain)
+            response = await self._infer(model.name, request, deadline, admitted_before_drain)
         except SegservError:
-            self.statistics.fail_count += 1
-            self.statistics.fail_ns += int((time.monotonic() - started) * 1e9)
+            stats.fail_count += 1
+            stats.fail_ns += int((time.monotonic() - started) * 1e9)
             raise
-        stats = self.statistics
         stats.success_count += 1
         stats.success_ns += int((time.monotonic() - started) * 1e9)
         stats.last_inference_ms = int(time.time() * 1000)
@@ -174,10 +196,12 @@ class InferenceModel:
             stats.compute_output_ns += _ns(t.postprocess_ms)
         return response
 
-    async def _infer(self, request: InferRequest, deadline: float | None, admitted_before_drain: bool) -> InferResponse:
+    async def _infer(
+        self, name: str, request: InferRequest, deadline: float | None, admitted_before_drain: bool
+    ) -> InferResponse:
         images = images_of(request.inputs)
         wanted = requested_outputs(request)
-        options = options_of(request.parameters, wanted)
+        options = replace(options_of(request.parameters, wanted), model=name)
         pipeline = self.pipeline
         pipeline.check_options(options)
         limit = pipeline.settings.max_queue
@@ -187,12 +211,14 @@ class InferenceModel:
                 f"send at most {limit} per request"
             )
         with ExitStack() as slots:
+            # Held for the whole request: an unload waits for all of its images, never refuses the later ones.
+            model = slots.enter_context(pipeline.models.acquire(name))
             # All N places or none: a request is admitted whole, like N Segment calls at once.
             admitted = [
                 slots.enter_context(pipeline.admit(admitted_before_drain=admitted_before_drain)) for _ in images
             ]
             tasks = [
-                asyncio.ensure_future(pipeline.segment(image, options, deadline, slot))
+                asyncio.ensure_future(pipeline.segment(image, options, deadline, slot, model))
                 for image, slot in zip(images, admitted, strict=True)
             ]
             try:
@@ -201,8 +227,8 @@ class InferenceModel:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-        outputs = [output_tensor(name, results) for name in wanted]
-        return InferResponse(self.name, MODEL_VERSION, request.id, outputs, list(results))
+        outputs = [output_tensor(output, results) for output in wanted]
+        return InferResponse(name, MODEL_VERSION, request.id, outputs, list(results))
 
 
 def images_of(inputs: list[Tensor]) -> list[bytes | np.ndarray]:
@@ -306,3 +332,21 @@ def server_version() -> str:
 def classes_json(result: SegmentResult) -> bytes:
     shares = [{"index": c.index, "name": c.name, "fraction": c.fraction} for c in result.classes]
     return json.dumps(shares, separators=(",", ":")).encode()
+
+
+def labels_json(model: ModelPipeline) -> str:
+    """The model's classes as the "labels" parameter of ModelMetadata and ModelConfig carries them."""
+    return json.dumps(labels_list(model), separators=(",", ":"))
+
+
+def labels_list(model: ModelPipeline) -> list[dict[str, Any]]:
+    return [{"index": label.index, "name": label.name, "color": label.hex_color} for label in model.labels]
+
+
+def check_control_parameters(parameters: Mapping[str, object], allowed: tuple[str, ...]) -> None:
+    for key in parameters:
+        if key not in allowed:
+            raise ModelControlRefused(
+                f"parameter {key!r} is not taken: segserve loads each model's config and files from its "
+                "repository folder, by name"
+            )

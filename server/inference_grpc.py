@@ -15,18 +15,17 @@ from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server import inference
 from server import inference_grpc_converters as converters
-from server.errors import NotServed, SegservError
+from server.errors import NotPermitted, NotReady, NotServed, SegservError
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
-from server.inference import InferenceModel, note_response
+from server.inference import InferenceModels, note_response
 from server.interceptor import Context, ImageNote, note_image
+from server.pipeline import ModelPipeline
 from server.servicer import STREAM_WINDOW
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _NOT_SERVED = {
-    "RepositoryModelLoad": "segserve serves one model, loaded at start-up; it cannot load others",
-    "RepositoryModelUnload": "segserve serves one model, loaded at start-up; it cannot unload it",
     "SystemSharedMemoryStatus": "segserve takes tensors in the request only; it has no shared memory",
     "SystemSharedMemoryRegister": "segserve takes tensors in the request only; it has no shared memory",
     "SystemSharedMemoryUnregister": "segserve takes tensors in the request only; it has no shared memory",
@@ -39,14 +38,14 @@ _NOT_SERVED = {
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, model: InferenceModel) -> None:
-        self.model = model
+    def __init__(self, models: InferenceModels) -> None:
+        self.models = models
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.model.ready)
+        return pb.ServerReadyResponse(ready=self.models.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         return await guarded(context, self._model_ready(request.name, request.version))
@@ -65,17 +64,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         if not request.name:  # every model
-            return pb.ModelStatisticsResponse(model_stats=[converters.statistics_to_proto(self.model)])
-        stats = await guarded(context, self._checked(request.name, request.version, converters.statistics_to_proto))
+            reports = self.models.every_statistics_report()
+            return pb.ModelStatisticsResponse(model_stats=[converters.statistics_to_proto(r) for r in reports])
+        stats = await guarded(context, self._checked(request.name, request.version, self._statistics))
         return pb.ModelStatisticsResponse(model_stats=[stats])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
-        model = self.model
-        if request.ready and not model.ready:
-            return pb.RepositoryIndexResponse()
-        state = "READY" if model.ready else "UNAVAILABLE" if model.pipeline.draining else "LOADING"
-        entry = pb.RepositoryIndexResponse.ModelIndex(name=model.name, version=inference.MODEL_VERSION, state=state)
-        return pb.RepositoryIndexResponse(models=[entry])
+        return converters.index_to_proto(self.models.index(request.ready), self.models.pipeline.draining)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await guarded(context, self._infer(request, call_deadline(context)))
@@ -86,9 +81,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Each request answered in order; up to a window of them in progress at once, so frames share batches.
         A failed request is answered with its error_message and the stream goes on."""
         deadline = call_deadline(context)
-        if self.model.pipeline.draining:  # refused whole, before any answer, so the client retries it elsewhere
-            await guarded(context, refuse_new_call(self.model.pipeline))
-        window = asyncio.Semaphore(min(STREAM_WINDOW, self.model.pipeline.settings.max_queue))
+        pipeline = self.models.pipeline
+        if pipeline.draining:  # refused whole, before any answer, so the client retries it elsewhere
+            await guarded(context, refuse_new_call(pipeline))
+        window = asyncio.Semaphore(min(STREAM_WINDOW, pipeline.settings.max_queue))
         pending: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
 
         async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
@@ -150,11 +146,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _raise(error: SegservError) -> Any:
         raise error
 
-    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
-        return await self._not_served(context, "RepositoryModelLoad")
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        return await guarded(context, self._load(request, context))
 
-    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
-        return await self._not_served(context, "RepositoryModelUnload")
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        return await guarded(context, self._unload(request, context))
+
+    async def _load(self, request: pb.RepositoryModelLoadRequest, context: Context) -> pb.RepositoryModelLoadResponse:
+        self._check_caller(context)
+        inference.check_control_parameters(request.parameters, ())
+        await self.models.control.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def _unload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._check_caller(context)
+        inference.check_control_parameters(request.parameters, inference.UNLOAD_PARAMETERS)
+        await self.models.control.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_caller(self, context: Context) -> None:
+        """Under TLS with client certificates, model control is for callers that presented one. gRPC's handshake
+        already requires it of every caller then; this holds even if that ever changes."""
+        self.models.control.check_enabled()
+        if self.models.pipeline.settings.tls_client_ca and not context.auth_context().get("x509_pem_cert"):
+            raise NotPermitted("loading and unloading models takes a client certificate")
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
         return await self._not_served(context, "SystemSharedMemoryStatus")
@@ -183,16 +204,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ---- helpers --------------------------------------------------------------------------
 
     async def _model_ready(self, name: str, version: str) -> pb.ModelReadyResponse:
-        self.model.check_model(name, version)
-        return pb.ModelReadyResponse(ready=self.model.ready)
+        try:
+            model = self.models.known(name, version)
+        except NotReady:  # known, and failed to load
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.models.model_ready(model))
+
+    def _statistics(self, model: ModelPipeline) -> pb.ModelStatistics:
+        return converters.statistics_to_proto(self.models.statistics_report(model))
 
     async def _checked(self, name: str, version: str, convert: Any) -> Any:
-        self.model.check_model(name, version)
-        return convert(self.model)
+        return convert(self.models.known(name, version))
 
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None, admitted_before_drain: bool = False
     ) -> pb.ModelInferResponse:
-        response = await self.model.infer(converters.request_from_proto(request), deadline, admitted_before_drain)
+        response = await self.models.infer(converters.request_from_proto(request), deadline, admitted_before_drain)
         note_response(request.id, response)
         return converters.response_to_proto(response)

@@ -9,7 +9,9 @@ from google.protobuf import json_format
 from protos.inference import grpc_predict_v2_pb2 as pb
 from server import inference, tensors
 from server.errors import InvalidTensor
-from server.inference import InferenceModel, InferRequest, InferResponse, ParameterValue, TensorSpec
+from server.inference import InferRequest, InferResponse, ParameterValue, TensorSpec
+from server.pipeline import ModelPipeline
+from server.registry import ModelEntry
 from server.tensors import Tensor
 
 # Which typed-contents list carries each datatype (FP16 and BF16 travel only raw).
@@ -88,24 +90,26 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def metadata_to_proto(model: InferenceModel) -> pb.ModelMetadataResponse:
+def metadata_to_proto(model: ModelPipeline) -> pb.ModelMetadataResponse:
     return pb.ModelMetadataResponse(
         name=model.name,
         versions=[inference.MODEL_VERSION],
         platform=inference.PLATFORM,
         inputs=[_tensor_metadata(spec) for spec in inference.INPUT_SPECS],
         outputs=[_tensor_metadata(spec) for spec in inference.OUTPUT_SPECS],
+        parameters={"labels": pb.InferParameter(string_param=inference.labels_json(model))},
     )
 
 
-def config_to_proto(model: InferenceModel) -> pb.ModelConfig:
+def config_to_proto(model: ModelPipeline) -> pb.ModelConfig:
     """Triton's model configuration: shapes without the batch dimension (max_batch_size > 0)."""
-    settings = model.pipeline.settings
+    settings = model.settings
     return pb.ModelConfig(
         name=model.name,
         platform=inference.PLATFORM,
         backend=inference.PLATFORM,
         max_batch_size=settings.max_queue,
+        parameters={"labels": pb.ModelParameter(string_value=inference.labels_json(model))},
         input=[
             pb.ModelInput(
                 name=spec.name,
@@ -127,5 +131,20 @@ def config_to_proto(model: InferenceModel) -> pb.ModelConfig:
     )
 
 
-def statistics_to_proto(model: InferenceModel) -> pb.ModelStatistics:
-    return json_format.ParseDict(model.statistics_report(), pb.ModelStatistics())
+def statistics_to_proto(report: dict[str, object]) -> pb.ModelStatistics:
+    return json_format.ParseDict(report, pb.ModelStatistics())
+
+
+def index_to_proto(entries: list[ModelEntry], draining: bool) -> pb.RepositoryIndexResponse:
+    """Draining, every model reads UNAVAILABLE: none takes new requests."""
+    return pb.RepositoryIndexResponse(
+        models=[
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=e.name,
+                version=inference.MODEL_VERSION,
+                state="UNAVAILABLE" if draining else e.state,
+                reason="shutting down" if draining else e.reason,
+            )
+            for e in entries
+        ]
+    )

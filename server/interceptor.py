@@ -49,6 +49,8 @@ class ImageNote:
     batch_size: int = 0
     code: str = "OK"
     stages_ms: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+    """The model that answered (empty when the image was refused before a model was found)."""
 
 
 @dataclass
@@ -81,7 +83,7 @@ def note_result(request_id: str, result: SegmentResult) -> None:
         "inference": t.inference_ms,
         "postprocess": t.postprocess_ms,
     }
-    note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages))
+    note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages, result.model))
 
 
 def _request_id(context: Context) -> str:
@@ -163,6 +165,8 @@ def record_call(
         m.images.labels(code).inc()  # refused before the servicer could note it
     for note in images:
         m.images.labels(note.code).inc()
+        if note.model:
+            m.model_images.labels(note.model, note.code).inc()
         for stage, ms in note.stages_ms.items():
             m.stage.labels(stage).observe(ms / 1000)
     if not logged:
@@ -171,8 +175,13 @@ def record_call(
     if len(images) == 1 and method not in _STREAM_METHODS:
         note = images[0]
         line.update(image_id=note.image_id[:128], width=note.width, height=note.height, batch_size=note.batch_size)
+        if note.model:
+            line.update(model=note.model)
     elif images:
         line.update(images=len(images), failed_images=sum(n.code != "OK" for n in images))
+        models = sorted({n.model for n in images if n.model})
+        if models:
+            line.update(models=models)
     line.update(ms=round(elapsed * 1000, 1), status=code)
     log.info("%s", json.dumps(line))
 

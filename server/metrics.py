@@ -86,25 +86,47 @@ class PipelineCollector(Collector):
             buckets=buckets,
             sum_value=float(sum(size * count for size, count in enumerate(counts, start=1))),
         )
-        runtime = pipeline.runtime
+        yield from self._per_model()
+
+    def _per_model(self) -> Iterator[Metric]:
+        pipeline = self.pipeline
         info = GaugeMetricFamily(
             "segserve_model_info",
-            "The model being served (value 1; 0 while it loads).",
-            labels=["model", "weights", "device", "runtime", "max_size", "max_batch_size"],
+            "Each configured model, by the name requests use (value 1 when ready, 0 otherwise).",
+            labels=["model", "architecture", "weights", "device", "runtime", "max_size", "max_batch_size", "state"],
         )
-        s = pipeline.settings
-        info.add_metric(
-            [
-                s.model,
-                runtime.facts.weights_description if runtime else "loading",
-                runtime.device_name if runtime else "loading",
-                runtime.description if runtime else "loading",
-                str(s.max_size),
-                str(s.max_batch_size),
-            ],
-            1.0 if pipeline.ready else 0.0,
+        resident = GaugeMetricFamily(
+            "segserve_model_resident_bytes",
+            "What loading each model added to the process's resident memory (measured at load).",
+            labels=["model"],
         )
-        yield info
+        in_flight = GaugeMetricFamily(
+            "segserve_model_requests_in_flight", "Requests being served by each model.", labels=["model"]
+        )
+        batches = GaugeMetricFamily(
+            "segserve_model_batches", "Model batches run, by model and batch size.", labels=["model", "size"]
+        )
+        for model in pipeline.models.loaded():
+            runtime, s = model.runtime, model.settings
+            info.add_metric(
+                [
+                    model.name,
+                    model.config.architecture,
+                    runtime.facts.weights_description if runtime else "loading",
+                    runtime.device_name if runtime else "loading",
+                    runtime.description if runtime else "loading",
+                    str(s.max_size),
+                    str(s.max_batch_size),
+                    model.state,
+                ],
+                1.0 if model.state == "READY" else 0.0,
+            )
+            resident.add_metric([model.name], float(model.resident_bytes))
+            in_flight.add_metric([model.name], float(model.in_flight))
+            for size, count in enumerate(model.batch_size_counts, start=1):
+                if count:
+                    batches.add_metric([model.name, str(size)], float(count))
+        yield from (info, resident, in_flight, batches)
 
 
 class Metrics:
@@ -143,6 +165,12 @@ class Metrics:
             "segserve_images",
             "Images answered (stream items included) by status code.",
             ["code"],
+            registry=self.registry,
+        )
+        self.model_images = Counter(
+            "segserve_model_images",
+            "Images answered by each model (stream items included), by status code.",
+            ["model", "code"],
             registry=self.registry,
         )
         self.stage = Histogram(

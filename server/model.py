@@ -58,28 +58,54 @@ def _normalisation(weights_enum: Any) -> tuple[tuple[float, ...], tuple[float, .
 RANDOM_WEIGHTS_SEED = 0
 
 
-def _build_random(builder: Callable[..., nn.Module]) -> nn.Module:
+def _build_random(builder: Callable[..., nn.Module], num_classes: int = len(VOC_CLASSES)) -> nn.Module:
     # The same random weights on every start: their fingerprint, and so the cached exported graph, stays valid
     # (a fresh draw each start would export again and leave another graph in the cache every time).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         # weights_backbone=None too: otherwise torchvision would try to download ImageNet backbone weights.
-        return builder(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES), aux_loss=False)
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
 
 
-def _load_state_dict_file(builder: Callable[..., nn.Module], path: Path) -> nn.Module:
+HEAD_WEIGHT = "classifier.4.weight"
+"""The last convolution of DeepLabHead: one output channel per class."""
+
+
+def _read_state(path: Path) -> object:
+    """A state_dict from a file, never by running code: torch.load with weights_only (a pickle that would
+    call anything but tensor rebuilders is refused), or safetensors, which holds tensors only."""
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise ModelLoadError(f"weights file {path} is safetensors, and safetensors is not installed") from None
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"weights file {path} is not a safetensors file: {exc}") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"weights file {path} is not a torch state_dict: {first}") from exc
+
+
+def _load_state_dict_file(builder: Callable[..., nn.Module], path: Path, num_classes: int) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"weights file {path} is not a torch state_dict: {exc}") from exc
+    state = _read_state(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelLoadError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
+    head = state.get(HEAD_WEIGHT)
+    if isinstance(head, torch.Tensor) and head.shape[0] != num_classes:
+        raise ModelLoadError(
+            f"weights file {path} does not match the labels: its head has {head.shape[0]} classes, "
+            f"the labels name {num_classes}"
+        )
     has_aux = any(str(key).startswith("aux_classifier.") for key in state)
-    model = builder(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES), aux_loss=has_aux)
+    model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=has_aux)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -97,12 +123,18 @@ class LoadedModel:
     std: tuple[float, ...]
 
 
-def load_model(model_name: str, weights: str) -> LoadedModel:
-    """Build the model with the chosen weights. Raises ModelLoadError with a one-line reason."""
+def load_model(model_name: str, weights: str, num_classes: int = len(VOC_CLASSES)) -> LoadedModel:
+    """Build the model with the chosen weights and `num_classes` output classes (the pretrained weights have
+    VOC's 21). Raises ModelLoadError with a one-line reason."""
     if model_name not in _BUILDERS:
         raise ModelLoadError(f"unknown model {model_name!r}: choose one of {', '.join(_BUILDERS)}")
     builder, weights_enum = _BUILDERS[model_name]
     mean, std = _normalisation(weights_enum)
+    if weights in ("auto", "pretrained") and num_classes != len(VOC_CLASSES):
+        raise ModelLoadError(
+            f"pretrained weights have {len(VOC_CLASSES)} classes, but the labels name {num_classes}; "
+            "give a state_dict file"
+        )
     if weights in ("auto", "pretrained"):
         try:
             module = builder(weights=weights_enum)
@@ -126,9 +158,9 @@ def load_model(model_name: str, weights: str) -> LoadedModel:
                 _build_random(builder), f"random (fallback: pretrained unavailable; {how})", False, mean, std
             )
     if weights == "random":
-        return LoadedModel(_build_random(builder), "random", False, mean, std)
+        return LoadedModel(_build_random(builder, num_classes), "random", False, mean, std)
     path = Path(os.path.expanduser(weights))
-    return LoadedModel(_load_state_dict_file(builder, path), f"file:{path}", True, mean, std)
+    return LoadedModel(_load_state_dict_file(builder, path, num_classes), f"file:{path}", True, mean, std)
 
 
 def without_aux_head(module: nn.Module) -> nn.Module:

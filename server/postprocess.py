@@ -86,9 +86,9 @@ def encode_mask_png(mask: Image.Image, palette: bytes = VOC_PALETTE) -> bytes:
 _FOREGROUND_LUT = [0] + [255] * 255
 
 
-def blend_overlay(image: Image.Image, mask: Image.Image, opacity: float) -> Image.Image:
+def blend_overlay(image: Image.Image, mask: Image.Image, opacity: float, palette: bytes = VOC_PALETTE) -> Image.Image:
     """The image with each pixel's class colour laid over it; background (class 0) left untouched."""
     paletted = mask.copy()
-    paletted.putpalette(VOC_PALETTE)
+    paletted.putpalette(palette)
     blended = Image.blend(image, paletted.convert("RGB"), opacity)
     return Image.composite(blended, image, mask.point(_FOREGROUND_LUT))

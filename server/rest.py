@@ -31,10 +31,18 @@ from server.errors import (
     SegservError,
     TooManyImages,
 )
-from server.inference import EXTENSIONS, MODEL_VERSION, InferenceModel, note_response, server_version
+from server.inference import (
+    EXTENSIONS,
+    MODEL_VERSION,
+    UNLOAD_PARAMETERS,
+    InferenceModels,
+    check_control_parameters,
+    note_response,
+    server_version,
+)
 from server.interceptor import REQUEST_ID_KEY, ImageNote, note_image, record_call, start_record
 from server.metrics import Metrics
-from server.pipeline import SegmentOptions
+from server.pipeline import ModelPipeline, SegmentOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +55,16 @@ _STATUS_OF_CODE = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    # What is left of RESOURCE_EXHAUSTED once images and the queue are matched: a load past the model limits.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 409,
 }
 _CODE_OF_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
 # The body is the image: image/*, octet-stream, and curl's default for --data-binary (a form encoding by name only).
 IMAGE_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 JSON_TYPE = "application/json"
+INDEX_BODY_LIMIT = 64 * 1024
 
 
 class BodyTooLarge(ImageTooLarge):
@@ -119,15 +132,20 @@ def _segment_options(request: Request) -> SegmentOptions:
     except ValueError:
         raise InvalidOptions(f"query parameter overlay_opacity must be a number, got {opacity!r}") from None
     overlay = query.get("overlay", "false").lower() in ("1", "true", "yes")
-    return SegmentOptions(max_size=_int_query(request, "max_size"), overlay=overlay, overlay_opacity=overlay_opacity)
+    return SegmentOptions(
+        max_size=_int_query(request, "max_size"),
+        overlay=overlay,
+        overlay_opacity=overlay_opacity,
+        model=query.get("model", ""),
+    )
 
 
 class RestApp:
-    """The routes over one model; `app` is the ASGI application."""
+    """The routes over the served models; `app` is the ASGI application."""
 
-    def __init__(self, model: InferenceModel, metrics: Metrics | None, calls: CallTracker | None = None) -> None:
-        self.model = model
-        self.pipeline = model.pipeline
+    def __init__(self, models: InferenceModels, metrics: Metrics | None, calls: CallTracker | None = None) -> None:
+        self.models = models
+        self.pipeline = models.pipeline
         self.metrics = metrics
         self.calls = calls
         m = "/v2/models/{model}"
@@ -137,6 +155,8 @@ class RestApp:
             ("/v2/health/live", "GET", "ServerLive", self.live),
             ("/v2/health/ready", "GET", "ServerReady", self.ready),
             ("/v2/repository/index", "POST", "RepositoryIndex", self.repository_index),
+            ("/v2/repository/models/{model}/load", "POST", "RepositoryModelLoad", self.load_model),
+            ("/v2/repository/models/{model}/unload", "POST", "RepositoryModelUnload", self.unload_model),
             ("/v2/models/stats", "GET", "ModelStatistics", self.model_statistics),  # before /v2/models/{model}
             *[(p, "GET", "ModelMetadata", self.model_metadata) for p in (m, v)],
             *[(p + "/ready", "GET", "ModelReady", self.model_ready) for p in (m, v)],
@@ -210,33 +230,65 @@ class RestApp:
         return JSONResponse({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        ready = self.model.ready
+        ready = self.models.ready
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    def _model(self, request: Request) -> None:
-        self.model.check_model(request.path_params["model"], request.path_params.get("version", ""))
+    def _model(self, request: Request) -> ModelPipeline:
+        return self.models.known(request.path_params["model"], request.path_params.get("version", ""))
 
     async def model_metadata(self, request: Request) -> Response:
-        self._model(request)
-        return JSONResponse(converters.metadata_to_http(self.model))
+        return JSONResponse(converters.metadata_to_http(self._model(request)))
 
     async def model_ready(self, request: Request) -> Response:
-        self._model(request)
-        ready = self.model.ready
-        return JSONResponse({"name": self.model.name, "ready": ready}, status_code=200 if ready else 503)
+        name = request.path_params["model"]
+        try:
+            ready = self.models.model_ready(self._model(request))
+        except NotReady:  # known, and failed to load
+            ready = False
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
     async def model_config(self, request: Request) -> Response:
-        self._model(request)
-        return JSONResponse(converters.config_to_http(self.model))
+        return JSONResponse(converters.config_to_http(self._model(request)))
 
     async def model_statistics(self, request: Request) -> Response:
-        if "model" in request.path_params:  # /v2/models/stats: every model
-            self._model(request)
-        return JSONResponse({"model_stats": [self.model.statistics_report()]})
+        if "model" in request.path_params:
+            return JSONResponse({"model_stats": [self.models.statistics_report(self._model(request))]})
+        return JSONResponse({"model_stats": self.models.every_statistics_report()})  # /v2/models/stats
 
     async def repository_index(self, request: Request) -> Response:
-        state = "READY" if self.model.ready else "LOADING"
-        return JSONResponse([{"name": self.model.name, "version": MODEL_VERSION, "state": state}])
+        body = await read_body(request, INDEX_BODY_LIMIT, "a repository index request", self.pipeline.uploads)
+        parsed = converters.parse_json(body) if body else {}
+        ready_only = isinstance(parsed, dict) and parsed.get("ready") is True
+        draining = self.pipeline.draining
+        index = []
+        for entry in self.models.index(ready_only):
+            item = {"name": entry.name, "version": MODEL_VERSION, "state": "UNAVAILABLE" if draining else entry.state}
+            if entry.reason:
+                item["reason"] = entry.reason
+            index.append(item)
+        return JSONResponse(index)
+
+    # ---- model control ------------------------------------------------------------------------------------
+    # Under TLS with client certificates, uvicorn's handshake requires one of every caller (ssl.CERT_REQUIRED).
+
+    async def _control_parameters(self, request: Request, allowed: tuple[str, ...]) -> None:
+        self.models.control.check_enabled()
+        body = await read_body(request, INDEX_BODY_LIMIT, "a repository request", self.pipeline.uploads)
+        parsed = converters.parse_json(body) if body else {}
+        parameters = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
+        if not isinstance(parameters, dict):
+            raise converters.BadBody("the body must be a JSON object, with an optional `parameters` object")
+        check_control_parameters(parameters, allowed)
+
+    async def load_model(self, request: Request) -> Response:
+        await self._control_parameters(request, ())
+        await self.models.control.load(request.path_params["model"])
+        return JSONResponse({})
+
+    async def unload_model(self, request: Request) -> Response:
+        await self._control_parameters(request, UNLOAD_PARAMETERS)
+        await self.models.control.unload(request.path_params["model"])
+        return JSONResponse({})
 
     # ---- inference ----------------------------------------------------------------------------------------
 
@@ -264,7 +316,7 @@ class RestApp:
             self.pipeline.limits.max_bytes,
         )
         del body
-        response = await self.model.infer(infer_request)
+        response = await self.models.infer(infer_request)
         note_response(infer_request.id, response)
         content, json_length = converters.response_to_http(response, binary)
         if json_length is None:
@@ -325,5 +377,5 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         raise InvalidOptions(f"the multipart body cannot be read: {exc.detail}") from None
 
 
-def build_app(model: InferenceModel, metrics: Metrics | None, calls: CallTracker | None = None) -> Any:
-    return RestApp(model, metrics, calls).app
+def build_app(models: InferenceModels, metrics: Metrics | None, calls: CallTracker | None = None) -> Any:
+    return RestApp(models, metrics, calls).app

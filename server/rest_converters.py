@@ -21,8 +21,8 @@ import numpy as np
 
 from server import inference, tensors
 from server.errors import InvalidTensor
-from server.inference import InferenceModel, InferRequest, InferResponse, ParameterValue
-from server.pipeline import SegmentResult
+from server.inference import InferRequest, InferResponse, ParameterValue
+from server.pipeline import ModelPipeline, SegmentResult
 from server.tensors import Tensor
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -191,19 +191,20 @@ def _tensor_metadata(specs: Sequence[inference.TensorSpec]) -> list[dict[str, An
     return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
 
-def metadata_to_http(model: InferenceModel) -> dict[str, Any]:
+def metadata_to_http(model: ModelPipeline) -> dict[str, Any]:
     return {
         "name": model.name,
         "versions": [inference.MODEL_VERSION],
         "platform": inference.PLATFORM,
         "inputs": _tensor_metadata(inference.INPUT_SPECS),
         "outputs": _tensor_metadata(inference.OUTPUT_SPECS),
+        "parameters": {"labels": inference.labels_list(model)},
     }
 
 
-def config_to_http(model: InferenceModel) -> dict[str, Any]:
+def config_to_http(model: ModelPipeline) -> dict[str, Any]:
     """Triton's model configuration in its JSON form (datatypes as TYPE_*; dims without the batch dimension)."""
-    settings = model.pipeline.settings
+    settings = model.settings
 
     def config_type(datatype: str) -> str:
         return "TYPE_STRING" if datatype == tensors.BYTES else f"TYPE_{datatype}"
@@ -225,6 +226,8 @@ def config_to_http(model: InferenceModel) -> dict[str, Any]:
             "preferred_batch_size": [settings.max_batch_size],
             "max_queue_delay_microseconds": int(settings.max_batch_delay_ms * 1000),
         },
+        # Triton's ModelConfig.parameters are strings: the labels as the JSON text of the metadata's list.
+        "parameters": {"labels": {"string_value": inference.labels_json(model)}},
     }
 
 
@@ -237,6 +240,7 @@ def segment_result_to_json(result: SegmentResult) -> dict[str, Any]:
         "model_height": result.model_height,
         "classes": [{"index": c.index, "name": c.name, "fraction": c.fraction} for c in result.classes],
         "timing": asdict(result.timing),
+        "model": result.model,
         "mask_png": base64.b64encode(result.mask_png).decode(),
         "overlay_png": base64.b64encode(result.overlay_png).decode() if result.overlay_png else None,
     }

@@ -16,7 +16,7 @@ from server.buffers import UploadHold
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
 from server.interceptor import Context, ImageNote, note_image, note_result
-from server.pipeline import AdmissionSlot, SegmentationPipeline, SegmentOptions
+from server.pipeline import AdmissionSlot, ModelPipeline, SegmentationPipeline, SegmentOptions
 from server.stream_window import Place, StreamWindow
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,10 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 pipeline.streams.open_streams -= 1
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
-        return await guarded(context, self._model_info())
+        return await guarded(context, self._model_info(request.model))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        return converters.model_entries_to_proto(self.pipeline.models.entries())
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -135,8 +138,9 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
         options: SegmentOptions,
         deadline: float | None,
         slot: AdmissionSlot | None = None,
+        model: ModelPipeline | None = None,
     ) -> pb.SegmentResponse:
-        result = await self.pipeline.segment(image, options, deadline, slot)
+        result = await self.pipeline.segment(image, options, deadline, slot, model)
         note_result(request_id, result)
         return converters.result_to_proto(request_id, result)
 
@@ -149,10 +153,12 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             if first is None:
                 raise InvalidImage("upload had no chunks")
             image_id, options = first.id, converters.options_from_proto(first.options)
-            pipeline.check_options(options)
-            image = await self._receive_upload(first, context, hold)
-            del first
-            return await self._segment(image_id, image, options, deadline, slot)
+            # Held from the first chunk: an unload of this model waits for the upload rather than refuse it late.
+            with pipeline.models.acquire(options.model) as model:
+                model.check_options(options)
+                image = await self._receive_upload(first, context, hold)
+                del first
+                return await self._segment(image_id, image, options, deadline, slot, model)
 
     async def _receive_upload(self, first: pb.ImageChunk, context: Context, hold: UploadHold) -> bytes:
         limit = self.pipeline.limits.max_bytes
@@ -190,20 +196,37 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 f"upload stalled: no chunk for {idle:g} s (SEGSERVE_UPLOAD_IDLE_TIMEOUT_S); its bytes were freed"
             ) from None
 
-    async def _model_info(self) -> pb.ModelInfo:
+    async def _model_info(self, name: str) -> pb.ModelInfo:
         pipeline = self.pipeline
-        s = pipeline.settings
-        runtime = pipeline.runtime
+        if not pipeline.ready and not name:  # still starting: the default model's settings, "loading"
+            s = pipeline.settings
+            return pb.ModelInfo(
+                model=s.model,
+                weights="loading",
+                device="loading",
+                runtime="loading",
+                max_size=s.max_size,
+                max_batch_size=s.max_batch_size,
+                max_batch_delay_ms=s.max_batch_delay_ms,
+                max_queue=s.max_queue,
+                batch_sizes=pipeline.batch_size_counts,
+            )
+        model = pipeline.models.get(name)
+        s = model.settings
+        runtime = model.runtime
         return pb.ModelInfo(
-            model=s.model,
+            model=model.config.architecture,
+            name=model.name,
+            is_default=model.name == pipeline.models.default_name,
             weights=runtime.facts.weights_description if runtime else "loading",
             device=runtime.device_name if runtime else "loading",
             max_size=s.max_size,
             max_batch_size=s.max_batch_size,
-            labels=converters.labels_to_proto(pipeline.labels) if runtime else [],
+            labels=converters.labels_to_proto(model.labels),
             weights_are_trained=bool(runtime and runtime.facts.weights_trained),
-            batch_sizes=pipeline.batch_size_counts,
+            batch_sizes=model.batch_size_counts,
             max_batch_delay_ms=s.max_batch_delay_ms,
-            max_queue=s.max_queue,
+            max_queue=pipeline.settings.max_queue,
             runtime=runtime.description if runtime else "loading",
+            resident_bytes=model.resident_bytes,
         )

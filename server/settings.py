@@ -31,7 +31,37 @@ class Settings(BaseSettings):
         description="HTTP port: Open Inference Protocol REST (/v2) and POST /v1/segment, on the gRPC bind "
         "address and TLS settings (0 picks a free one, -1 turns it off).",
     )
-    model: ModelName = Field("deeplabv3_mobilenet_v3_large", description="DeepLabV3 variant to serve.")
+    model: ModelName = Field(
+        "deeplabv3_mobilenet_v3_large",
+        description="DeepLabV3 variant to serve when neither model_repository nor models is set.",
+    )
+    model_repository: str | None = Field(
+        None,
+        description="Folder of models, one subfolder per model (its name is the model's) with a config.yaml: "
+        "architecture, weights, labels, max_size, max_batch_size, max_batch_delay_ms.",
+    )
+    models: str | None = Field(
+        None,
+        description="Several models in one line, NAME=ARCHITECTURE[,...] (weights: the weights setting), "
+        "e.g. fast=deeplabv3_mobilenet_v3_large,best=deeplabv3_resnet101.",
+    )
+    default_model: str | None = Field(
+        None, description="The model a request without a model name gets (unset: the first model listed)."
+    )
+    model_control: bool = Field(
+        False,
+        description="Load, reload and unload repository models at run time (the inference protocol's "
+        "RepositoryModelLoad/Unload; python -m client load/unload). Off: those calls are refused.",
+    )
+    max_models: int = Field(
+        0, ge=0, description="Most models loaded at once (0: no limit); a load past it is refused (RESOURCE_EXHAUSTED)."
+    )
+    max_model_weights_bytes: int = Field(
+        0,
+        ge=0,
+        description="Most bytes of weights loaded at once, all models together (0: no limit); a load past it is "
+        "refused (RESOURCE_EXHAUSTED).",
+    )
     weights: str = Field(
         "auto",
         description="auto (pretrained, random if unavailable), pretrained (fail if unavailable), "
@@ -118,6 +148,14 @@ class Settings(BaseSettings):
     tls_client_ca: str | None = Field(
         None, description="PEM CA file; when set (with TLS), callers must present a client certificate it signed."
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_models(self) -> Settings:
+        if self.model_repository and self.models:
+            raise ValueError("model_repository and models are two ways to list models: set one of them")
+        if self.model_control and not self.model_repository:
+            raise ValueError("model_control loads models from a repository: set model_repository too")
+        return self
 
     @model_validator(mode="after")
     def _tls_files_make_sense(self) -> Settings:

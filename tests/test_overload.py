@@ -14,6 +14,7 @@ import pytest
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import pipeline as pipeline_module
+from server.labels import Label
 from server.runtimes import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import Settings
@@ -32,8 +33,8 @@ class Gate:
         self.open.set()
         self.batches: list[int] = []
 
-    def gated_runtime(self, settings: Settings) -> Runtime:
-        runtime = create_runtime(settings)
+    def gated_runtime(self, settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
+        runtime = create_runtime(settings, labels)
         original: Callable[[list[np.ndarray]], list[np.ndarray]] = runtime.predict
 
         def predict(images: list[np.ndarray]) -> list[np.ndarray]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from server.errors import ModelLoadError
-from server.labels import VOC_CLASSES, make_labels
+from server.labels import VOC_CLASSES, Label, make_labels
 from server.model import LoadedModel, load_model, resolve_device, weights_fingerprint, without_aux_head
 from server.runtimes import cpu_features, selection
 from server.runtimes.base import ModelFacts, Runtime
@@ -51,8 +51,8 @@ def plan(settings: Settings, device: torch.device) -> list[selection.Candidate]:
     )
 
 
-def facts_of(settings: Settings, loaded: LoadedModel) -> ModelFacts:
-    return ModelFacts(settings.model, loaded.weights_description, loaded.trained, make_labels(VOC_CLASSES))
+def facts_of(settings: Settings, loaded: LoadedModel, labels: tuple[Label, ...] | None = None) -> ModelFacts:
+    return ModelFacts(settings.model, loaded.weights_description, loaded.trained, labels or make_labels(VOC_CLASSES))
 
 
 def graph_key(
@@ -121,9 +121,10 @@ def build_runtime(
     device: torch.device,
     candidate: selection.Candidate,
     weights_sha256: str,
+    labels: tuple[Label, ...] | None = None,
 ) -> Runtime:
     """One runtime at one precision, from loaded weights. Raises ModelLoadError with one line."""
-    facts = facts_of(settings, loaded)
+    facts = facts_of(settings, loaded, labels)
     name, precision = candidate.runtime, candidate.precision
     if precision == "int8" and name not in GRAPH_RUNTIMES:
         raise ModelLoadError(f"precision int8 is offered by the onnxruntime and openvino runtimes, not {name}")
@@ -158,14 +159,15 @@ def build_runtime(
         return _graph_runtime(settings, graph, facts, device, candidate)
 
 
-def create_runtime(settings: Settings) -> Runtime:
-    """Loads the weights and builds the runtime the settings ask for; with runtime or precision auto, the
-    fastest that passes the agreement check (server/runtimes/selection.py). Raises ModelLoadError with one line."""
+def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
+    """Loads the weights and builds the runtime the settings ask for, with one output class per label (VOC's 21
+    when None); with runtime or precision auto, the fastest that passes the agreement check
+    (server/runtimes/selection.py). Raises ModelLoadError with one line."""
     device = resolve_device(settings.device)
     found = plan(settings, device)
     if settings.inference_threads:
         torch.set_num_threads(settings.inference_threads)  # the export runs on torch too
-    loaded = load_model(settings.model, settings.weights)
+    loaded = load_model(settings.model, settings.weights, len(labels or VOC_CLASSES))
     weights_sha256 = weights_fingerprint(without_aux_head(loaded.module))
     key = selection.cache_key(
         model=settings.model,
@@ -177,7 +179,7 @@ def create_runtime(settings: Settings) -> Runtime:
     )
     runtime, choice = selection.choose(
         found,
-        lambda candidate: build_runtime(settings, loaded, device, candidate, weights_sha256),
+        lambda candidate: build_runtime(settings, loaded, device, candidate, weights_sha256, labels),
         max_size=settings.max_size,
         cache_root=resolve_cache_root(settings.cache_dir),
         key=key,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/segserve/v1/segserve.proto\x12\x0bsegserve.v1\"e\n\x0eSegmentOptions\x12\x10\n\x08max_size\x18\x01 \x01(\r\x12\x0f\n\x07overlay\x18\x02 \x01(\x08\x12\x1c\n\x0foverlay_opacity\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_overlay_opacity\"Y\n\x0eSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.segserve.v1.SegmentOptions\"T\n\nImageChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.segserve.v1.SegmentOptions\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\">\n\rClassFraction\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x02\"\x85\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rpreprocess_ms\x18\x04 \x01(\x02\x12\x16\n\x0epostprocess_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x83\x02\n\x0fSegmentResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08mask_png\x18\x04 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x05 \x01(\x0c\x12+\n\x07\x63lasses\x18\x06 \x03(\x0b\x32\x1a.segserve.v1.ClassFraction\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.segserve.v1.Timing\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.segserve.v1.Error\x12\x13\n\x0bmodel_width\x18\t \x01(\r\x12\x14\n\x0cmodel_height\x18\n \x01(\r\"\x15\n\x13GetModelInfoRequest\"3\n\x05Label\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x63olor\x18\x03 \x01(\t\"\xfb\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08max_size\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\"\n\x06labels\x18\x06 \x03(\x0b\x32\x12.segserve.v1.Label\x12\x1b\n\x13weights_are_trained\x18\x07 \x01(\x08\x12\x13\n\x0b\x62\x61tch_sizes\x18\x08 \x03(\x04\x12\x1a\n\x12max_batch_delay_ms\x18\t \x01(\x02\x12\x11\n\tmax_queue\x18\n \x01(\r\x12\x0f\n\x07runtime\x18\x0b \x01(\t2\xb5\x02\n\tSegmenter\x12\x44\n\x07Segment\x12\x1b.segserve.v1.SegmentRequest\x1a\x1c.segserve.v1.SegmentResponse\x12H\n\rSegmentUpload\x12\x17.segserve.v1.ImageChunk\x1a\x1c.segserve.v1.SegmentResponse(\x01\x12N\n\rSegmentStream\x12\x1b.segserve.v1.SegmentRequest\x1a\x1c.segserve.v1.SegmentResponse(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .segserve.v1.GetModelInfoRequest\x1a\x16.segserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/segserve/v1/segserve.proto\x12\x0bsegserve.v1\"t\n\x0eSegmentOptions\x12\x10\n\x08max_size\x18\x01 \x01(\r\x12\x0f\n\x07overlay\x18\x02 \x01(\x08\x12\x1c\n\x0foverlay_opacity\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05model\x18\x04 \x01(\tB\x12\n\x10_overlay_opacity\"Y\n\x0eSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.segserve.v1.SegmentOptions\"T\n\nImageChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.segserve.v1.SegmentOptions\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\">\n\rClassFraction\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x02\"\x85\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x02\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rpreprocess_ms\x18\x04 \x01(\x02\x12\x16\n\x0epostprocess_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x92\x02\n\x0fSegmentResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x10\n\x08mask_png\x18\x04 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x05 \x01(\x0c\x12+\n\x07\x63lasses\x18\x06 \x03(\x0b\x32\x1a.segserve.v1.ClassFraction\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.segserve.v1.Timing\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.segserve.v1.Error\x12\x13\n\x0bmodel_width\x18\t \x01(\r\x12\x14\n\x0cmodel_height\x18\n \x01(\r\x12\r\n\x05model\x18\x0b \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"3\n\x05Label\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x63olor\x18\x03 \x01(\t\"\xb5\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08max_size\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\"\n\x06labels\x18\x06 \x03(\x0b\x32\x12.segserve.v1.Label\x12\x1b\n\x13weights_are_trained\x18\x07 \x01(\x08\x12\x13\n\x0b\x62\x61tch_sizes\x18\x08 \x03(\x04\x12\x1a\n\x12max_batch_delay_ms\x18\t \x01(\x02\x12\x11\n\tmax_queue\x18\n \x01(\r\x12\x0f\n\x07runtime\x18\x0b \x01(\t\x12\x0c\n\x04name\x18\x0c \x01(\t\x12\x16\n\x0eresident_bytes\x18\r \x01(\x04\x12\x12\n\nis_default\x18\x0e \x01(\x08\"\x13\n\x11ListModelsRequest\"d\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.segserve.v1.ModelStatus2\x84\x03\n\tSegmenter\x12\x44\n\x07Segment\x12\x1b.segserve.v1.SegmentRequest\x1a\x1c.segserve.v1.SegmentResponse\x12H\n\rSegmentUpload\x12\x17.segserve.v1.ImageChunk\x1a\x1c.segserve.v1.SegmentResponse(\x01\x12N\n\rSegmentStream\x12\x1b.segserve.v1.SegmentRequest\x1a\x1c.segserve.v1.SegmentResponse(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .segserve.v1.GetModelInfoRequest\x1a\x16.segserve.v1.ModelInfo\x12M\n\nListModels\x12\x1e.segserve.v1.ListModelsRequest\x1a\x1f.segserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.segserve.v1.segserve
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEGMENTOPTIONS']._serialized_start=50
-  _globals['_SEGMENTOPTIONS']._serialized_end=151
-  _globals['_SEGMENTREQUEST']._serialized_start=153
-  _globals['_SEGMENTREQUEST']._serialized_end=242
-  _globals['_IMAGECHUNK']._serialized_start=244
-  _globals['_IMAGECHUNK']._serialized_end=328
-  _globals['_CLASSFRACTION']._serialized_start=330
-  _globals['_CLASSFRACTION']._serialized_end=392
-  _globals['_TIMING']._serialized_start=395
-  _globals['_TIMING']._serialized_end=528
-  _globals['_ERROR']._serialized_start=530
-  _globals['_ERROR']._serialized_end=568
-  _globals['_SEGMENTRESPONSE']._serialized_start=571
-  _globals['_SEGMENTRESPONSE']._serialized_end=830
-  _globals['_GETMODELINFOREQUEST']._serialized_start=832
-  _globals['_GETMODELINFOREQUEST']._serialized_end=853
-  _globals['_LABEL']._serialized_start=855
-  _globals['_LABEL']._serialized_end=906
-  _globals['_MODELINFO']._serialized_start=909
-  _globals['_MODELINFO']._serialized_end=1160
-  _globals['_SEGMENTER']._serialized_start=1163
-  _globals['_SEGMENTER']._serialized_end=1472
+  _globals['_SEGMENTOPTIONS']._serialized_end=166
+  _globals['_SEGMENTREQUEST']._serialized_start=168
+  _globals['_SEGMENTREQUEST']._serialized_end=257
+  _globals['_IMAGECHUNK']._serialized_start=259
+  _globals['_IMAGECHUNK']._serialized_end=343
+  _globals['_CLASSFRACTION']._serialized_start=345
+  _globals['_CLASSFRACTION']._serialized_end=407
+  _globals['_TIMING']._serialized_start=410
+  _globals['_TIMING']._serialized_end=543
+  _globals['_ERROR']._serialized_start=545
+  _globals['_ERROR']._serialized_end=583
+  _globals['_SEGMENTRESPONSE']._serialized_start=586
+  _globals['_SEGMENTRESPONSE']._serialized_end=860
+  _globals['_GETMODELINFOREQUEST']._serialized_start=862
+  _globals['_GETMODELINFOREQUEST']._serialized_end=898
+  _globals['_LABEL']._serialized_start=900
+  _globals['_LABEL']._serialized_end=951
+  _globals['_MODELINFO']._serialized_start=954
+  _globals['_MODELINFO']._serialized_end=1263
+  _globals['_LISTMODELSREQUEST']._serialized_start=1265
+  _globals['_LISTMODELSREQUEST']._serialized_end=1284
+  _globals['_MODELSTATUS']._serialized_start=1286
+  _globals['_MODELSTATUS']._serialized_end=1386
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1388
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1450
+  _globals['_SEGMENTER']._serialized_start=1453
+  _globals['_SEGMENTER']._serialized_end=1841
 # @@protoc_insertion_point(module_scope)

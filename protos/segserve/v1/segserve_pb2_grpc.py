@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class SegmenterStub:
-    """Segments images into the 21 PASCAL VOC classes (0 is background).
+    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    the labels of the model a request names. A server may serve several models.
     """
 
     def __init__(self, channel):
@@ -55,10 +56,16 @@ class SegmenterStub:
                 request_serializer=protos_dot_segserve_dot_v1_dot_segserve__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_segserve_dot_v1_dot_segserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/segserve.v1.Segmenter/ListModels',
+                request_serializer=protos_dot_segserve_dot_v1_dot_segserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_segserve_dot_v1_dot_segserve__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class SegmenterServicer:
-    """Segments images into the 21 PASCAL VOC classes (0 is background).
+    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    the labels of the model a request names. A server may serve several models.
     """
 
     def Segment(self, request, context):
@@ -88,7 +95,14 @@ class SegmenterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """The model being served and its label set.
+        """A model being served (the default one unless named) and its label set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model the server is configured with, and its state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +131,11 @@ def add_SegmenterServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_segserve_dot_v1_dot_segserve__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_segserve_dot_v1_dot_segserve__pb2.ModelInfo.SerializeToString,
             ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=protos_dot_segserve_dot_v1_dot_segserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_segserve_dot_v1_dot_segserve__pb2.ListModelsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'segserve.v1.Segmenter', rpc_method_handlers)
@@ -126,7 +145,8 @@ def add_SegmenterServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Segmenter:
-    """Segments images into the 21 PASCAL VOC classes (0 is background).
+    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    the labels of the model a request names. A server may serve several models.
     """
 
     @staticmethod
@@ -227,6 +247,33 @@ class Segmenter:
             '/segserve.v1.Segmenter/GetModelInfo',
             protos_dot_segserve_dot_v1_dot_segserve__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_segserve_dot_v1_dot_segserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segserve.v1.Segmenter/ListModels',
+            protos_dot_segserve_dot_v1_dot_segserve__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_segserve_dot_v1_dot_segserve__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,123 @@
+"""The models being served, by name: each a ModelPipeline (server/pipeline.py), plus the default model's name
+and the models that could not be loaded, with why. Requests find their model here; unknown names are
+NOT_FOUND with the names there are, models not ready are UNAVAILABLE with their state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from server.errors import NotReady, TooManyModels, UnknownModel
+
+if TYPE_CHECKING:
+    from server.pipeline import ModelPipeline
+    from server.repository import ModelConfig
+    from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One line of the repository index."""
+
+    name: str
+    state: str
+    """READY, LOADING, UNLOADING or UNAVAILABLE (Triton's names)."""
+    reason: str
+    architecture: str
+    is_default: bool
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: dict[str, ModelPipeline] = {}
+        self._broken: dict[str, str] = {}
+        self.default_name = ""
+
+    def add(self, model: ModelPipeline) -> None:
+        self._models[model.name] = model
+        self._broken.pop(model.name, None)
+
+    def add_broken(self, name: str, reason: str) -> None:
+        """A model whose config could not be read: listed with its reason, never served."""
+        self._models.pop(name, None)
+        self._broken[name] = reason
+
+    def is_listed(self, name: str) -> bool:
+        return name in self._models or name in self._broken
+
+    def remove(self, name: str) -> None:
+        self._models.pop(name, None)
+
+    def find(self, name: str) -> ModelPipeline | None:
+        return self._models.get(name or self.default_name)
+
+    def named(self, name: str) -> ModelPipeline | None:
+        """The model called exactly `name` (never the default for an empty name)."""
+        return self._models.get(name) if name else None
+
+    def loaded(self) -> list[ModelPipeline]:
+        return list(self._models.values())
+
+    def ready_names(self) -> list[str]:
+        return [name for name, model in self._models.items() if model.state == "READY"]
+
+    def entries(self) -> list[ModelEntry]:
+        entries = [
+            ModelEntry(name, model.state, model.reason, model.config.architecture, name == self.default_name)
+            for name, model in self._models.items()
+        ]
+        entries += [
+            ModelEntry(name, "UNAVAILABLE", reason, "", name == self.default_name)
+            for name, reason in self._broken.items()
+        ]
+        return sorted(entries, key=lambda entry: entry.name)
+
+    def check_room(self, config: ModelConfig, settings: Settings, replacing: ModelPipeline | None = None) -> None:
+        """Refuses (RESOURCE_EXHAUSTED, with the figures) a model that would pass SEGSERVE_MAX_MODELS or
+        SEGSERVE_MAX_MODEL_WEIGHTS_BYTES. A model being reloaded makes room for its new version: for the moment
+        of the swap both are in memory, which the byte limit leaves out."""
+        others = [m for m in self._models.values() if m is not replacing and m.state in ("READY", "LOADING")]
+        if settings.max_models and len(others) + 1 > settings.max_models:
+            raise TooManyModels(
+                f"cannot load {config.name!r}: {len(others)} models are loaded and SEGSERVE_MAX_MODELS="
+                f"{settings.max_models}; unload one first"
+            )
+        held = sum(m.config.weights_bytes for m in others)
+        limit = settings.max_model_weights_bytes
+        if limit and held + config.weights_bytes > limit:
+            raise TooManyModels(
+                f"cannot load {config.name!r}: its {config.weights_bytes} bytes of weights and the {held} loaded "
+                f"pass SEGSERVE_MAX_MODEL_WEIGHTS_BYTES={limit}"
+            )
+
+    def get(self, name: str) -> ModelPipeline:
+        """The ready model called `name` (empty: the default). UNAVAILABLE when it is known but not ready,
+        NOT_FOUND when it is not known at all."""
+        wanted = name or self.default_name
+        model = self._models.get(wanted)
+        if model is not None and model.state == "READY":
+            return model
+        if model is not None:
+            if model.state == "LOADING":
+                raise NotReady(f"model {wanted!r} is still loading")
+            if model.state == "UNLOADING":
+                raise NotReady(f"model {wanted!r} is being unloaded")
+            raise NotReady(f"model {wanted!r} is not loaded: {model.reason or 'unloaded'}")
+        if wanted in self._broken:
+            raise NotReady(f"model {wanted!r} is not loaded: {self._broken[wanted]}")
+        ready = ", ".join(self.ready_names()) or "none yet"
+        raise UnknownModel(f"unknown model {wanted!r}; the loaded models are: {ready}")
+
+    @contextmanager
+    def acquire(self, name: str) -> Iterator[ModelPipeline]:
+        """The model, counted as in use until the block ends (an unload waits for its count to reach 0)."""
+        model = self.get(name)
+        model.in_flight += 1
+        try:
+            yield model
+        finally:
+            model.in_flight -= 1
+            if model.in_flight == 0:
+                model.became_idle()

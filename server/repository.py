@@ -1,0 +1,306 @@
+"""Which models to serve, and how each is configured: the model repository folder (SEGSERVE_MODEL_REPOSITORY),
+the one-line SEGSERVE_MODELS, or neither (the one model of SEGSERVE_MODEL and SEGSERVE_WEIGHTS, as always).
+
+A repository holds one folder per model, named as callers name the model:
+
+    models/
+      fast/config.yaml        architecture: deeplabv3_mobilenet_v3_large
+      crops/config.yaml       architecture: deeplabv3_resnet50, weights: crops.pt, labels: labels.yaml
+      crops/crops.pt
+      crops/labels.yaml
+
+Names are checked before they touch the file system, and every file a config names must lie inside the
+repository once symlinks are followed: a caller who may load models can name models, never paths.
+Problems are one sentence naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml  # type: ignore[import-untyped,unused-ignore]  # no stubs installed
+
+from server.errors import ModelLoadError, UnknownModel
+from server.labels import MAX_CLASSES, MIN_CLASSES, VOC_CLASSES, Label, labels_with_colors, make_labels, parse_color
+from server.settings import MIN_MAX_SIZE, ModelName, Settings
+
+ARCHITECTURES: tuple[str, ...] = get_args(ModelName)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CONFIG_FILES = ("config.yaml", "config.yml", "config.json")
+CONFIG_FIELDS = ("architecture", "weights", "labels", "max_size", "max_batch_size", "max_batch_delay_ms")
+WEIGHTS_WORDS = ("auto", "pretrained", "random")
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".safetensors")
+MAX_CONFIG_BYTES = 1024 * 1024
+# Bytes of each architecture's float32 weights at 21 classes (its state_dict, measured): what a pretrained or
+# random model counts against SEGSERVE_MAX_MODEL_WEIGHTS_BYTES; a file counts its own size.
+ARCHITECTURE_WEIGHTS_BYTES = {
+    "deeplabv3_mobilenet_v3_large": 44_214_268,
+    "deeplabv3_resnet50": 158_782_772,
+    "deeplabv3_resnet101": 234_960_588,
+}
+
+
+class ModelConfigError(ModelLoadError):
+    """A model's config, labels or weights file is unusable; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    """What callers name it by: the repository folder's name, or the name in SEGSERVE_MODELS."""
+    architecture: str
+    weights: str
+    """auto, pretrained, random, or the path of a state_dict file."""
+    labels: tuple[Label, ...]
+    max_size: int | None = None
+    max_batch_size: int | None = None
+    max_batch_delay_ms: float | None = None
+    source: str = ""
+    """Where it was configured (a config file, SEGSERVE_MODELS); empty for the single model of SEGSERVE_MODEL."""
+
+    def settings_for(self, settings: Settings) -> Settings:
+        """The server's settings as this model's runtime and batcher see them."""
+        update: dict[str, Any] = {"model": self.architecture, "weights": self.weights}
+        for field in ("max_size", "max_batch_size", "max_batch_delay_ms"):
+            if getattr(self, field) is not None:
+                update[field] = getattr(self, field)
+        return settings.model_copy(update=update)
+
+    @property
+    def weights_bytes(self) -> int:
+        """What its weights count against SEGSERVE_MAX_MODEL_WEIGHTS_BYTES, known before loading them."""
+        path = Path(self.weights)
+        if self.weights not in WEIGHTS_WORDS and path.is_file():
+            return path.stat().st_size
+        return ARCHITECTURE_WEIGHTS_BYTES.get(self.architecture, 0)
+
+    def where(self, field: str) -> str:
+        """'models/crops/config.yaml: weights' for messages; just the field without a source."""
+        return f"{self.source}: {field}" if self.source else field
+
+
+@dataclass(frozen=True)
+class BrokenModel:
+    """A model the repository lists whose config could not be read: the others are served without it."""
+
+    name: str
+    reason: str
+
+
+def check_name(name: str) -> str:
+    """A model name a caller may use: letters, digits, '_', '.', '-', never a path. NOT_FOUND otherwise."""
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise UnknownModel(f"{name!r} is not a model name (letters, digits, '_', '.', '-'; at most 64; never a path)")
+    return name
+
+
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """`path` with symlinks followed, refused unless it stays under `root` (itself resolved)."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ModelConfigError(f"{what} leads outside the model repository ({path} -> {resolved}); refused")
+    return resolved
+
+
+def model_folder(repository: Path, name: str) -> Path:
+    check_name(name)
+    folder = repository / name
+    if not folder.is_dir():
+        raise UnknownModel(f"no model {name!r} in the repository {repository}")
+    return _inside(repository, folder, f"model folder {name}")
+
+
+def _config_file(folder: Path) -> Path:
+    for file_name in CONFIG_FILES:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    raise ModelConfigError(f"{folder}: no config file ({', '.join(CONFIG_FILES)})")
+
+
+def _read_data(path: Path, what: str) -> Any:
+    """A small JSON or YAML file, by its suffix; any problem is one sentence naming the file."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelConfigError(f"{path}: {what} is over {MAX_CONFIG_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelConfigError(f"{path}: {what} cannot be read: {exc}") from None
+    except (ValueError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelConfigError(f"{path}: {what} is not valid {path.suffix.lstrip('.').upper()}: {first}") from None
+
+
+def read_labels_file(path: Path) -> tuple[Label, ...]:
+    """Class names and optional colours, in class-index order, from JSON or YAML: a list of names, a list of
+    {name, color}, or either under a `labels` key. Colours are '#rrggbb' or [r, g, b]."""
+    data = _read_data(path, "the labels file")
+    if isinstance(data, dict) and "labels" in data:
+        data = data["labels"]
+    if not isinstance(data, list):
+        raise ModelConfigError(f"{path}: labels: expected a list of class names (or of {{name, color}})")
+    names: list[str] = []
+    colors: list[tuple[int, int, int] | None] = []
+    for index, entry in enumerate(data):
+        raw_color: object = None
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"name", "color"}
+            if unknown:
+                raise ModelConfigError(f"{path}: labels[{index}]: unknown field {sorted(unknown)[0]!r}")
+            name, raw_color = entry.get("name"), entry.get("color")
+        else:
+            name = entry
+        if not isinstance(name, str) or not name.strip():
+            raise ModelConfigError(f"{path}: labels[{index}]: the name must be a non-empty string, got {name!r}")
+        color = parse_color(raw_color) if raw_color is not None else None
+        if raw_color is not None and color is None:
+            raise ModelConfigError(f"{path}: labels[{index}].color: {raw_color!r} is not '#rrggbb' or [r, g, b]")
+        names.append(name.strip())
+        colors.append(color)
+    if not MIN_CLASSES <= len(names) <= MAX_CLASSES:
+        raise ModelConfigError(f"{path}: labels: {len(names)} classes; a model has {MIN_CLASSES} to {MAX_CLASSES}")
+    try:
+        return labels_with_colors(names, colors)
+    except ValueError as exc:
+        raise ModelConfigError(f"{path}: labels: {exc}") from None
+
+
+def _number(config: dict[str, Any], field: str, where: Path, kind: type, minimum: float) -> Any:
+    value = config.get(field)
+    if value is None:
+        return None
+    number = isinstance(value, float | int) and not isinstance(value, bool)
+    if not number or (kind is int and isinstance(value, float)) or value < minimum:
+        raise ModelConfigError(f"{where}: {field}: expected a {kind.__name__} of at least {minimum:g}, got {value!r}")
+    return value
+
+
+def _weights(folder: Path, repository: Path, value: object, where: Path) -> str:
+    if value is None:
+        return "auto"
+    if not isinstance(value, str) or not value:
+        raise ModelConfigError(f"{where}: weights: expected {', '.join(WEIGHTS_WORDS)} or a file name, got {value!r}")
+    if value in WEIGHTS_WORDS:
+        return value
+    if Path(value).is_absolute():
+        raise ModelConfigError(f"{where}: weights: {value!r} is an absolute path; name a file in the model's folder")
+    path = _inside(repository, folder / value, f"{where}: weights")
+    if path.suffix not in WEIGHTS_SUFFIXES:
+        raise ModelConfigError(f"{where}: weights: {value!r} is not a {', '.join(WEIGHTS_SUFFIXES)} file")
+    if not path.is_file():
+        raise ModelConfigError(f"{where}: weights: no such file {folder / value}")
+    return str(path)
+
+
+def read_model(repository: Path, name: str) -> ModelConfig:
+    """The config of the model in `repository`/`name`. Raises UnknownModel (no such folder) or
+    ModelConfigError (one sentence naming the file and field)."""
+    folder = model_folder(repository, name)
+    path = _config_file(folder)
+    _inside(repository, path, f"{path}")
+    config = _read_data(path, "the config")
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{path}: expected a mapping of {', '.join(CONFIG_FIELDS)}")
+    unknown = sorted(set(config) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ModelConfigError(f"{path}: {unknown[0]}: unknown field; the fields are {', '.join(CONFIG_FIELDS)}")
+    architecture = config.get("architecture")
+    if architecture not in ARCHITECTURES:
+        raise ModelConfigError(f"{path}: architecture: {architecture!r} is none of {', '.join(ARCHITECTURES)}")
+    labels = make_labels(VOC_CLASSES)
+    if config.get("labels") is not None:
+        labels_name = config["labels"]
+        if not isinstance(labels_name, str) or Path(labels_name).is_absolute():
+            raise ModelConfigError(f"{path}: labels: name a JSON or YAML file in the model's folder")
+        labels_path = _inside(repository, folder / labels_name, f"{path}: labels")
+        if not labels_path.is_file():
+            raise ModelConfigError(f"{path}: labels: no such file {folder / labels_name}")
+        labels = read_labels_file(labels_path)
+    weights = _weights(folder, repository, config.get("weights"), path)
+    if weights in ("pretrained", "auto") and len(labels) != len(VOC_CLASSES):
+        raise ModelConfigError(
+            f"{path}: weights: the pretrained weights know {len(VOC_CLASSES)} classes and the labels name "
+            f"{len(labels)}; give a state_dict file (or random)"
+        )
+    return ModelConfig(
+        name=name,
+        architecture=str(architecture),
+        weights=weights,
+        labels=labels,
+        max_size=_number(config, "max_size", path, int, MIN_MAX_SIZE),
+        max_batch_size=_number(config, "max_batch_size", path, int, 1),
+        max_batch_delay_ms=_number(config, "max_batch_delay_ms", path, float, 0),
+        source=str(path),
+    )
+
+
+def repository_names(repository: Path) -> list[str]:
+    """The model folders of a repository, sorted; entries that are no model name are left out."""
+    if not repository.is_dir():
+        raise ModelLoadError(f"SEGSERVE_MODEL_REPOSITORY: no such folder {repository}")
+    return sorted(p.name for p in repository.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name))
+
+
+def parse_models_line(line: str) -> list[tuple[str, str]]:
+    """'fast=deeplabv3_mobilenet_v3_large,best=deeplabv3_resnet101' (or a bare architecture, named after
+    itself) to [(name, architecture)]."""
+    pairs: list[tuple[str, str]] = []
+    for item in (part.strip() for part in line.split(",")):
+        if not item:
+            continue
+        name, _, architecture = item.rpartition("=")
+        name = name.strip() or architecture.strip()
+        architecture = architecture.strip()
+        if architecture not in ARCHITECTURES:
+            raise ModelLoadError(f"SEGSERVE_MODELS: {item!r}: {architecture!r} is none of {', '.join(ARCHITECTURES)}")
+        try:
+            check_name(name)
+        except UnknownModel as exc:
+            raise ModelLoadError(f"SEGSERVE_MODELS: {exc.message}") from None
+        if name in (n for n, _ in pairs):
+            raise ModelLoadError(f"SEGSERVE_MODELS: the name {name!r} is given twice")
+        pairs.append((name, architecture))
+    if not pairs:
+        raise ModelLoadError("SEGSERVE_MODELS names no model: write NAME=ARCHITECTURE[,NAME=ARCHITECTURE...]")
+    return pairs
+
+
+def configured_models(settings: Settings) -> list[ModelConfig | BrokenModel]:
+    """Every model the settings ask for, in order; a repository model whose config is broken becomes a
+    BrokenModel (the others still load). A problem with the settings themselves raises ModelLoadError."""
+    voc = make_labels(VOC_CLASSES)
+    if settings.model_repository:
+        repository = Path(settings.model_repository).expanduser()
+        names = repository_names(repository)
+        if not names:
+            raise ModelLoadError(f"SEGSERVE_MODEL_REPOSITORY: {repository} holds no model folder")
+        models: list[ModelConfig | BrokenModel] = []
+        for name in names:
+            try:
+                models.append(read_model(repository, name))
+            except (ModelConfigError, UnknownModel) as exc:
+                models.append(BrokenModel(name, exc.message))
+        return models
+    if settings.models:
+        return [
+            ModelConfig(name, architecture, settings.weights, voc, source="SEGSERVE_MODELS")
+            for name, architecture in parse_models_line(settings.models)
+        ]
+    return [ModelConfig(settings.model, settings.model, settings.weights, voc)]
+
+
+def default_model_name(settings: Settings, models: list[ModelConfig | BrokenModel]) -> str:
+    """SEGSERVE_DEFAULT_MODEL, or the first model listed."""
+    names = [model.name for model in models]
+    if settings.default_model:
+        if settings.default_model not in names:
+            raise ModelLoadError(
+                f"SEGSERVE_DEFAULT_MODEL: {settings.default_model!r} is not configured; the models are "
+                f"{', '.join(names)}"
+            )
+        return settings.default_model
+    return names[0]
