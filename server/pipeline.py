@@ -34,6 +34,7 @@ from server.postprocess import (
 from server.runtimes import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import MIN_MAX_SIZE, Settings
+from server.stream_bytes import StreamBudget
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class SegmentationPipeline:
         self._admitted = 0
         self.uploads = UploadBudget(settings.upload_budget_bytes)
         self.streams = StreamCounts()
+        self.stream_bytes = StreamBudget(settings.stream_budget_bytes, settings.stream_max_bytes)
         self.ready = False
         self.draining = False
         """Set on shutdown: new requests are refused (UNAVAILABLE) while admitted ones finish."""

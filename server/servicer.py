@@ -53,12 +53,16 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             await guarded(context, refuse_new_call(pipeline))
         # Never more than the queue admits, so a lone stream is never refused for its own items.
         window: StreamWindow[pb.SegmentResponse] = StreamWindow(
-            min(STREAM_WINDOW, pipeline.settings.max_queue), pipeline.streams
+            min(STREAM_WINDOW, pipeline.settings.max_queue), pipeline.streams, pipeline.stream_bytes.stream()
         )
         items: set[asyncio.Task[None]] = set()
 
-        async def one(place: Place[pb.SegmentResponse], request: pb.SegmentRequest) -> None:
+        async def one(
+            place: Place[pb.SegmentResponse], request: pb.SegmentRequest, refusal: SegservError | None
+        ) -> None:
             try:
+                if refusal is not None:
+                    raise refusal
                 # A stream that was open when the drain began is an admitted call: it is served to its end.
                 place.admission = pipeline.admit(admitted_before_drain=True)
                 response = await self._segment(
@@ -73,7 +77,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 response = pb.SegmentResponse(
                     id=request.id, error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
                 )
-            window.deliver(place, response)
+            window.deliver(place, response, response.ByteSize())
 
         async def read_all() -> None:
             error: BaseException | None = None
@@ -84,7 +88,10 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                     if request is None:
                         place.release()
                         break
-                    item = asyncio.create_task(one(place, request))
+                    refusal = window.bytes.refusal()
+                    if refusal is None:
+                        place.count(request.ByteSize())
+                    item = asyncio.create_task(one(place, request, refusal))
                     items.add(item)
                     item.add_done_callback(items.discard)
             except Exception as exc:
