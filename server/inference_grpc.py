@@ -109,9 +109,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 log.exception("unexpected error in stream request %r", request.id)
                 note_image(ImageNote(request.id, code=grpc.StatusCode.INTERNAL.name))
                 answer = pb.ModelStreamInferResponse(error_message="internal error; see the server log")
-            held.add(answer.ByteSize())
+            answer_size = held.response_made(answer.ByteSize())
+            held.add(answer_size)
             held.remove(size[0])
-            size[0] = answer.ByteSize()
+            size[0] = answer_size
             return answer
 
         async def read_all() -> None:
@@ -124,7 +125,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         window.release()
                         break
                     refusal = held.refusal()
-                    size = [0 if refusal else request.ByteSize()]  # what the item counts now, changed by one()
+                    size = [0 if refusal else held.in_progress(request.ByteSize())]  # changed by one()
                     held.add(size[0])
                     await pending.put((asyncio.create_task(one(request, size, refusal)), size))
             finally:

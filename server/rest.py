@@ -160,6 +160,8 @@ class RestApp:
 
         # Probes are not what a drain waits for (a kubelet polls them all through it).
         calls = self.calls if name not in ("ServerLive", "ServerReady") else None
+        # Calls whose answers weigh megabytes wait behind responses their callers have not read.
+        heavy = name in ("ModelInfer", "Segment")
 
         async def observed(request: Request) -> Response:
             started = time.monotonic()
@@ -167,7 +169,7 @@ class RestApp:
             if calls is not None:
                 calls.arrived()
             try:
-                if self.pipeline.stream_bytes.full() and calls is not None:
+                if heavy and self.pipeline.stream_bytes.full():
                     raise self.pipeline.stream_bytes.refusal("this HTTP request")
                 response = await handler(request)
                 code = "OK"

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
+from server.allocator import give_back_freed_memory
 from server.buffers import UploadHold
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
@@ -42,7 +43,10 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     async def SegmentUpload(
         self, request_iterator: AsyncIterator[pb.ImageChunk], context: Context
     ) -> pb.SegmentResponse:
-        return await guarded(context, self._upload(context, call_deadline(context)))
+        try:
+            return await guarded(context, self._upload(context, call_deadline(context)))
+        finally:
+            give_back_freed_memory()  # the upload's chunks and joined image are gone by now
 
     async def SegmentStream(
         self, request_iterator: AsyncIterator[pb.SegmentRequest], context: Context
@@ -77,7 +81,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 response = pb.SegmentResponse(
                     id=request.id, error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
                 )
-            window.deliver(place, response, response.ByteSize())
+            window.deliver(place, response, window.bytes.response_made(response.ByteSize()))
 
         async def read_all() -> None:
             error: BaseException | None = None
@@ -90,7 +94,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                         break
                     refusal = window.bytes.refusal()
                     if refusal is None:
-                        place.count(request.ByteSize())
+                        place.count(window.bytes.in_progress(request.ByteSize()))
                     item = asyncio.create_task(one(place, request, refusal))
                     items.add(item)
                     item.add_done_callback(items.discard)

@@ -73,13 +73,13 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="Largest unary gRPC message; bigger images go through SegmentUpload."
     )
     upload_budget_bytes: int = Field(
-        256 * 1024 * 1024,
+        192 * 1024 * 1024,
         ge=1,
         description="Upload bytes held at once across all SegmentUpload calls; a chunk that would pass it ends "
         "its call with RESOURCE_EXHAUSTED.",
     )
     stream_max_bytes: int = Field(
-        32 * 1024 * 1024,
+        16 * 1024 * 1024,
         ge=1,
         description="Bytes one stream (SegmentStream, ModelStreamInfer) holds at once: requests read and not yet "
         "answered plus responses not yet sent; past it the stream reads no more until its caller reads.",

@@ -3,7 +3,10 @@ yet sent. Counted per stream against SEGSERVE_STREAM_MAX_BYTES and across all st
 ModelStreamInfer, and HTTP responses being sent) against SEGSERVE_STREAM_BUDGET_BYTES.
 
 A stream's window bounds its images by count; these bound them by size, since one overlay response of a
-large photo weighs as much as a hundred masks. Past either cap a stream stops reading requests until what
+large photo weighs as much as a hundred masks. An image in progress counts as much as the largest response
+its stream has made so far (or its request, if larger), then its response's size once made: requests are
+small and read fast, so counting them alone let a window of them in before any grew into a response. Past
+either cap a stream stops reading requests until what
 it holds is sent, so its caller resumes it by reading; a stream that holds nothing is never made to wait
 (it could not free anything by reading), and when the server-wide cap is full its next request is
 answered RESOURCE_EXHAUSTED instead. Single event loop: no locking needed.
@@ -54,7 +57,16 @@ class StreamBytes:
     def __init__(self, budget: StreamBudget) -> None:
         self.budget = budget
         self.held = 0
+        self.largest_response = 0
         self._room = asyncio.Event()
+
+    def in_progress(self, request_size: int) -> int:
+        """What an image just read counts until its response is made."""
+        return max(request_size, self.largest_response)
+
+    def response_made(self, size: int) -> int:
+        self.largest_response = max(self.largest_response, size)
+        return size
 
     def _must_wait(self) -> bool:
         budget = self.budget

@@ -1,0 +1,45 @@
+"""Giving freed memory back to the system after large frees (glibc only).
+
+glibc keeps what Python frees in its arenas for reuse, and raises its mmap threshold after a large free,
+so the megabyte chunks of later uploads come from the arenas too and fragment them: RSS stays at the
+high-water mark of everything ever held at once, spread over many arenas. malloc_trim(0) returns the
+free pages of every arena (not only the top of the heap); it takes well under a millisecond, and is
+rate-limited here so a flood of refused uploads does not call it thousands of times a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+MIN_INTERVAL_S = 0.25
+
+
+def _malloc_trim() -> ctypes._NamedFuncPointer | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None  # not glibc (musl, jemalloc's own symbols are not needed: it gives pages back itself)
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+_last = 0.0
+
+
+def give_back_freed_memory() -> None:
+    """After a call that held megabytes has let them go. At most every MIN_INTERVAL_S."""
+    global _last
+    now = time.monotonic()
+    if _TRIM is None or now - _last < MIN_INTERVAL_S:
+        return
+    _last = now
+    _TRIM(0)
