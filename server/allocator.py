@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import time
-
-log = logging.getLogger(__name__)
+from collections.abc import Callable
 
 MIN_INTERVAL_S = 0.25
 
 
-def _malloc_trim() -> ctypes._NamedFuncPointer | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
         trim = libc.malloc_trim
     except (OSError, AttributeError, TypeError):
-        return None  # not glibc (musl, jemalloc's own symbols are not needed: it gives pages back itself)
+        return None  # not glibc (musl): nothing to call
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
-    return trim
+    return trim  # type: ignore[no-any-return]
 
 
 _TRIM = _malloc_trim()
