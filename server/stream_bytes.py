@@ -4,8 +4,9 @@ ModelStreamInfer, and HTTP responses being sent) against SEGSERVE_STREAM_BUDGET_
 
 A stream's window bounds its images by count; these bound them by size, since one overlay response of a
 large photo weighs as much as a hundred masks. An image in progress counts as much as the largest response
-its stream has made so far (or its request, if larger), then its response's size once made: requests are
-small and read fast, so counting them alone let a window of them in before any grew into a response. Past
+its stream has made so far (a quarter of the stream's cap before the first; its request, if larger), then
+its response's size once made. So the cap can be passed only by the responses of images already in
+progress when it was reached, and the window (16 images) bounds those. Past
 either cap a stream stops reading requests until what
 it holds is sent, so its caller resumes it by reading; a stream that holds nothing is never made to wait
 (it could not free anything by reading), and when the server-wide cap is full its next request is
@@ -17,6 +18,11 @@ from __future__ import annotations
 import asyncio
 
 from server.errors import Overloaded
+
+# Until a stream has made its first response, an image in progress counts this share of the stream's cap:
+# with requests counted at their own size, a stalled stream of 230 KB photos read its whole window of 16
+# before the first 1.7 MB overlay existed, and held 27 MB against a 16 MiB cap.
+FIRST_GUESS_SHARE = 4
 
 
 class StreamBudget:
@@ -62,7 +68,8 @@ class StreamBytes:
 
     def in_progress(self, request_size: int) -> int:
         """What an image just read counts until its response is made."""
-        return max(request_size, self.largest_response)
+        guess = self.largest_response or self.budget.per_stream // FIRST_GUESS_SHARE
+        return max(request_size, guess)
 
     def response_made(self, size: int) -> int:
         self.largest_response = max(self.largest_response, size)
