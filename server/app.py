@@ -110,6 +110,16 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Masks and overlays can be larger than the image sent; the client accepts the same.
         ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
     ]
+    if settings.http2_window_bytes > 0:
+        # What a call's caller sends before the server reads it sits in gRPC's receive buffers, counted
+        # nowhere. With BDP probing on, gRPC sizes every call's window at max(4 MiB, the measured
+        # bandwidth-delay product) while its memory pressure is low: on a fast host a stream whose server
+        # had stopped reading took in all 200 of its requests, and 48 uploads could park 4 MiB or more
+        # each. A fixed window keeps that to this many bytes per call.
+        options += [
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", settings.http2_window_bytes),
+        ]
     if settings.max_connection_age_s > 0:
         # HTTP/2 connections outlive scale-ups; a GOAWAY now and then makes clients re-resolve and
         # reconnect, so new replicas get their share (gRPC adds +-10% jitter against reconnect storms).

@@ -85,41 +85,59 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if pipeline.draining:  # refused whole, before any answer, so the client retries it elsewhere
             await guarded(context, refuse_new_call(pipeline))
         window = asyncio.Semaphore(min(STREAM_WINDOW, pipeline.settings.max_queue))
-        pending: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+        # Bytes each request counts (then its response, until written), as in SegmentStream.
+        held = pipeline.stream_bytes.stream()
+        pending: asyncio.Queue[tuple[asyncio.Task[pb.ModelStreamInferResponse], list[int]] | None] = asyncio.Queue()
 
-        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def one(
+            request: pb.ModelInferRequest, size: list[int], refusal: SegservError | None
+        ) -> pb.ModelStreamInferResponse:
             try:
+                if refusal is not None:
+                    raise refusal
                 # A stream open when the drain began is an admitted call: it is served to its end.
                 response = await self._infer(request, deadline, admitted_before_drain=True)
-                return pb.ModelStreamInferResponse(infer_response=response)
+                answer = pb.ModelStreamInferResponse(infer_response=response)
             except SegservError as exc:
                 note_image(ImageNote(request.id, code=exc.code.name))
-                return pb.ModelStreamInferResponse(error_message=exc.message)
+                answer = pb.ModelStreamInferResponse(error_message=exc.message)
             except Exception:
                 log.exception("unexpected error in stream request %r", request.id)
                 note_image(ImageNote(request.id, code=grpc.StatusCode.INTERNAL.name))
-                return pb.ModelStreamInferResponse(error_message="internal error; see the server log")
+                answer = pb.ModelStreamInferResponse(error_message="internal error; see the server log")
+            answer_size = held.response_made(answer.ByteSize())
+            held.add(answer_size)
+            held.remove(size[0])
+            size[0] = answer_size
+            return answer
 
         async def read_all() -> None:
             try:
                 while True:
                     await window.acquire()
+                    await held.wait_for_room()
                     request = await read_message(context)
                     if request is None:
                         window.release()
                         break
-                    await pending.put(asyncio.create_task(one(request)))
+                    refusal = held.refusal()
+                    size = [0 if refusal else held.in_progress(request.ByteSize())]  # changed by one()
+                    held.add(size[0])
+                    await pending.put((asyncio.create_task(one(request, size, refusal)), size))
             finally:
                 await pending.put(None)
 
         reader = asyncio.create_task(read_all())
         tasks: list[asyncio.Task[Any]] = [reader]
         try:
-            while (task := await pending.get()) is not None:
+            while (entry := await pending.get()) is not None:
+                task, size = entry
                 tasks.append(task)
                 response = await task
                 tasks.remove(task)
                 yield response
+                held.remove(size[0])
+                size[0] = 0
                 window.release()
             try:
                 await reader
@@ -132,10 +150,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in tasks:
                 task.cancel()
             while not pending.empty():
-                if (task := pending.get_nowait()) is not None:
-                    task.cancel()
-                    tasks.append(task)
-            await asyncio.gather(*tasks, return_exceptions=True)
+                if (entry := pending.get_nowait()) is not None:
+                    entry[0].cancel()
+                    tasks.append(entry[0])
+            try:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                held.release()
 
     # ---- not served -----------------------------------------------------------------------
 

@@ -73,6 +73,29 @@ class PipelineCollector(Collector):
             "place in its stream's window.",
             value=pipeline.streams.unsent_responses,
         )
+        stream_bytes = pipeline.stream_bytes
+        yield GaugeMetricFamily(
+            "segserve_stream_bytes_held",
+            "Bytes held for streams (SegmentStream, ModelStreamInfer) and HTTP responses being sent: requests read "
+            "and not yet answered, responses not yet sent (bounded by SEGSERVE_STREAM_BUDGET_BYTES).",
+            value=stream_bytes.held,
+        )
+        yield GaugeMetricFamily(
+            "segserve_stream_budget_bytes",
+            "SEGSERVE_STREAM_BUDGET_BYTES: past it, streams that hold something stop reading and new stream "
+            "requests are refused.",
+            value=stream_bytes.limit,
+        )
+        yield GaugeMetricFamily(
+            "segserve_stream_max_bytes",
+            "SEGSERVE_STREAM_MAX_BYTES: past it, one stream stops reading until its caller reads.",
+            value=stream_bytes.per_stream,
+        )
+        yield GaugeMetricFamily(
+            "segserve_streams_paused",
+            "Streams not reading their next request because of a byte cap, until responses are read.",
+            value=stream_bytes.paused,
+        )
         counts = pipeline.batch_size_counts
         buckets = []
         running = 0

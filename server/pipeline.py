@@ -42,6 +42,7 @@ from server.repository import BrokenModel, ModelConfig, configured_models, defau
 from server.runtimes import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import MIN_MAX_SIZE, Settings
+from server.stream_bytes import StreamBudget
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,7 @@ class SegmentationPipeline:
         self._admitted = 0
         self.uploads = UploadBudget(settings.upload_budget_bytes)
         self.streams = StreamCounts()
+        self.stream_bytes = StreamBudget(settings.stream_budget_bytes, settings.stream_max_bytes)
         self.ready = False
         """True once start-up has loaded what it could (at least one model)."""
         self.draining = False

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import rest_converters as converters
 from server.buffers import UploadBudget
@@ -43,6 +43,7 @@ from server.inference import (
 from server.interceptor import REQUEST_ID_KEY, ImageNote, note_image, record_call, start_record
 from server.metrics import Metrics
 from server.pipeline import ModelPipeline, SegmentOptions
+from server.stream_bytes import StreamBudget
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,8 @@ class RestApp:
 
         # Probes are not what a drain waits for (a kubelet polls them all through it).
         calls = self.calls if name not in ("ServerLive", "ServerReady") else None
+        # Calls whose answers weigh megabytes wait behind responses their callers have not read.
+        heavy = name in ("ModelInfer", "Segment")
 
         async def observed(request: Request) -> Response:
             started = time.monotonic()
@@ -186,6 +189,8 @@ class RestApp:
             if calls is not None:
                 calls.arrived()
             try:
+                if heavy and self.pipeline.stream_bytes.full():
+                    raise self.pipeline.stream_bytes.refusal("this HTTP request")
                 response = await handler(request)
                 code = "OK"
             except SegservError as exc:
@@ -377,5 +382,35 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         raise InvalidOptions(f"the multipart body cannot be read: {exc.detail}") from None
 
 
+class CountedResponses:
+    """ASGI middleware: a response body counts against the stream budget (SEGSERVE_STREAM_BUDGET_BYTES) while
+    it is being sent. uvicorn's send returns once the socket has taken most of it, so a caller that does not
+    read its response holds those bytes here, where new requests see them (refused 429 while the budget is
+    full) as they see a stalled stream's."""
+
+    def __init__(self, app: ASGIApp, budget: StreamBudget) -> None:
+        self.app = app
+        self.budget = budget
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held = self.budget.stream()
+
+        async def counted_send(message: Message) -> None:
+            size = len(message.get("body", b"")) if message["type"] == "http.response.body" else 0
+            held.add(size)
+            try:
+                await send(message)
+            finally:
+                held.remove(size)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            held.release()
+
+
 def build_app(models: InferenceModels, metrics: Metrics | None, calls: CallTracker | None = None) -> Any:
-    return RestApp(models, metrics, calls).app
+    return CountedResponses(RestApp(models, metrics, calls).app, models.pipeline.stream_bytes)

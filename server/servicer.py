@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
+from server.allocator import give_back_freed_memory
 from server.buffers import UploadHold
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
@@ -42,7 +43,10 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
     async def SegmentUpload(
         self, request_iterator: AsyncIterator[pb.ImageChunk], context: Context
     ) -> pb.SegmentResponse:
-        return await guarded(context, self._upload(context, call_deadline(context)))
+        try:
+            return await guarded(context, self._upload(context, call_deadline(context)))
+        finally:
+            give_back_freed_memory()  # the upload's chunks and joined image are gone by now
 
     async def SegmentStream(
         self, request_iterator: AsyncIterator[pb.SegmentRequest], context: Context
@@ -53,12 +57,16 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             await guarded(context, refuse_new_call(pipeline))
         # Never more than the queue admits, so a lone stream is never refused for its own items.
         window: StreamWindow[pb.SegmentResponse] = StreamWindow(
-            min(STREAM_WINDOW, pipeline.settings.max_queue), pipeline.streams
+            min(STREAM_WINDOW, pipeline.settings.max_queue), pipeline.streams, pipeline.stream_bytes.stream()
         )
         items: set[asyncio.Task[None]] = set()
 
-        async def one(place: Place[pb.SegmentResponse], request: pb.SegmentRequest) -> None:
+        async def one(
+            place: Place[pb.SegmentResponse], request: pb.SegmentRequest, refusal: SegservError | None
+        ) -> None:
             try:
+                if refusal is not None:
+                    raise refusal
                 # A stream that was open when the drain began is an admitted call: it is served to its end.
                 place.admission = pipeline.admit(admitted_before_drain=True)
                 response = await self._segment(
@@ -73,7 +81,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                 response = pb.SegmentResponse(
                     id=request.id, error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
                 )
-            window.deliver(place, response)
+            window.deliver(place, response, window.bytes.response_made(response.ByteSize()))
 
         async def read_all() -> None:
             error: BaseException | None = None
@@ -84,7 +92,10 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
                     if request is None:
                         place.release()
                         break
-                    item = asyncio.create_task(one(place, request))
+                    refusal = window.bytes.refusal()
+                    if refusal is None:
+                        place.count(window.bytes.in_progress(request.ByteSize()))
+                    item = asyncio.create_task(one(place, request, refusal))
                     items.add(item)
                     item.add_done_callback(items.discard)
             except Exception as exc:

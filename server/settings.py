@@ -105,10 +105,28 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="Largest unary gRPC message; bigger images go through SegmentUpload."
     )
     upload_budget_bytes: int = Field(
-        256 * 1024 * 1024,
+        192 * 1024 * 1024,
         ge=1,
         description="Upload bytes held at once across all SegmentUpload calls; a chunk that would pass it ends "
         "its call with RESOURCE_EXHAUSTED.",
+    )
+    stream_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Bytes one stream (SegmentStream, ModelStreamInfer) holds at once: requests read and not yet "
+        "answered plus responses not yet sent; past it the stream reads no more until its caller reads.",
+    )
+    stream_budget_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=1,
+        description="The same bytes across all streams and HTTP responses being sent; past it streams that hold "
+        "something stop reading, and others' requests (and HTTP requests) are refused with RESOURCE_EXHAUSTED.",
+    )
+    http2_window_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="Bytes gRPC takes in for one call before the server reads them (its HTTP/2 stream window), "
+        "with window auto-tuning (BDP probing) off; 0 leaves gRPC's auto-tuning, which grows it to 4 MiB or more.",
     )
     upload_idle_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait for the next chunk of an upload; a stalled upload is ended and freed."
