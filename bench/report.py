@@ -218,7 +218,8 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
         for s in oip_steps:
             loadgen = _step(result["served"]["steps"], s["concurrency"])
             lines.append(
-                f"| {s['protocol']} | {s['concurrency']} | {s['throughput']:.2f} | {s['p50_ms']:.0f} | "
+                f"| {s['protocol']} | {s['concurrency']}{' (windows >15% apart)' if s.get('unstable') else ''} | "
+                f"{s['throughput']:.2f} | {s['p50_ms']:.0f} | "
                 f"{s['p99_ms']:.0f} | {s['server_queue_ms']:.0f} / {s['server_compute_ms']:.0f} | "
                 f"{_fmt(loadgen['throughput'] if loadgen else None, 2)} |"
             )
