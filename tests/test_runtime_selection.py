@@ -181,6 +181,17 @@ def test_the_verdict_is_cached_and_measured_again_when_cpu_or_versions_change(
     assert not upgraded.cached and built == [ORT, OV]
 
 
+def test_a_lower_precision_is_never_served_unchecked_when_fp32_fails_to_start(tmp_path: Path) -> None:
+    def build(candidate: Candidate) -> Runtime:
+        if candidate.precision == "fp32":
+            raise ModelLoadError("fp32 broke")
+        return Painted("bf16", wrong_share=0.5)
+
+    with pytest.raises(ModelLoadError, match="no fp32 candidate started") as info:
+        selection.choose([OV, OV_BF16], build, max_size=64, cache_root=tmp_path, key={"model": "m"})
+    assert "openvino fp32: failed to start" in str(info.value) and "fp32 broke" in str(info.value)
+
+
 def test_a_single_candidate_is_built_without_timing(tmp_path: Path) -> None:
     _, choice, built = choose([ORT], {ORT: Painted("fp32")}, {}, tmp_path)
     assert built == [ORT] and not choice.measured and choice.summary() == ""

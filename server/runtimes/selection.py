@@ -174,7 +174,12 @@ def measure(
         except Exception as exc:
             trials[candidate].problem = f"failed to start: {str(exc).splitlines()[0] if str(exc) else exc!r}"
     reference_candidate = next((c for c in found if c.precision == "fp32" and c in built), None)
-    if reference_candidate is not None and any(c.precision != "fp32" for c in built):
+    lower = [c for c in built if c.precision != "fp32"]
+    if lower and reference_candidate is None and any(c.precision == "fp32" for c in found):
+        for candidate in lower:  # auto offered fp32 too, but none started: nothing to check against
+            trials[candidate].problem = "not checked against fp32: no fp32 candidate started"
+            del built[candidate]
+    elif lower and reference_candidate is not None:
         images = agreement_images(max_size)
         reference = _labels(built[reference_candidate], images)
         for candidate in [c for c in built if c.precision != "fp32"]:
