@@ -27,6 +27,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server import tensors
 from tests.conftest import ServerThread, encode
 from tests.known_model import MODEL_NAME, Shape, render_scene
+from tests.triton_child import run_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = (
@@ -60,15 +61,7 @@ def segment_masks(known_server: ServerThread, scene_files: list[Path]) -> list[A
 def triton(known_server: ServerThread, scene_files: list[Path]) -> dict[str, Any]:
     """Every tritonclient.grpc call's answer, made in a child process (see tests/triton_grpc_calls.py)."""
     job = {"target": known_server.target, "model": MODEL_NAME, "images": [str(p) for p in scene_files]}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.triton_grpc_calls"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-        check=False,
-    )
+    done = run_in_child("tests.triton_grpc_calls", job, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     answers: dict[str, Any] = json.loads(done.stdout)
     return answers

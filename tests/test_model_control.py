@@ -33,6 +33,7 @@ from tests.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, render_scene
 from tests.model_repository import COLOURS_CLASS_OF, build_repository, write_config
 from tests.test_overload import Gate
 from tests.test_tls import certs  # noqa: F401  # the module's certificates fixture
+from tests.triton_child import run_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE_SHAPES = (Shape("red", "disc", cx=0.3, cy=0.4, size=0.22), Shape("blue", "box", cx=0.7, cy=0.6, size=0.18))
@@ -314,15 +315,7 @@ def test_tritonclient_loads_and_unloads_under_load_with_nothing_lost(
         callers = [pool.submit(hammer, client, image, name, stop) for name in ("shapes", "colours")]
         try:
             job = {"target": controlled.target, "load": ["tri", "colours"], "unload": ["tri"]}
-            done = subprocess.run(
-                [sys.executable, "-m", "tests.triton_model_control"],
-                input=json.dumps(job),
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-                timeout=600,
-                check=False,
-            )
+            done = run_in_child("tests.triton_model_control", job, timeout=600)
             http = httpclient.InferenceServerClient(f"127.0.0.1:{controlled.app.http_port}")
             http.load_model("tri")
             ready_over_http = http.is_model_ready("tri")

@@ -34,6 +34,7 @@ from server.labels import voc_color
 from tests.conftest import ServerThread, encode, known_settings, make_settings
 from tests.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, render_scene
 from tests.model_repository import COLOURS_CLASS_OF, COLOURS_LABELS, build_repository, write_config
+from tests.triton_child import run_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE_SHAPES = (
@@ -411,15 +412,7 @@ def test_tritonclient_picks_either_model_and_reads_its_labels(
     path.write_bytes(image)
     for name in ("colours", "shapes"):
         job = {"target": two_models.target, "model": name, "images": [str(path), str(path)]}
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.triton_grpc_calls"],
-            input=json.dumps(job),
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=240,
-            check=False,
-        )
+        done = run_in_child("tests.triton_grpc_calls", job, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
         answer = json.loads(done.stdout)
         mask = np.load(io.BytesIO(__import__("base64").b64decode(answer["infer"]["mask"])), allow_pickle=False)[0]
