@@ -11,7 +11,6 @@ the graph cache, keyed by everything that could change it, so a warm start build
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import importlib.util
 import json
@@ -27,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.allocator import give_back_freed_memory
 from server.errors import ModelLoadError
 from server.runtimes import cpu_features
 from server.runtimes.base import Runtime
@@ -336,10 +334,4 @@ def choose(
         table(trials, chosen),
     )
     write_cached(cache_root, key, choice)
-    runtime = built.pop(chosen)
-    # The losers held graphs and sessions of hundreds of megabytes (a resnet50's three candidates left the
-    # process 1.1 GB resident): freed now, and handed back, rather than left in the allocator's arenas.
-    built.clear()
-    gc.collect()
-    give_back_freed_memory()
-    return runtime, choice
+    return built[chosen], choice
