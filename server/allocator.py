@@ -34,11 +34,11 @@ _TRIM = _malloc_trim()
 _last = 0.0
 
 
-def give_back_freed_memory() -> None:
-    """After a call that held megabytes has let them go. At most every MIN_INTERVAL_S."""
+def give_back_freed_memory(*, force: bool = False) -> None:
+    """After a call that held megabytes has let them go. At most every MIN_INTERVAL_S, unless `force`."""
     global _last
     now = time.monotonic()
-    if _TRIM is None or now - _last < MIN_INTERVAL_S:
+    if _TRIM is None or (not force and now - _last < MIN_INTERVAL_S):
         return
     _last = now
     _TRIM(0)

@@ -10,6 +10,7 @@ Each model is a ModelPipeline with its own runtime, batcher, labels and warm-up,
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from server.errors import InvalidOptions, ModelLoadError, NotReady, Overloaded, 
 from server.imaging import Limits, decode_full_image, decode_image, image_from_pixels, let_pillow_accept
 from server.labels import Label, palette_of
 from server.mask_png import mask_png_at
+from server.allocator import give_back_freed_memory
 from server.memory import resident_bytes
 from server.postprocess import (
     ClassShare,
@@ -133,6 +135,16 @@ def overlay_opacity(options: SegmentOptions) -> float:
     return opacity
 
 
+def _settled_resident_bytes() -> int:
+    """Resident memory with what was freed handed back first, so that both ends of a load's measurement
+    count only what is held: auto drops the candidates it did not pick (hundreds of megabytes of graphs and
+    sessions), and handing those pages back after the load alone would also return pages freed before it,
+    and make the load look free."""
+    gc.collect()
+    give_back_freed_memory(force=True)
+    return resident_bytes()
+
+
 class ModelPipeline:
     """One model: its runtime, batcher, labels and warm-up, over the shared workers. States as Triton names
     them: LOADING, READY, UNLOADING, UNAVAILABLE (failed to load, with `reason`)."""
@@ -160,7 +172,7 @@ class ModelPipeline:
     async def start(self) -> None:
         """Load the model (unless one was given) and warm it up, off the event loop. Raises ModelLoadError."""
         loop = asyncio.get_running_loop()
-        before = resident_bytes()
+        before = await loop.run_in_executor(self.workers.pool, _settled_resident_bytes)
         try:
             if self.runtime is None:
                 self.runtime = await loop.run_in_executor(
@@ -184,7 +196,7 @@ class ModelPipeline:
             about_weights = exc.message.startswith(("weights file", "pretrained"))
             self.reason = f"{self.config.where('weights') if about_weights else self.config.source}: {exc.message}"
             raise ModelLoadError(self.reason) from exc
-        self.resident_bytes = max(0, resident_bytes() - before)
+        self.resident_bytes = max(0, await loop.run_in_executor(self.workers.pool, _settled_resident_bytes) - before)
         self.state = "READY"
         log.info(
             "model %s (%s) ready on %s with %s (weights: %s; %d classes; %.0f MiB resident)",

@@ -4,7 +4,9 @@ lower precisions' agreement with fp32 on the known-answer model."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,30 @@ def test_the_verdict_is_cached_and_measured_again_when_cpu_or_versions_change(
     monkeypatch.setattr(selection, "library_version", lambda name: "99.0")
     _, upgraded, built = choose(found, fresh(), timings, tmp_path, key())
     assert not upgraded.cached and built == [ORT, OV]
+
+
+def test_the_candidates_not_picked_are_let_go(tmp_path: Path) -> None:
+    """Each holds a compiled graph (hundreds of megabytes for a resnet): nothing may keep the losers alive."""
+    alive: dict[Candidate, weakref.ref[Painted]] = {}
+    ms = {ORT: 30.0, OV: 20.0, TORCH: 50.0}
+
+    def build(candidate: Candidate) -> Runtime:
+        runtime = Painted(candidate.precision)
+        runtime.description = str(candidate)
+        alive[candidate] = weakref.ref(runtime)
+        return runtime
+
+    runtime, choice = selection.choose(
+        [ORT, OV, TORCH],
+        build,
+        max_size=64,
+        cache_root=tmp_path,
+        key={"model": "m"},
+        time_once=lambda runtime, image: ms[Candidate(*runtime.description.split())] / 1000,
+    )
+    gc.collect()
+    assert choice.chosen == OV and alive[OV]() is runtime
+    assert [c for c, ref in alive.items() if ref() is not None] == [OV]
 
 
 def test_a_lower_precision_is_never_served_unchecked_when_fp32_fails_to_start(tmp_path: Path) -> None:

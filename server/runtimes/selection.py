@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 MIN_AGREEMENT = 0.995
 """Share of pixels whose label must equal fp32's before a lower precision may serve."""
 TIMING_BUDGET_S = 4.0
-"""Timed rounds stop once they have taken this long (after each candidate's untimed first calls)."""
-MIN_ROUNDS, MAX_ROUNDS = 2, 12
+"""Timed rounds stop once they have taken this long (after each candidate's untimed first calls). One round
+always runs: for a heavy model (a resnet50 at 512 px takes 1.3 s an image on 2 cores) one round is already
+many seconds of steady compute, and a second would add as much again to the first start."""
+MAX_ROUNDS = 12
 
 # What each runtime offers on each device type. int8 is opt-in only: it never beat fp32 on the CPUs
 # measured so far, and its masks differ most (docs/performance.md).
@@ -193,7 +195,7 @@ def measure(
     seconds: dict[Candidate, list[float]] = {c: [] for c in built}
     started = time.monotonic()
     rounds = 0
-    while built and rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.monotonic() - started < budget_s):
+    while built and rounds < MAX_ROUNDS and (rounds == 0 or time.monotonic() - started < budget_s):
         for candidate, runtime in built.items():
             seconds[candidate].append(sum(time_once(runtime, image) for image in images) / len(images))
         rounds += 1
