@@ -22,6 +22,7 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 from PIL import Image
 
+from server.allocator import give_back_freed_memory
 from server.batch_sizing import BatchSizer
 from server.batcher import Batcher
 from server.buffers import StreamCounts, UploadBudget
@@ -29,7 +30,6 @@ from server.errors import InvalidOptions, ModelLoadError, NotReady, Overloaded, 
 from server.imaging import Limits, decode_full_image, decode_image, image_from_pixels, let_pillow_accept
 from server.labels import Label, palette_of
 from server.mask_png import mask_png_at
-from server.allocator import give_back_freed_memory
 from server.memory import resident_bytes
 from server.postprocess import (
     ClassShare,
