@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -52,25 +53,38 @@ def measure(
     (what a server would reach if everything around the model were free)."""
     limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
     step: Callable[[list[int]], object]
+    instances = settings.model_instances if model_alone else 1
+    per_step = batch_size * instances
     if model_alone:
         inputs = [np.asarray(decode_image(d, settings.max_size, limits).model_input, np.uint8) for _, d in images]
-        step = lambda chosen: runtime.predict([inputs[j] for j in chosen])  # noqa: E731
+        if instances > 1:
+            # As many batches at once as the server would run (SEGSERVE_MODEL_INSTANCES), each of batch_size.
+            pool = ThreadPoolExecutor(instances)
+
+            def side_by_side(chosen: list[int]) -> object:
+                return list(
+                    pool.map(lambda k: runtime.predict([inputs[j] for j in chosen[k::instances]]), range(instances))
+                )
+
+            step = side_by_side
+        else:
+            step = lambda chosen: runtime.predict([inputs[j] for j in chosen])  # noqa: E731
     else:
         step = lambda chosen: _one_batch(runtime, settings, [images[j][1] for j in chosen], limits)  # noqa: E731
     i = 0
     per_window: list[float] = []
     latencies: dict[str, list[float]] = {}
-    step([0] * batch_size)  # first call per batch shape is slow
+    step([0] * per_step)  # first call per batch shape is slow
     for _ in range(windows):
         done, started = 0, time.monotonic()
         while time.monotonic() - started < window_s:
-            chosen = [(i + k) % len(images) for k in range(batch_size)]
-            i += batch_size
+            chosen = [(i + k) % len(images) for k in range(per_step)]
+            i += per_step
             t0 = time.monotonic()
             step(chosen)
             if batch_size == 1 and not model_alone:
                 latencies.setdefault(images[chosen[0]][0], []).append(time.monotonic() - t0)
-            done += batch_size
+            done += per_step
         per_window.append(done / (time.monotonic() - started))
     by_kind = {kind: {"count": len(v), "p50_ms": float(np.median(v) * 1000)} for kind, v in sorted(latencies.items())}
     return {

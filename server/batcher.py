@@ -6,8 +6,8 @@ Rules, all in `_next_batch`:
 - A batch goes to the model when it is full, when its oldest item has waited max_delay,
   or at once when no other request is on its way (a lone request never waits). Every group is
   looked at: a full batch of one shape never waits behind another shape's group still filling.
-- One batch runs at a time, on one worker thread; while it runs, arrivals pile up and form
-  the next batch, so batches grow with load by themselves.
+- One batch runs at a time per model instance (one by default), each on a worker thread of its
+  own; while they run, arrivals pile up and form the next batch, so batches grow with load by themselves.
 - Items whose caller cancelled or whose deadline passed are dropped before the model.
 - An exception from the model reaches every caller in that batch.
 - With a BatchSizer, "full" means the size it finds cheapest per image for that shape
@@ -55,7 +55,8 @@ class _Pending(Generic[In, Out]):
 
 
 class Batcher(Generic[In, Out]):
-    """`run_batch(items) -> outputs` runs on a single worker thread; `submit` awaits one item's output."""
+    """`run_batch(items) -> outputs` runs on `instances` worker threads at most (one batch each);
+    `submit` awaits one item's output."""
 
     def __init__(
         self,
@@ -65,13 +66,16 @@ class Batcher(Generic[In, Out]):
         max_delay_s: float = 0.005,
         executor: Executor | None = None,
         sizer: BatchSizer | None = None,
+        instances: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._shape_of = shape_of
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.sizer = sizer
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.instances = instances
+        self._executor = executor or ThreadPoolExecutor(max_workers=instances, thread_name_prefix="model")
+        self._running: set[asyncio.Task[None]] = set()
         self._groups: dict[Hashable, deque[_Pending[In, Out]]] = {}
         self._on_the_way = 0
         self.batch_size_counts: list[int] = [0] * max_batch_size
@@ -117,9 +121,14 @@ class Batcher(Generic[In, Out]):
     async def _loop(self) -> None:
         assert self._wakeup is not None
         while True:
+            if len(self._running) >= self.instances:
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                continue
             batch, wait_s = self._next_batch()
             if batch:
-                await self._dispatch(batch, self._shape_of(batch[0].item))
+                running = asyncio.get_running_loop().create_task(self._dispatch(batch, self._shape_of(batch[0].item)))
+                self._running.add(running)
+                running.add_done_callback(self._running.discard)
                 continue
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -192,8 +201,10 @@ class Batcher(Generic[In, Out]):
                 pending.future.set_result(BatchResult(output, len(batch), queue_ms, inference_ms))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in [self._task, *self._running]:
+            if task is None:
+                continue
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         self._executor.shutdown(wait=False, cancel_futures=True)

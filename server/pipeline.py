@@ -185,6 +185,7 @@ class ModelPipeline:
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1000,
                 sizer=BatchSizer(self.settings.max_batch_size) if self.settings.adaptive_batching else None,
+                instances=self.settings.model_instances,
             )
             if self.settings.warmup:
                 await loop.run_in_executor(self.workers.pool, self._warm_up)
@@ -215,7 +216,8 @@ class ModelPipeline:
         side = self.settings.max_size
         started = time.monotonic()
         for width, height in {(side, side * 3 // 4), (side * 3 // 4, side), (side, side)}:
-            self.runtime.predict([np.zeros((height, width, 3), dtype=np.uint8)])
+            for _ in range(self.settings.model_instances):  # each instance pays its own first call of a shape
+                self.runtime.predict([np.zeros((height, width, 3), dtype=np.uint8)])
         log.info("warm-up of %s done in %.0f ms", self.name, (time.monotonic() - started) * 1000)
 
     def became_idle(self) -> None:

@@ -31,7 +31,7 @@ from server.settings import MIN_MAX_SIZE, ModelName, Settings
 ARCHITECTURES: tuple[str, ...] = get_args(ModelName)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 CONFIG_FILES = ("config.yaml", "config.yml", "config.json")
-CONFIG_FIELDS = ("architecture", "weights", "labels", "max_size", "max_batch_size", "max_batch_delay_ms")
+CONFIG_FIELDS = ("architecture", "weights", "labels", "max_size", "max_batch_size", "max_batch_delay_ms", "instances")
 WEIGHTS_WORDS = ("auto", "pretrained", "random")
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".safetensors")
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -59,6 +59,8 @@ class ModelConfig:
     max_size: int | None = None
     max_batch_size: int | None = None
     max_batch_delay_ms: float | None = None
+    instances: int | None = None
+    """SEGSERVE_MODEL_INSTANCES for this model alone (Triton's instance_group count)."""
     source: str = ""
     """Where it was configured (a config file, SEGSERVE_MODELS); empty for the single model of SEGSERVE_MODEL."""
 
@@ -68,6 +70,8 @@ class ModelConfig:
         for field in ("max_size", "max_batch_size", "max_batch_delay_ms"):
             if getattr(self, field) is not None:
                 update[field] = getattr(self, field)
+        if self.instances is not None:
+            update["model_instances"] = self.instances
         return settings.model_copy(update=update)
 
     @property
@@ -234,6 +238,7 @@ def read_model(repository: Path, name: str) -> ModelConfig:
         max_size=_number(config, "max_size", path, int, MIN_MAX_SIZE),
         max_batch_size=_number(config, "max_batch_size", path, int, 1),
         max_batch_delay_ms=_number(config, "max_batch_delay_ms", path, float, 0),
+        instances=_number(config, "instances", path, int, 1),
         source=str(path),
     )
 

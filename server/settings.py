@@ -135,6 +135,14 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         0, ge=0, description="Threads the runtime uses for one model call on the CPU (0: one per CPU core)."
     )
+    model_instances: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Batches a model runs at once (Triton's instance count, OpenVINO's streams), the inference "
+        "threads shared among them: more raise throughput under load, and a lone request then gets only its "
+        "share of the threads (docs/performance.md). onnxruntime and openvino.",
+    )
     channels_last: bool = Field(True, description="Run the model in channels_last memory format.")
     warmup: bool = Field(True, description="Run the model once per expected shape before reporting SERVING.")
     grace_period_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")

@@ -148,3 +148,37 @@ async def test_a_full_batch_of_another_shape_does_not_wait_behind_a_filling_grou
         assert (await filling).batch_size == 1  # nothing more on its way now: it goes at once
     finally:
         await batcher.close()
+
+
+class Overlap:
+    """A fake model that holds each batch until `want` batches run at once (1 s at most), then 50 ms more,
+    time for any batch beyond `want` to show; it records the most batches it saw at once."""
+
+    def __init__(self, want: int) -> None:
+        self.want = want
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.together = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            if self.running >= self.want:
+                self.together.set()
+        self.together.wait(1.0)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return items
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+async def test_as_many_batches_run_at_once_as_there_are_instances_and_no_more(instances: int) -> None:
+    model = Overlap(want=instances)
+    batcher = Batcher(model, lambda item: "a", max_batch_size=1, max_delay_s=0.0, instances=instances)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+    assert [r.output for r in results] == list(range(6))
+    assert model.most == instances
+    await batcher.close()

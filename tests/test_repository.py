@@ -101,6 +101,7 @@ def test_a_bad_labels_file_is_one_sentence_naming_it_and_the_field(
         ({"architecture": "deeplabv3_resnet18"}, "config.yaml: architecture: 'deeplabv3_resnet18' is none of"),
         ({"architecture": MOBILENET, "max_size": 4}, "config.yaml: max_size: expected a int of at least 16"),
         ({"architecture": MOBILENET, "batching": 4}, "config.yaml: batching: unknown field"),
+        ({"architecture": MOBILENET, "instances": 0}, "config.yaml: instances: expected a int of at least 1"),
         ({"architecture": MOBILENET, "weights": "/etc/passwd"}, "config.yaml: weights: '/etc/passwd' is an absolute"),
         ({"architecture": MOBILENET, "weights": "missing.pt"}, "config.yaml: weights: no such file"),
         ({"architecture": MOBILENET, "weights": "../../outside.pt"}, "weights leads outside the model repository"),
@@ -120,10 +121,11 @@ def test_a_broken_config_is_one_sentence_naming_the_file_and_the_field(
 
 
 def test_a_broken_model_folder_is_listed_as_broken_beside_the_good_ones(tmp_path: Path) -> None:
-    write_config(tmp_path / "good", architecture=MOBILENET, weights="random", max_batch_size=2)
+    write_config(tmp_path / "good", architecture=MOBILENET, weights="random", max_batch_size=2, instances=2)
     write_config(tmp_path / "bad", architecture="nope")
     good, bad = sorted(configured_models(Settings(model_repository=str(tmp_path))), key=lambda m: m.name, reverse=True)
     assert isinstance(good, ModelConfig) and good.max_batch_size == 2
+    assert good.settings_for(Settings()).model_instances == 2 and Settings().model_instances == 1
     assert isinstance(bad, BrokenModel) and bad.name == "bad" and "bad/config.yaml: architecture" in bad.reason
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +78,21 @@ def test_the_server_refuses_to_start_with_an_uninstalled_runtime(tmp_path: Path)
         ({"runtime": "torch", "precision": "int8"}, "int8 is offered by the onnxruntime and openvino runtimes"),
         ({"runtime": "onnxruntime", "precision": "bf16"}, "bf16 by openvino on the CPU"),
         ({"precision": "fp16"}, "precision fp16 is not offered by any runtime on cpu"),
+        ({"runtime": "torch", "model_instances": 2}, "INSTANCES above 1 is offered by the onnxruntime and openvino"),
+        (
+            {"runtime": "openvino", "inference_threads": 2, "model_instances": 3},
+            "MODEL_INSTANCES=3 is more than the 2 inference threads",
+        ),
     ],
-    ids=["fp16-on-cpu", "capture-on-cpu", "int8-torch", "bf16-onnxruntime", "fp16-auto-on-cpu"],
+    ids=[
+        "fp16-on-cpu",
+        "capture-on-cpu",
+        "int8-torch",
+        "bf16-onnxruntime",
+        "fp16-auto-on-cpu",
+        "instances-torch",
+        "instances-over-threads",
+    ],
 )
 def test_options_a_runtime_does_not_offer_here_are_one_line_errors(
     overrides: dict[str, object], words: str, tmp_path: Path
@@ -96,8 +111,13 @@ def scenes(height: int, width: int, count: int, seed: int) -> list[tuple[np.ndar
 
 
 @pytest.fixture(scope="module")
-def known_runtimes(known_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Runtime]:
-    cache = tmp_path_factory.mktemp("graphs")
+def graph_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("graphs")
+
+
+@pytest.fixture(scope="module")
+def known_runtimes(known_weights: Path, graph_cache: Path) -> dict[str, Runtime]:
+    cache = graph_cache
     return {
         # fp32 named: the 99.9% bound below is for fp32 runtimes; auto may pick bf16 on CPUs that have it.
         name: create_runtime(known_settings(known_weights, runtime=name, precision="fp32", cache_dir=str(cache)))
@@ -138,6 +158,36 @@ def test_a_batch_gives_each_image_what_it_gets_alone(known_runtimes: dict[str, R
     assert len({m.tobytes() for m in together}) == len(images), "masks should differ between these scenes"
     for image, batched in zip(images, together, strict=True):
         assert np.array_equal(runtime.predict([image])[0], batched)
+
+
+@pytest.mark.parametrize("name", GRAPH_RUNTIMES)
+def test_two_instances_serve_two_calls_at_once_and_segment_as_one_does(
+    known_runtimes: dict[str, Runtime], known_weights: Path, graph_cache: Path, name: str
+) -> None:
+    """Each instance an engine of its own (an OpenVINO infer request or an onnxruntime session): two calls at
+    once must neither wait for one engine nor share it (OpenVINO refuses a busy request)."""
+    settings = known_settings(
+        known_weights, runtime=name, precision="fp32", cache_dir=str(graph_cache), inference_threads=2
+    )
+    runtime = create_runtime(settings.model_copy(update={"model_instances": 2}))
+    assert "2 threads, 2 instances" in runtime.description
+    assert runtime.engines.size == 2  # type: ignore[attr-defined]
+    if name == "openvino":
+        assert int(runtime.compiled.get_property("NUM_STREAMS")) == 2  # type: ignore[attr-defined]
+    images = [image for image, _ in scenes(96, 128, 4, seed=11)]
+    expected = known_runtimes["torch"].predict(images)
+    started = threading.Barrier(2)
+
+    def segment(k: int) -> list[np.ndarray]:
+        started.wait(10)  # both threads call at the same moment, every time
+        return [runtime.predict([images[j % 4]])[0] for j in range(k, k + 8)]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(segment, [0, 1]))
+    for k, got in enumerate(results):
+        for j, labels in enumerate(got, start=k):
+            agreement = float((labels == expected[j % 4]).mean())
+            assert agreement >= 0.999, f"{name}, 2 instances, agrees with torch on {agreement:.4%} of pixels"
 
 
 def test_descriptions_name_the_engine(known_runtimes: dict[str, Runtime]) -> None:

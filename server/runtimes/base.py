@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -21,7 +24,8 @@ class ModelFacts:
 
 
 class Runtime(Protocol):
-    """Not thread-safe by design: the batcher calls `predict` from one worker thread."""
+    """The batcher calls `predict` from SEGSERVE_MODEL_INSTANCES worker threads at most (one by default); a
+    runtime built for N instances serves N calls at once, each on an engine of its own (InstancePool)."""
 
     facts: ModelFacts
     precision: str
@@ -35,3 +39,26 @@ class Runtime(Protocol):
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """uint8 HxWx3 arrays of one shape in, one uint8 HxW label map per image out."""
         ...
+
+
+T = TypeVar("T")
+
+
+class InstancePool(Generic[T]):
+    """A runtime's N interchangeable engines (sessions, infer requests): a call takes a free one and gives
+    it back. Engines are taken in turn, so N calls one after another touch each of them (the warm-up)."""
+
+    def __init__(self, engines: Iterable[T]) -> None:
+        self._free: queue.SimpleQueue[T] = queue.SimpleQueue()
+        self.size = 0
+        for engine in engines:
+            self._free.put(engine)
+            self.size += 1
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[T]:
+        engine = self._free.get()
+        try:
+            yield engine
+        finally:
+            self._free.put(engine)

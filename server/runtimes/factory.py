@@ -108,11 +108,24 @@ def _graph_runtime(
 
         root = resolve_cache_root(settings.cache_dir)
         return OnnxRuntimeRuntime(
-            graph, facts, device, precision=candidate.precision, threads=settings.inference_threads, cache_root=root
+            graph,
+            facts,
+            device,
+            precision=candidate.precision,
+            threads=settings.inference_threads,
+            cache_root=root,
+            instances=settings.model_instances,
         )
     from server.runtimes.openvino_runtime import OpenVinoRuntime
 
-    return OpenVinoRuntime(graph, facts, device, precision=candidate.precision, threads=settings.inference_threads)
+    return OpenVinoRuntime(
+        graph,
+        facts,
+        device,
+        precision=candidate.precision,
+        threads=settings.inference_threads,
+        instances=settings.model_instances,
+    )
 
 
 def build_runtime(
@@ -129,6 +142,12 @@ def build_runtime(
     if precision == "int8" and name not in GRAPH_RUNTIMES:
         raise ModelLoadError(f"precision int8 is offered by the onnxruntime and openvino runtimes, not {name}")
     if name == "torch":
+        if settings.model_instances > 1:
+            # Its intra-op threads are one pool for the whole process (and a captured graph one replay at a
+            # time): a second call at once would share the first's threads, not get its own.
+            raise ModelLoadError(
+                "SEGSERVE_MODEL_INSTANCES above 1 is offered by the onnxruntime and openvino runtimes, not torch"
+            )
         from server.runtimes.torch_eager import TorchRuntime
 
         return TorchRuntime(
@@ -174,6 +193,7 @@ def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) 
         weights_sha256=weights_sha256,
         max_size=settings.max_size,
         threads=settings.inference_threads or torch.get_num_threads(),
+        instances=settings.model_instances,
         device=device,
         found=found,
     )

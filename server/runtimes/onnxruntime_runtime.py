@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 
 from server.errors import ModelLoadError
-from server.runtimes.base import ModelFacts
+from server.runtimes.base import InstancePool, ModelFacts
 from server.runtimes.graph_export import INPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,15 @@ log = logging.getLogger(__name__)
 
 def cpu_threads(requested: int) -> int:
     return requested or os.cpu_count() or 1
+
+
+def threads_per_instance(threads: int, instances: int) -> int:
+    """Each instance's share of the inference threads; at least one each, or a one-line error."""
+    if instances > threads:
+        raise ModelLoadError(
+            f"SEGSERVE_MODEL_INSTANCES={instances} is more than the {threads} inference threads to share among them"
+        )
+    return threads // instances
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -63,19 +72,32 @@ def providers_for(device: torch.device, cache_root: Path) -> list[str | tuple[st
 
 class OnnxRuntimeRuntime:
     def __init__(
-        self, graph: Path, facts: ModelFacts, device: torch.device, *, precision: str, threads: int, cache_root: Path
+        self,
+        graph: Path,
+        facts: ModelFacts,
+        device: torch.device,
+        *,
+        precision: str,
+        threads: int,
+        cache_root: Path,
+        instances: int = 1,
     ) -> None:
         self.facts = facts
         self.device = device
         self.precision = precision
         self.graph = graph
-        threads = cpu_threads(threads)
-        self.session = ort.InferenceSession(
-            str(graph), session_options(threads), providers=providers_for(device, cache_root)
+        each = threads_per_instance(cpu_threads(threads), instances)
+        # One session per instance: a session's intra-op pool is its own, so calls on separate sessions
+        # never wait for each other's threads (the weights are held once per session).
+        self.engines = InstancePool(
+            ort.InferenceSession(str(graph), session_options(each), providers=providers_for(device, cache_root))
+            for _ in range(instances)
         )
-        used = self.session.get_providers()
-        on_cpu = f", {threads} threads" if device.type == "cpu" else ""
-        self.description = f"onnxruntime {ort.__version__} ({used[0]}, {precision}{on_cpu})"
+        with self.engines.take() as session:
+            used = session.get_providers()
+        on_cpu = f", {each * instances} threads" if device.type == "cpu" else ""
+        several = f", {instances} instances" if instances > 1 else ""
+        self.description = f"onnxruntime {ort.__version__} ({used[0]}, {precision}{on_cpu}{several})"
 
     @property
     def device_name(self) -> str:
@@ -84,5 +106,6 @@ class OnnxRuntimeRuntime:
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         if not images:
             return []
-        (labels,) = self.session.run(None, {INPUT_NAME: np.stack(images)})
+        with self.engines.take() as session:
+            (labels,) = session.run(None, {INPUT_NAME: np.stack(images)})
         return list(labels)

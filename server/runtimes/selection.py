@@ -251,7 +251,14 @@ def installed(name: str) -> bool:
 
 
 def cache_key(
-    *, model: str, weights_sha256: str, max_size: int, threads: int, device: torch.device, found: list[Candidate]
+    *,
+    model: str,
+    weights_sha256: str,
+    max_size: int,
+    threads: int,
+    device: torch.device,
+    found: list[Candidate],
+    instances: int = 1,
 ) -> dict[str, str]:
     """Everything the verdict depends on: a change of any misses the cache and measures again."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -261,6 +268,7 @@ def cache_key(
         "cpu_flags_sha256": cpu_features.flags_digest(),
         "device": device_name,
         "threads": str(threads),
+        "instances": str(instances),
         "versions": " ".join(f"{n} {library_version(n)}" for n in ("torch", "onnxruntime", "openvino")),
         "model": model,
         "weights_sha256": weights_sha256,
