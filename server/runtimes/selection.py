@@ -182,7 +182,7 @@ def measure(
     elif lower and reference_candidate is not None:
         images = agreement_images(max_size)
         reference = _labels(built[reference_candidate], images)
-        for candidate in [c for c in built if c.precision != "fp32"]:
+        for candidate in lower:
             share = agreement(_labels(built[candidate], images), reference)
             trials[candidate].agreement = share
             if share < MIN_AGREEMENT:
