@@ -24,7 +24,6 @@ from server.http_server import HttpServer, create_http_server
 from server.inference import InferenceModels
 from server.interceptor import ObservingInterceptor
 from server.metrics import Metrics
-from server.model_control import ModelControl
 from server.pipeline import SegmentationPipeline
 from server.rest import build_app
 from server.servicer import SegmenterServicer
@@ -155,7 +154,7 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     calls = CallTracker()
     server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics, calls)])
     pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
-    control = ModelControl(pipeline)
+    control = pipeline.model_control()
     inference_models = InferenceModels(pipeline, control)
     inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         inference_grpc.InferenceServicer(inference_models), server

@@ -5,8 +5,8 @@ from __future__ import annotations
 from protos.segserve.v1 import segserve_pb2 as pb
 from server.errors import SegservError
 from server.labels import Label
-from server.pipeline import SegmentOptions, SegmentResult
 from server.registry import ModelEntry
+from server.types import SegmentOptions, SegmentResult
 
 
 def options_from_proto(message: pb.SegmentOptions) -> SegmentOptions:

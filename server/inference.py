@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from server.access import note_result
 from server.errors import InvalidTensor, ModelControlRefused, SegservError, TooManyImages, UnknownModel
-from server.interceptor import note_result
 from server.model_control import ModelControl
-from server.pipeline import ModelPipeline, SegmentationPipeline, SegmentOptions, SegmentResult
+from server.model_pipeline import ModelPipeline
+from server.pipeline import SegmentationPipeline
 from server.registry import ModelEntry
 from server.tensors import BYTES, Tensor
+from server.types import SegmentOptions, SegmentResult
 
 MODEL_VERSION = "1"
 PLATFORM = "segserve"
@@ -106,9 +108,9 @@ def _ns(ms: float) -> int:
 class InferenceModels:
     """The served models as the protocol sees them: each by its name, with its own statistics."""
 
-    def __init__(self, pipeline: SegmentationPipeline, control: ModelControl | None = None) -> None:
+    def __init__(self, pipeline: SegmentationPipeline, control: ModelControl[ModelPipeline] | None = None) -> None:
         self.pipeline = pipeline
-        self.control = control or ModelControl(pipeline)
+        self.control = control or pipeline.model_control()
         self.statistics: dict[str, Statistics] = {}
 
     @property

@@ -15,12 +15,13 @@ from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server import inference
 from server import inference_grpc_converters as converters
+from server.access import ImageNote, note_image
 from server.errors import NotPermitted, NotReady, NotServed, SegservError
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
 from server.inference import InferenceModels, note_response
-from server.interceptor import Context, ImageNote, note_image
-from server.pipeline import ModelPipeline
-from server.servicer import STREAM_WINDOW
+from server.interceptor import Context
+from server.model_pipeline import ModelPipeline
+from server.stream_window import STREAM_WINDOW
 
 log = logging.getLogger(__name__)
 

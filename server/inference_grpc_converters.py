@@ -10,7 +10,7 @@ from protos.inference import grpc_predict_v2_pb2 as pb
 from server import inference, tensors
 from server.errors import InvalidTensor
 from server.inference import InferRequest, InferResponse, ParameterValue, TensorSpec
-from server.pipeline import ModelPipeline
+from server.model_pipeline import ModelPipeline
 from server.registry import ModelEntry
 from server.tensors import Tensor
 

@@ -1,96 +1,38 @@
-"""Per-call observation: Prometheus metrics and one structured log line per call.
+"""The gRPC interceptor: opens each call's access record (server/access.py) on arrival and closes it with
+the call's status.
 
-The interceptor wraps each handler, so it sees the call from arrival to answer, its status (OK,
-aborted, cancelled by the caller, past its deadline) and the request id from the caller's
-`x-request-id` metadata (one is made up when absent, and sent back in the trailing metadata).
-The servicer adds what only it knows (image size, batch size, stage times) through `note_image`,
-which writes to the current call's record through a context variable.
+It wraps each handler, so it sees the call from arrival to answer, its status (OK, aborted, cancelled by
+the caller, past its deadline) and the request id from the caller's `x-request-id` metadata (one is made up
+when absent, and sent back in the trailing metadata). It also counts segserve's own calls for the drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import json
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
+from server.access import REQUEST_ID_KEY, STREAM_METHODS, record_call, start_record
 from server.drain import CallTracker
 from server.metrics import Metrics
 
-if TYPE_CHECKING:
-    from server.pipeline import SegmentResult
-
-log = logging.getLogger("segserve.access")
-
-REQUEST_ID_KEY = "x-request-id"
 _PROTOCOL_OF_SERVICE = {"/segserve.": "segmenter-grpc", "/inference.": "inference-grpc"}
 # Health watches stay open as long as a client's channel does; a drain must not wait for them.
 _NOT_DRAINED = ("/grpc.health.", "/grpc.reflection.")
-_SINGLE_IMAGE_METHODS = ("Segment", "SegmentUpload")
-_STREAM_METHODS = ("SegmentStream", "ModelStreamInfer")
 DEADLINE_SLACK_S = 0.25
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-@dataclass
-class ImageNote:
-    image_id: str
-    width: int = 0
-    height: int = 0
-    batch_size: int = 0
-    code: str = "OK"
-    stages_ms: dict[str, float] = field(default_factory=dict)
-    model: str = ""
-    """The model that answered (empty when the image was refused before a model was found)."""
-
-
-@dataclass
-class CallRecord:
-    request_id: str
-    images: list[ImageNote] = field(default_factory=list)
-
-
-_current: ContextVar[CallRecord | None] = ContextVar("segserve_call", default=None)
-
-
-def current_request_id() -> str:
-    record = _current.get()
-    return record.request_id if record else ""
-
-
-def note_image(note: ImageNote) -> None:
-    """Called by the servicer for each image answered (or failed inside a stream)."""
-    record = _current.get()
-    if record is not None:
-        record.images.append(note)
-
-
-def note_result(request_id: str, result: SegmentResult) -> None:
-    """An image answered, with its size, batch and stage times."""
-    t = result.timing
-    stages = {
-        "preprocess": t.preprocess_ms,
-        "queue": t.queue_ms,
-        "inference": t.inference_ms,
-        "postprocess": t.postprocess_ms,
-    }
-    note_image(ImageNote(request_id, result.width, result.height, t.batch_size, "OK", stages, result.model))
-
-
 def _request_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and value:
-            return str(value)[:128]
-    return uuid.uuid4().hex
+            return str(value)
+    return ""  # start_record makes one up
 
 
 def _code_name(code: object) -> str:
@@ -110,10 +52,9 @@ class _Call:
         self.method = method
         self.short = method.rsplit("/", 1)[-1]
         self.context = context
-        self.record = CallRecord(_request_id(context))
+        self.record = start_record(_request_id(context))
         self.started = time.monotonic()
         self.code = "OK"
-        _current.set(self.record)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.record.request_id),))
         metrics.in_progress.labels(self.short).inc()
         if self.calls is not None:
@@ -148,49 +89,8 @@ class _Call:
             self.calls.left()
         protocol = next((p for prefix, p in _PROTOCOL_OF_SERVICE.items() if self.method.startswith(prefix)), None)
         # Segmenter calls and inference calls get the log line; health probes, metadata and reflection do not.
-        logged = protocol == "segmenter-grpc" or self.short in _STREAM_METHODS or self.short == "ModelInfer"
+        logged = protocol == "segmenter-grpc" or self.short in STREAM_METHODS or self.short == "ModelInfer"
         record_call(self.metrics, protocol or "other-grpc", self.short, self.code, elapsed, self.record, logged)
-
-
-def record_call(
-    metrics: Metrics, protocol: str, method: str, code: str, elapsed: float, record: CallRecord, logged: bool
-) -> None:
-    """A finished call into the metrics, and (when `logged`) its one log line; for every protocol."""
-    m = metrics
-    m.requests.labels(method, code).inc()
-    m.protocol_requests.labels(protocol, code).inc()
-    m.latency.labels(method).observe(elapsed)
-    images = record.images
-    if not images and method in _SINGLE_IMAGE_METHODS:
-        m.images.labels(code).inc()  # refused before the servicer could note it
-    for note in images:
-        m.images.labels(note.code).inc()
-        if note.model:
-            m.model_images.labels(note.model, note.code).inc()
-        for stage, ms in note.stages_ms.items():
-            m.stage.labels(stage).observe(ms / 1000)
-    if not logged:
-        return  # health checks and reflection: counted, not logged
-    line: dict[str, object] = {"request_id": record.request_id, "protocol": protocol, "method": method}
-    if len(images) == 1 and method not in _STREAM_METHODS:
-        note = images[0]
-        line.update(image_id=note.image_id[:128], width=note.width, height=note.height, batch_size=note.batch_size)
-        if note.model:
-            line.update(model=note.model)
-    elif images:
-        line.update(images=len(images), failed_images=sum(n.code != "OK" for n in images))
-        models = sorted({n.model for n in images if n.model})
-        if models:
-            line.update(models=models)
-    line.update(ms=round(elapsed * 1000, 1), status=code)
-    log.info("%s", json.dumps(line))
-
-
-def start_record(request_id: str) -> CallRecord:
-    """A call's record, current for note_image in this task (the HTTP door's counterpart of the interceptor)."""
-    record = CallRecord(request_id[:128] if request_id else uuid.uuid4().hex)
-    _current.set(record)
-    return record
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs

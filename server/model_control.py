@@ -17,24 +17,46 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from server.errors import ModelControlRefused, ModelLoadError, ModelLoadFailed, UnknownModel
-from server.pipeline import ModelPipeline, SegmentationPipeline
-from server.repository import check_name, read_model
+from server.registry import ModelRegistry, ServedModel
+from server.repository import ModelConfig, check_name, read_model
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class ModelControl:
-    def __init__(self, pipeline: SegmentationPipeline) -> None:
-        self.pipeline = pipeline
+class LoadableModel(ServedModel, Protocol):
+    """What loading, swapping and retiring a model need of it, beyond what the registry reads."""
+
+    async def start(self) -> None:
+        """Load and warm up; raises ModelLoadError."""
+
+    async def wait_idle(self) -> None:
+        """Until no request holds the model."""
+
+    async def close(self) -> None:
+        """Free what the model holds."""
+
+
+M = TypeVar("M", bound=LoadableModel)
+
+
+class ModelControl(Generic[M]):
+    """Changes `registry`'s models; `new_model` builds a model of the repository, not yet started."""
+
+    def __init__(self, registry: ModelRegistry[M], settings: Settings, new_model: Callable[[ModelConfig], M]) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._new_model = new_model
         self.on_change: Callable[[], Awaitable[None]] | None = None
         """Called after each change of a model's state (the app updates the models' health with it)."""
         self._lock: asyncio.Lock | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.pipeline.settings.model_control
+        return self.settings.model_control
 
     def check_enabled(self) -> None:
         if not self.enabled:
@@ -49,16 +71,16 @@ class ModelControl:
         self.check_enabled()
         check_name(name)
         async with self._one_at_a_time():
-            repository = Path(self.pipeline.settings.model_repository or "").expanduser()
+            repository = Path(self.settings.model_repository or "").expanduser()
             try:
                 config = read_model(repository, name)
             except ModelLoadError as exc:
                 raise ModelLoadFailed(f"model {name!r} not loaded: {exc.message}") from None
-            registry = self.pipeline.models
+            registry = self.registry
             current = registry.named(name)
             serving = current if current is not None and current.state == "READY" else None
-            registry.check_room(config, self.pipeline.settings, replacing=current)
-            model = ModelPipeline(config, config.settings_for(self.pipeline.settings), self.pipeline.workers)
+            registry.check_room(config, self.settings, replacing=current)
+            model = self._new_model(config)
             if serving is None:
                 registry.add(model)  # listed as LOADING meanwhile
                 await self._changed()
@@ -83,7 +105,7 @@ class ModelControl:
         self.check_enabled()
         check_name(name)
         async with self._one_at_a_time():
-            registry = self.pipeline.models
+            registry = self.registry
             model = registry.named(name)
             if model is None or model.state == "UNAVAILABLE":
                 if model is not None or registry.is_listed(name):
@@ -100,7 +122,7 @@ class ModelControl:
             await self._changed()
             log.info("model %s unloaded", name)
 
-    async def _retire(self, model: ModelPipeline) -> None:
+    async def _retire(self, model: M) -> None:
         await model.wait_idle()
         await model.close()
 

@@ -1,20 +1,39 @@
-"""The models being served, by name: each a ModelPipeline (server/pipeline.py), plus the default model's name
-and the models that could not be loaded, with why. Requests find their model here; unknown names are
-NOT_FOUND with the names there are, models not ready are UNAVAILABLE with their state."""
+"""The models being served, by name, plus the default model's name and the models that could not be loaded,
+with why. Requests find their model here; unknown names are NOT_FOUND with the names there are, models not
+ready are UNAVAILABLE with their state.
+
+Typed against ServedModel, the few attributes it reads, so it never imports the pipeline that builds its
+entries (the core's ModelPipeline is one).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from server.errors import NotReady, TooManyModels, UnknownModel
+from server.repository import ModelConfig
+from server.settings import Settings
 
-if TYPE_CHECKING:
-    from server.pipeline import ModelPipeline
-    from server.repository import ModelConfig
-    from server.settings import Settings
+
+class ServedModel(Protocol):
+    """What the registry needs of a model."""
+
+    name: str
+    config: ModelConfig
+    state: str
+    """READY, LOADING, UNLOADING or UNAVAILABLE (Triton's names)."""
+    reason: str
+    in_flight: int
+    """Requests that named this model and are not answered yet."""
+
+    def became_idle(self) -> None:
+        """Called when in_flight drops to 0 (an unload waits for that)."""
+
+
+M = TypeVar("M", bound=ServedModel)
 
 
 @dataclass(frozen=True)
@@ -29,13 +48,13 @@ class ModelEntry:
     is_default: bool
 
 
-class ModelRegistry:
+class ModelRegistry(Generic[M]):
     def __init__(self) -> None:
-        self._models: dict[str, ModelPipeline] = {}
+        self._models: dict[str, M] = {}
         self._broken: dict[str, str] = {}
         self.default_name = ""
 
-    def add(self, model: ModelPipeline) -> None:
+    def add(self, model: M) -> None:
         self._models[model.name] = model
         self._broken.pop(model.name, None)
 
@@ -50,14 +69,14 @@ class ModelRegistry:
     def remove(self, name: str) -> None:
         self._models.pop(name, None)
 
-    def find(self, name: str) -> ModelPipeline | None:
+    def find(self, name: str) -> M | None:
         return self._models.get(name or self.default_name)
 
-    def named(self, name: str) -> ModelPipeline | None:
+    def named(self, name: str) -> M | None:
         """The model called exactly `name` (never the default for an empty name)."""
         return self._models.get(name) if name else None
 
-    def loaded(self) -> list[ModelPipeline]:
+    def loaded(self) -> list[M]:
         return list(self._models.values())
 
     def ready_names(self) -> list[str]:
@@ -74,7 +93,7 @@ class ModelRegistry:
         ]
         return sorted(entries, key=lambda entry: entry.name)
 
-    def check_room(self, config: ModelConfig, settings: Settings, replacing: ModelPipeline | None = None) -> None:
+    def check_room(self, config: ModelConfig, settings: Settings, replacing: M | None = None) -> None:
         """Refuses (RESOURCE_EXHAUSTED, with the figures) a model that would pass SEGSERVE_MAX_MODELS or
         SEGSERVE_MAX_MODEL_WEIGHTS_BYTES. A model being reloaded makes room for its new version: for the moment
         of the swap both are in memory, which the byte limit leaves out."""
@@ -92,7 +111,7 @@ class ModelRegistry:
                 f"pass SEGSERVE_MAX_MODEL_WEIGHTS_BYTES={limit}"
             )
 
-    def get(self, name: str) -> ModelPipeline:
+    def get(self, name: str) -> M:
         """The ready model called `name` (empty: the default). UNAVAILABLE when it is known but not ready,
         NOT_FOUND when it is not known at all."""
         wanted = name or self.default_name
@@ -111,7 +130,7 @@ class ModelRegistry:
         raise UnknownModel(f"unknown model {wanted!r}; the loaded models are: {ready}")
 
     @contextmanager
-    def acquire(self, name: str) -> Iterator[ModelPipeline]:
+    def acquire(self, name: str) -> Iterator[M]:
         """The model, counted as in use until the block ends (an unload waits for its count to reach 0)."""
         model = self.get(name)
         model.in_flight += 1

@@ -21,16 +21,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import rest_converters as converters
+from server.access import REQUEST_ID_KEY, ImageNote, note_image, record_call, start_record
 from server.buffers import UploadBudget
 from server.drain import CallTracker
-from server.errors import (
-    ImageTooLarge,
-    InvalidOptions,
-    NotReady,
-    Overloaded,
-    SegservError,
-    TooManyImages,
-)
+from server.errors import ImageTooLarge, InvalidOptions, NotReady, Overloaded, SegservError, TooManyImages
 from server.inference import (
     EXTENSIONS,
     MODEL_VERSION,
@@ -40,10 +34,10 @@ from server.inference import (
     note_response,
     server_version,
 )
-from server.interceptor import REQUEST_ID_KEY, ImageNote, note_image, record_call, start_record
 from server.metrics import Metrics
-from server.pipeline import ModelPipeline, SegmentOptions
+from server.model_pipeline import ModelPipeline
 from server.stream_bytes import StreamBudget
+from server.types import SegmentOptions
 
 log = logging.getLogger(__name__)
 

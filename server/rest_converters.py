@@ -22,8 +22,9 @@ import numpy as np
 from server import inference, tensors
 from server.errors import InvalidTensor
 from server.inference import InferRequest, InferResponse, ParameterValue
-from server.pipeline import ModelPipeline, SegmentResult
+from server.model_pipeline import ModelPipeline
 from server.tensors import Tensor
+from server.types import SegmentResult
 
 HEADER_LENGTH = "inference-header-content-length"
 

@@ -12,20 +12,19 @@ from google.protobuf.message import DecodeError
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server import converters
+from server.access import ImageNote, note_image, note_result
+from server.admission import AdmissionSlot
 from server.allocator import give_back_freed_memory
 from server.buffers import UploadHold
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
 from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
-from server.interceptor import Context, ImageNote, note_image, note_result
-from server.pipeline import AdmissionSlot, ModelPipeline, SegmentationPipeline, SegmentOptions
-from server.stream_window import Place, StreamWindow
+from server.interceptor import Context
+from server.model_pipeline import ModelPipeline
+from server.pipeline import SegmentationPipeline
+from server.stream_window import STREAM_WINDOW, Place, StreamWindow
+from server.types import SegmentOptions
 
 log = logging.getLogger(__name__)
-
-
-# Images a SegmentStream call holds at once, from reading the request until its response is sent;
-# beyond this the stream stops reading until a response has been written.
-STREAM_WINDOW = 16
 
 
 class SegmenterServicer(pb_grpc.SegmenterServicer):

@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 from typing import Generic, TypeVar
 
+from server.admission import AdmissionSlot
 from server.buffers import StreamCounts
-from server.pipeline import AdmissionSlot
 from server.stream_bytes import StreamBytes
 
 R = TypeVar("R")
+
+STREAM_WINDOW = 16
+"""Images a stream call (SegmentStream, ModelStreamInfer) holds at once, from reading the request until its
+response is sent; beyond this the stream stops reading until a response has been written."""
 
 
 class Place(Generic[R]):

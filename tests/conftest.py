@@ -19,6 +19,9 @@ from PIL import Image
 
 from client import SegmentClient
 from server.app import App, create_app
+from server.model_pipeline import RuntimeFactory
+from server.pipeline import SegmentationPipeline
+from server.runtimes.factory import create_runtime
 from server.settings import Settings
 from tests import known_model
 
@@ -34,8 +37,9 @@ TEST_MAX_SIZE = 64
 class ServerThread:
     """Runs the real gRPC app in its own event loop thread, as `python -m server` would."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory = create_runtime) -> None:
         self.settings = settings
+        self.runtime_factory = runtime_factory
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server")
         self.thread.start()
@@ -45,7 +49,7 @@ class ServerThread:
 
     async def _start(self) -> App:
         torch.manual_seed(0)  # the same random weights in every run
-        app = await create_app(self.settings)
+        app = await create_app(self.settings, SegmentationPipeline(self.settings, runtime_factory=self.runtime_factory))
         await app.start()
         return app
 

@@ -15,7 +15,6 @@ import pytest
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server import pipeline as pipeline_module
 from tests.conftest import ServerThread, encode, make_settings, photo_like
 from tests.test_overload import Gate, sample, wait_until
 
@@ -31,18 +30,16 @@ BIG = encode(photo_like(1600, 1200), "JPEG", quality=95)
 @pytest.fixture(scope="module")
 def gated() -> Iterator[tuple[ServerThread, Gate]]:
     gate = Gate()
-    with pytest.MonkeyPatch.context() as patch:
-        # Only the runtime built while the patch holds is gated; the session server keeps its own.
-        patch.setattr(pipeline_module, "create_runtime", gate.gated_runtime)
-        server = ServerThread(
-            make_settings(
-                max_queue=MAX_QUEUE,
-                max_image_bytes=8 * MiB,
-                upload_budget_bytes=BUDGET,
-                upload_idle_timeout_s=IDLE_S,
-                warmup=False,
-            )
-        )
+    server = ServerThread(
+        make_settings(
+            max_queue=MAX_QUEUE,
+            max_image_bytes=8 * MiB,
+            upload_budget_bytes=BUDGET,
+            upload_idle_timeout_s=IDLE_S,
+            warmup=False,
+        ),
+        runtime_factory=gate.gated_runtime,
+    )
     yield server, gate
     gate.open.set()
     server.stop()

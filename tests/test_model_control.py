@@ -27,7 +27,6 @@ from PIL import Image
 
 from client import SegmentClient, SegmentError
 from client.security import tls_credentials
-from server import pipeline as pipeline_module
 from tests.conftest import ServerThread, encode, known_settings, make_settings
 from tests.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, render_scene
 from tests.model_repository import COLOURS_CLASS_OF, build_repository, write_config
@@ -47,9 +46,16 @@ def repository(tmp_path_factory: pytest.TempPathFactory, known_weights: Path) ->
 
 
 @pytest.fixture(scope="module")
-def controlled(repository: Path, known_weights: Path) -> Iterator[ServerThread]:
+def controlled_gate() -> Gate:
+    """Gates only the runtimes of models loaded inside its `building()` block."""
+    return Gate(gating=False)
+
+
+@pytest.fixture(scope="module")
+def controlled(repository: Path, known_weights: Path, controlled_gate: Gate) -> Iterator[ServerThread]:
     running = ServerThread(
-        known_settings(known_weights, model_repository=str(repository), default_model="shapes", model_control=True)
+        known_settings(known_weights, model_repository=str(repository), default_model="shapes", model_control=True),
+        runtime_factory=controlled_gate.gated_runtime,
     )
     yield running
     running.stop()
@@ -168,15 +174,18 @@ def test_a_reload_under_load_has_no_gap(
 
 
 def test_an_unload_waits_for_the_requests_it_has_and_loses_none(
-    controlled: ServerThread, client: SegmentClient, repository: Path, scene: tuple[bytes, np.ndarray]
+    controlled: ServerThread,
+    controlled_gate: Gate,
+    client: SegmentClient,
+    repository: Path,
+    scene: tuple[bytes, np.ndarray],
 ) -> None:
     """Requests held inside the model (its runtime gated shut) when the unload comes: the unload refuses newcomers
     at once, waits for them, and every one of them is answered with its mask."""
     image, truth = scene
     copy_model(repository, "colours", "gated")
-    gate = Gate()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline_module, "create_runtime", gate.gated_runtime)
+    gate = controlled_gate
+    with gate.building():
         client.load_model("gated")
     model = controlled.app.pipeline.models.named("gated")
     assert model is not None

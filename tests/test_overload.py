@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -13,7 +14,6 @@ import pytest
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server import pipeline as pipeline_module
 from server.labels import Label
 from server.runtimes import Runtime
 from server.runtimes.factory import create_runtime
@@ -28,13 +28,26 @@ IMAGE = encode(photo_like(64, 48), "JPEG")
 class Gate:
     """Wraps a runtime's predict: batches wait while the gate is shut; every batch's size is recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, gating: bool = True) -> None:
         self.open = threading.Event()
         self.open.set()
         self.batches: list[int] = []
+        self.gating = gating
+        """False: runtimes built now are left as they are (see `building`)."""
+
+    @contextmanager
+    def building(self) -> Iterator[None]:
+        """Gate only the runtimes built inside this block (a model loaded at run time, say)."""
+        self.gating = True
+        try:
+            yield
+        finally:
+            self.gating = False
 
     def gated_runtime(self, settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
         runtime = create_runtime(settings, labels)
+        if not self.gating:
+            return runtime
         original: Callable[[list[np.ndarray]], list[np.ndarray]] = runtime.predict
 
         def predict(images: list[np.ndarray]) -> list[np.ndarray]:
@@ -49,12 +62,10 @@ class Gate:
 @pytest.fixture(scope="module")
 def gated() -> Iterator[tuple[ServerThread, Gate]]:
     gate = Gate()
-    with pytest.MonkeyPatch.context() as patch:
-        # Only the runtime built while the patch holds is gated; the session server keeps its own.
-        patch.setattr(pipeline_module, "create_runtime", gate.gated_runtime)
-        server = ServerThread(
-            make_settings(max_queue=MAX_QUEUE, max_batch_size=2, max_image_bytes=MAX_IMAGE_BYTES, warmup=False)
-        )
+    server = ServerThread(
+        make_settings(max_queue=MAX_QUEUE, max_batch_size=2, max_image_bytes=MAX_IMAGE_BYTES, warmup=False),
+        runtime_factory=gate.gated_runtime,
+    )
     yield server, gate
     gate.open.set()
     server.stop()

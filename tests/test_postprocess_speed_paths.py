@@ -10,13 +10,7 @@ from PIL import Image
 
 from server.labels import VOC_CLASSES, make_labels
 from server.mask_png import encode_upsampled_mask_png
-from server.postprocess import (
-    VOC_PALETTE,
-    class_shares,
-    class_shares_of_upsampled,
-    encode_mask_png,
-    upsample_labels,
-)
+from server.postprocess import VOC_PALETTE, class_shares, class_shares_of_upsampled, encode_mask_png, upsample_labels
 
 LABELS = make_labels(VOC_CLASSES)
 

@@ -1,0 +1,264 @@
+"""One served model: its runtime, batcher, labels and warm-up, over the worker pools every model shares.
+
+decode + resize (worker pool) -> this model's batcher -> its runtime (one thread per instance)
+-> upsample + PNG (worker pool). Each model has its own batcher, so batches never mix models. The runtime
+is built by the factory it is handed (server.runtimes.factory.create_runtime unless a test gives another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import ParamSpec, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from server.allocator import give_back_freed_memory
+from server.batch_sizing import BatchSizer
+from server.batcher import Batcher
+from server.errors import InvalidOptions, ModelLoadError
+from server.imaging import Limits, decode_full_image, decode_image, image_from_pixels
+from server.labels import Label, palette_of
+from server.mask_png import mask_png_at
+from server.memory import resident_bytes
+from server.postprocess import (
+    ClassShare,
+    blend_overlay,
+    class_shares_of_upsampled,
+    encode_mask_png,
+    encode_png,
+    upsample_labels,
+)
+from server.repository import ModelConfig
+from server.runtimes import Runtime
+from server.runtimes.factory import create_runtime
+from server.settings import MIN_MAX_SIZE, Settings
+from server.types import SegmentOptions, SegmentResult, Timing
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+DEFAULT_OVERLAY_OPACITY = 0.5
+
+RuntimeFactory = Callable[[Settings, tuple[Label, ...]], Runtime]
+"""Builds a model's runtime from its settings and labels (create_runtime; tests hand in a gated one)."""
+
+
+def _shape_of(array: np.ndarray) -> tuple[int, ...]:
+    return tuple(array.shape)
+
+
+@dataclass(frozen=True)
+class Workers:
+    """What every model's requests share: decoding and encoding threads, the overlay thread, the image limits."""
+
+    pool: ThreadPoolExecutor
+    overlay_pool: ThreadPoolExecutor
+    limits: Limits
+
+
+def overlay_opacity(options: SegmentOptions) -> float:
+    opacity = DEFAULT_OVERLAY_OPACITY if options.overlay_opacity is None else options.overlay_opacity
+    if not 0.0 <= opacity <= 1.0:
+        raise InvalidOptions(f"overlay_opacity must be between 0 and 1, got {opacity}")
+    return opacity
+
+
+def _settled_resident_bytes() -> int:
+    """Resident memory with what was freed handed back first, so that both ends of a load's measurement
+    count only what is held: auto drops the candidates it did not pick (hundreds of megabytes of graphs and
+    sessions), and handing those pages back after the load alone would also return pages freed before it,
+    and make the load look free."""
+    gc.collect()
+    give_back_freed_memory(force=True)
+    return resident_bytes()
+
+
+class ModelPipeline:
+    """One model: its runtime, batcher, labels and warm-up, over the shared workers. States as Triton names
+    them: LOADING, READY, UNLOADING, UNAVAILABLE (failed to load, with `reason`)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        settings: Settings,
+        workers: Workers,
+        runtime: Runtime | None = None,
+        runtime_factory: RuntimeFactory = create_runtime,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.settings = settings
+        """The server's settings with this model's architecture, weights, max_size and batching."""
+        self.workers = workers
+        self.runtime = runtime
+        self._runtime_factory = runtime_factory
+        self.labels: tuple[Label, ...] = config.labels
+        self.palette = palette_of(config.labels)
+        self._batcher: Batcher[np.ndarray, np.ndarray] | None = None
+        self.state = "LOADING"
+        self.reason = ""
+        self.in_flight = 0
+        """Requests that named this model and are not answered yet (an unload waits for them)."""
+        self.resident_bytes = 0
+        """What loading it added to the process's resident memory (runtime, graph, warm-up), measured."""
+        self._idle: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        """Load the model (unless one was given) and warm it up, off the event loop. Raises ModelLoadError."""
+        loop = asyncio.get_running_loop()
+        before = await loop.run_in_executor(self.workers.pool, _settled_resident_bytes)
+        try:
+            if self.runtime is None:
+                self.runtime = await loop.run_in_executor(
+                    self.workers.pool, self._runtime_factory, self.settings, self.config.labels
+                )
+            runtime = self.runtime
+            self._batcher = Batcher(
+                runtime.predict,
+                _shape_of,
+                max_batch_size=self.settings.max_batch_size,
+                max_delay_s=self.settings.max_batch_delay_ms / 1000,
+                sizer=BatchSizer(self.settings.max_batch_size) if self.settings.adaptive_batching else None,
+                instances=self.settings.model_instances,
+            )
+            if self.settings.warmup:
+                await loop.run_in_executor(self.workers.pool, self._warm_up)
+        except ModelLoadError as exc:
+            self.state, self.reason = "UNAVAILABLE", exc.message
+            if not self.config.source:
+                raise
+            # One sentence naming the file and the field the problem came from.
+            about_weights = exc.message.startswith(("weights file", "pretrained"))
+            self.reason = f"{self.config.where('weights') if about_weights else self.config.source}: {exc.message}"
+            raise ModelLoadError(self.reason) from exc
+        self.resident_bytes = max(0, await loop.run_in_executor(self.workers.pool, _settled_resident_bytes) - before)
+        self.state = "READY"
+        log.info(
+            "model %s (%s) ready on %s with %s (weights: %s; %d classes; %.0f MiB resident)",
+            self.name,
+            runtime.facts.model_name,
+            runtime.device_name,
+            runtime.description,
+            runtime.facts.weights_description,
+            len(self.labels),
+            self.resident_bytes / 2**20,
+        )
+
+    def _warm_up(self) -> None:
+        """One pass per expected shape (4:3 landscape and portrait, square), so first callers don't pay for it."""
+        assert self.runtime is not None
+        side = self.settings.max_size
+        started = time.monotonic()
+        for width, height in {(side, side * 3 // 4), (side * 3 // 4, side), (side, side)}:
+            for _ in range(self.settings.model_instances):  # each instance pays its own first call of a shape
+                self.runtime.predict([np.zeros((height, width, 3), dtype=np.uint8)])
+        log.info("warm-up of %s done in %.0f ms", self.name, (time.monotonic() - started) * 1000)
+
+    def became_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request holds this model (the registry's acquire counts them)."""
+        while self.in_flight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    async def close(self) -> None:
+        self.state = "UNAVAILABLE"
+        if self._batcher is not None:
+            await self._batcher.close()
+
+    @property
+    def batch_size_counts(self) -> list[int]:
+        return list(self._batcher.batch_size_counts) if self._batcher else [0] * self.settings.max_batch_size
+
+    def effective_max_size(self, options: SegmentOptions) -> int:
+        if options.max_size == 0:
+            return self.settings.max_size
+        if options.max_size < MIN_MAX_SIZE:
+            raise InvalidOptions(
+                f"max_size must be 0 (server default) or at least {MIN_MAX_SIZE}, got {options.max_size}"
+            )
+        return min(options.max_size, self.settings.max_size)
+
+    def check_options(self, options: SegmentOptions) -> None:
+        self.effective_max_size(options)
+        overlay_opacity(options)
+
+    # ---- the request path -----------------------------------------------------------------
+
+    async def segment(self, data: bytes | np.ndarray, options: SegmentOptions, deadline: float | None) -> SegmentResult:
+        assert self._batcher is not None
+        max_size = self.effective_max_size(options)
+        opacity = overlay_opacity(options)
+        limits = self.workers.limits
+        started = time.monotonic()
+        with self._batcher.expecting():
+            # Never the full-size image here: it would sit in the batcher's queue for the whole wait
+            # (150 MB at the pixel limit); overlays decode it again after the model (_render_overlay).
+            if isinstance(data, np.ndarray):
+                decoded = await self._in_pool(image_from_pixels, data, max_size, limits)
+            else:
+                decoded = await self._in_pool(decode_image, data, max_size, limits)
+            model_input = np.asarray(decoded.model_input, dtype=np.uint8)
+        preprocessed = time.monotonic()
+        batch = await self._batcher.submit(model_input, deadline)
+        inferred = time.monotonic()
+        mask_png, classes, label_map = await self._in_pool(
+            self._postprocess, batch.output, decoded.original_size, options
+        )
+        overlay_png = None
+        if options.overlay:
+            overlay_png = await asyncio.get_running_loop().run_in_executor(
+                self.workers.overlay_pool,
+                partial(self._render_overlay, batch.output, decoded.original_size, data, opacity),
+            )
+        finished = time.monotonic()
+        timing = Timing(
+            preprocess_ms=(preprocessed - started) * 1000,
+            queue_ms=batch.queue_ms,
+            inference_ms=batch.inference_ms,
+            postprocess_ms=(finished - inferred) * 1000,
+            total_ms=(finished - started) * 1000,
+            batch_size=batch.batch_size,
+        )
+        width, height = decoded.original_size
+        model_width, model_height = decoded.model_input.size
+        return SegmentResult(
+            width, height, model_width, model_height, mask_png, overlay_png, classes, timing, label_map, self.name
+        )
+
+    def _postprocess(
+        self, labels: np.ndarray, size: tuple[int, int], options: SegmentOptions
+    ) -> tuple[bytes, list[ClassShare], np.ndarray | None]:
+        shares = class_shares_of_upsampled(labels, size, self.labels)
+        if not (options.mask_png or options.label_map):
+            return b"", shares, None
+        if not options.label_map:  # the PNG alone never needs the full-size mask in memory
+            return mask_png_at(labels, size, self.palette), shares, None
+        mask = upsample_labels(labels, size)
+        mask_png = encode_mask_png(mask, self.palette) if options.mask_png else b""
+        return mask_png, shares, np.asarray(mask)
+
+    def _render_overlay(
+        self, labels: np.ndarray, size: tuple[int, int], data: bytes | np.ndarray, opacity: float
+    ) -> bytes:
+        if isinstance(data, np.ndarray):
+            full = Image.fromarray(np.ascontiguousarray(data, dtype=np.uint8))
+        else:
+            full = decode_full_image(data, self.workers.limits)
+        return encode_png(blend_overlay(full, upsample_labels(labels, size), opacity, self.palette))
+
+    async def _in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.workers.pool, partial(fn, *args, **kwargs))
