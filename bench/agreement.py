@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.runtimes import Runtime
+from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime, importable
 from server.settings import Settings
 

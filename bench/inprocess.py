@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from bench.loadgen import load_images
-from server.imaging import Limits, decode_image
-from server.mask_png import mask_png_at
-from server.postprocess import VOC_PALETTE, class_shares_of_upsampled
-from server.runtimes import Runtime
+from server.core.imaging import Limits, decode_image
+from server.core.mask_png import mask_png_at
+from server.core.postprocess import VOC_PALETTE, class_shares_of_upsampled
+from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import Settings
 

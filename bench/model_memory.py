@@ -17,9 +17,9 @@ import subprocess
 import sys
 from typing import Any
 
-from server.memory import resident_bytes
-from server.pipeline import SegmentationPipeline
-from server.repository import ARCHITECTURE_WEIGHTS_BYTES, ARCHITECTURES
+from server.core.memory import resident_bytes
+from server.core.pipeline import SegmentationPipeline
+from server.models.repository import ARCHITECTURE_WEIGHTS_BYTES, ARCHITECTURES
 from server.settings import Settings
 
 BASE = "deeplabv3_mobilenet_v3_large"

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server import tensors
+from server.inference import tensors
 
 
 def binary() -> str | None:

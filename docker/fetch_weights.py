@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-# The weights the server loads (server/model.py); a test keeps the two in step.
+# The weights the server loads (server/runtimes/weights.py); a test keeps the two in step.
 WEIGHTS_NAME = "COCO_WITH_VOC_LABELS_V1"
 
 

@@ -17,16 +17,16 @@ from grpc_reflection.v1alpha import reflection
 from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server import inference_grpc
-from server.drain import CallTracker
+from server.core.pipeline import SegmentationPipeline
 from server.errors import ModelLoadError
-from server.http_server import HttpServer, create_http_server
-from server.inference import InferenceModels
-from server.interceptor import ObservingInterceptor
-from server.metrics import Metrics
-from server.pipeline import SegmentationPipeline
-from server.rest import build_app
-from server.servicer import SegmenterServicer
+from server.grpc import inference as inference_grpc
+from server.grpc.interceptor import ObservingInterceptor
+from server.grpc.segmenter import SegmenterServicer
+from server.inference.protocol import InferenceModels
+from server.operations.drain import CallTracker
+from server.operations.metrics import Metrics
+from server.rest.app import build_app
+from server.rest.server import HttpServer, create_http_server
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

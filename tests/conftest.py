@@ -19,8 +19,8 @@ from PIL import Image
 
 from client import SegmentClient
 from server.app import App, create_app
-from server.model_pipeline import RuntimeFactory
-from server.pipeline import SegmentationPipeline
+from server.core.model_pipeline import RuntimeFactory
+from server.core.pipeline import SegmentationPipeline
 from server.runtimes.factory import create_runtime
 from server.settings import Settings
 from tests import known_model

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from server.batch_sizing import BatchSizer
-from server.batcher import Batcher
+from server.core.batch_sizing import BatchSizer
+from server.core.batcher import Batcher
 from tests.test_batcher import Recorder, shape
 
 

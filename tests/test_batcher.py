@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from server.batcher import Batcher
+from server.core.batcher import Batcher
 from server.errors import RequestExpired
 
 

@@ -245,7 +245,7 @@ def test_image_requirements_leave_out_what_each_image_does_not_need() -> None:
 
 @pytest.mark.parametrize("model", get_args(ModelName))
 def test_build_time_weights_are_the_ones_the_server_loads(model: str) -> None:
-    from server.model import _BUILDERS
+    from server.runtimes.weights import _BUILDERS
 
     assert fetch_weights.weights_for(model) is _BUILDERS[model][1]
 

@@ -154,8 +154,8 @@ def test_a_restart_reuses_the_graph_and_garbage_in_it_is_rebuilt(
 
 
 def test_the_graph_key_follows_weights_runtime_precision_and_export_code(monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.model import load_model
     from server.runtimes import factory
+    from server.runtimes.weights import load_model
     from tests.conftest import make_settings
 
     settings = make_settings()

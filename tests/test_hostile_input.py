@@ -17,8 +17,8 @@ from PIL import Image
 from client import SegmentClient
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
+from server.core.imaging import Limits, decode_image
 from server.errors import ImageTooLarge, InvalidImage
-from server.imaging import Limits, decode_image
 from tests.conftest import ServerThread, encode, photo_like, png_declaring
 
 OK = grpc.StatusCode.OK

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from server.core.imaging import Limits, decode_image, fit_within, to_rgb
+from server.core.pipeline import SegmentationPipeline
 from server.errors import ImageTooLarge, InvalidImage
-from server.imaging import Limits, decode_image, fit_within, to_rgb
-from server.pipeline import SegmentationPipeline
 from tests.conftest import encode, make_settings, photo_like, png_declaring
 
 LIMITS = Limits(max_bytes=32 * 1024 * 1024, max_pixels=50_000_000)

@@ -24,7 +24,7 @@ from PIL import Image
 from client import SegmentClient
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from server import tensors
+from server.inference import tensors
 from tests.conftest import ServerThread, encode
 from tests.known_model import MODEL_NAME, Shape, render_scene
 from tests.triton_child import run_in_child

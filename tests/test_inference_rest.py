@@ -26,7 +26,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from client import SegmentClient
-from server import tensors
+from server.inference import tensors
 from tests.conftest import ServerThread, encode, make_settings
 from tests.known_model import MODEL_NAME, Shape, render_scene
 from tests.test_tls import issue, openssl

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import SegmentClient, SegmentError
 from server.app import create_app
-from server.pipeline import SegmentationPipeline
+from server.core.pipeline import SegmentationPipeline
 from server.runtimes.factory import create_runtime
 from tests.conftest import encode, make_settings, photo_like
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import AsyncSegmentClient, SegmentClient
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server.metrics import Metrics
+from server.operations.metrics import Metrics
 from tests.conftest import ServerThread, encode, photo_like
 
 

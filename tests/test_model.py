@@ -9,10 +9,10 @@ import pytest
 import torch
 from torchvision.models import segmentation as tvseg
 
-from server import model as model_module
 from server.errors import ModelLoadError
-from server.model import load_model
+from server.runtimes import weights as model_module
 from server.runtimes.factory import create_runtime
+from server.runtimes.weights import load_model
 from server.settings import Settings
 
 MODEL = "deeplabv3_mobilenet_v3_large"
@@ -119,7 +119,7 @@ def test_batch_equals_single_and_labels_are_in_range(channels_last: bool) -> Non
 
 def test_random_weights_are_the_same_on_every_start() -> None:
     """So their fingerprint, and the exported graph cached under it, survive a restart."""
-    from server.model import weights_fingerprint
+    from server.runtimes.weights import weights_fingerprint
 
     torch.manual_seed(123)
     first = weights_fingerprint(load_model("deeplabv3_mobilenet_v3_large", "random").module)
@@ -129,7 +129,7 @@ def test_random_weights_are_the_same_on_every_start() -> None:
 
 
 def test_the_weights_fingerprint_sees_one_changed_value(tmp_path: Path) -> None:
-    from server.model import weights_fingerprint
+    from server.runtimes.weights import weights_fingerprint
 
     module = load_model("deeplabv3_mobilenet_v3_large", "random").module
     before = weights_fingerprint(module)

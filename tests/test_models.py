@@ -29,7 +29,7 @@ from protos.inference import grpc_predict_v2_pb2 as ipb
 from protos.inference import grpc_predict_v2_pb2_grpc as ipb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server import tensors
+from server.inference import tensors
 from server.labels import voc_color
 from tests.conftest import ServerThread, encode, known_settings, make_settings
 from tests.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, render_scene

@@ -15,7 +15,7 @@ import pytest
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server.labels import Label
-from server.runtimes import Runtime
+from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import Settings
 from tests.conftest import ServerThread, encode, make_settings, photo_like

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.core.mask_png import encode_upsampled_mask_png
+from server.core.postprocess import (
+    VOC_PALETTE,
+    class_shares,
+    class_shares_of_upsampled,
+    encode_mask_png,
+    upsample_labels,
+)
 from server.labels import VOC_CLASSES, make_labels
-from server.mask_png import encode_upsampled_mask_png
-from server.postprocess import VOC_PALETTE, class_shares, class_shares_of_upsampled, encode_mask_png, upsample_labels
 
 LABELS = make_labels(VOC_CLASSES)
 
@@ -85,7 +91,7 @@ def test_the_direct_png_has_the_pixels_and_palette_of_the_upsampled_mask(
 
 
 def test_the_served_path_picks_the_direct_png_for_large_upsampling_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    from server import mask_png
+    from server.core import mask_png
 
     used: list[str] = []
     real = mask_png.encode_upsampled_mask_png

@@ -129,7 +129,7 @@ def test_a_py_change_restarts_the_server_and_sigterm_stops_both(
         imaging.write_text(imaging.read_text() + "\nRELOADED = True\n")
         children = output.wait_for_children(2)
         assert children[:1] == [first] and len(children) == 2, output.tail()
-        assert "server/imaging.py changed" in output.tail() and "notes.txt" not in output.tail()
+        assert "server/core/imaging.py changed" in output.tail() and "notes.txt" not in output.tail()
         client.wait_until_serving(timeout=120)
         assert client.health() == "SERVING"
 

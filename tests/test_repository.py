@@ -14,8 +14,7 @@ import yaml
 
 from server.errors import ModelLoadError, UnknownModel
 from server.labels import VOC_CLASSES, voc_color
-from server.model import load_model
-from server.repository import (
+from server.models.repository import (
     BrokenModel,
     ModelConfig,
     ModelConfigError,
@@ -25,6 +24,7 @@ from server.repository import (
     read_labels_file,
     read_model,
 )
+from server.runtimes.weights import load_model
 from server.settings import Settings
 from tests.model_repository import write_config
 

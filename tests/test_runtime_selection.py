@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from server.errors import ModelLoadError
-from server.runtimes import Runtime, cpu_features, factory, selection
-from server.runtimes.base import ModelFacts
+from server.runtimes import cpu_features, factory, selection
+from server.runtimes.base import ModelFacts, Runtime
 from server.runtimes.factory import create_runtime
 from server.runtimes.selection import Candidate
 from tests.conftest import known_settings, make_settings

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from server.errors import ModelLoadError
-from server.runtimes import Runtime, factory, selection
+from server.runtimes import factory, selection
+from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
 from tests.conftest import known_settings, make_settings
 from tests.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, random_shapes, render_scene

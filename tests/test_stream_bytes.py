@@ -18,9 +18,9 @@ from protos.inference import grpc_predict_v2_pb2 as ipb
 from protos.inference import grpc_predict_v2_pb2_grpc as ipb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server import tensors
-from server.rest import CountedResponses
-from server.stream_bytes import StreamBudget
+from server.core.stream_bytes import StreamBudget
+from server.inference import tensors
+from server.rest.app import CountedResponses
 from tests.conftest import ServerThread, encode, make_settings, photo_like
 from tests.test_overload import sample, wait_until
 

@@ -1,5 +1,3 @@
-"""Model runtimes: torch, onnxruntime and openvino behind one interface, chosen in factory.create_runtime."""
-
-from server.runtimes.base import ModelFacts, Runtime
-
-__all__ = ["ModelFacts", "Runtime"]
+"""Model runtimes: torch, onnxruntime and openvino behind one interface (base.Runtime), chosen by measurement in
+factory.create_runtime (selection.py); the DeepLabV3 weights every runtime starts from (weights.py). Never
+imports models/."""

@@ -10,11 +10,11 @@ import torch
 
 from server.errors import ModelLoadError
 from server.labels import VOC_CLASSES, Label, make_labels
-from server.model import LoadedModel, load_model, resolve_device, weights_fingerprint, without_aux_head
 from server.runtimes import cpu_features, selection
 from server.runtimes.base import ModelFacts, Runtime
 from server.runtimes.export_cache import cached_file, resolve_cache_root, source_sha256
 from server.runtimes.openvino_import import import_openvino
+from server.runtimes.weights import LoadedModel, load_model, resolve_device, weights_fingerprint, without_aux_head
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

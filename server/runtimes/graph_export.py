@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.model import LoadedModel, without_aux_head
+from server.runtimes.weights import LoadedModel, without_aux_head
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from server.errors import ModelLoadError
-from server.model import LoadedModel, without_aux_head
 from server.runtimes.base import ModelFacts
+from server.runtimes.weights import LoadedModel, without_aux_head
 
 log = logging.getLogger(__name__)
 

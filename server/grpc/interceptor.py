@@ -1,4 +1,4 @@
-"""The gRPC interceptor: opens each call's access record (server/access.py) on arrival and closes it with
+"""The gRPC interceptor: opens each call's access record (server/operations/access.py) on arrival and closes it with
 the call's status.
 
 It wraps each handler, so it sees the call from arrival to answer, its status (OK, aborted, cancelled by
@@ -16,9 +16,9 @@ from typing import Any
 
 import grpc
 
-from server.access import REQUEST_ID_KEY, STREAM_METHODS, record_call, start_record
-from server.drain import CallTracker
-from server.metrics import Metrics
+from server.operations.access import REQUEST_ID_KEY, STREAM_METHODS, record_call, start_record
+from server.operations.drain import CallTracker
+from server.operations.metrics import Metrics
 
 _PROTOCOL_OF_SERVICE = {"/segserve.": "segmenter-grpc", "/inference.": "inference-grpc"}
 # Health watches stay open as long as a client's channel does; a drain must not wait for them.

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from protos.segserve.v1 import segserve_pb2 as pb
+from server.core.types import SegmentOptions, SegmentResult
 from server.errors import SegservError
 from server.labels import Label
-from server.registry import ModelEntry
-from server.types import SegmentOptions, SegmentResult
+from server.models.registry import ModelEntry
 
 
 def options_from_proto(message: pb.SegmentOptions) -> SegmentOptions:

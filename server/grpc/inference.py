@@ -1,5 +1,5 @@
 """inference.GRPCInferenceService (Open Inference Protocol, with Triton's extensions): thin.
-Messages in (inference_grpc_converters), server.inference, messages out; errors become statuses here."""
+Messages in (inference_grpc_converters), server.inference.protocol, messages out; errors become statuses here."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from google.protobuf.message import DecodeError
 
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from server import inference
-from server import inference_grpc_converters as converters
-from server.access import ImageNote, note_image
+from server.core.model_pipeline import ModelPipeline
+from server.core.stream_window import STREAM_WINDOW
 from server.errors import NotPermitted, NotReady, NotServed, SegservError
-from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
-from server.inference import InferenceModels, note_response
-from server.interceptor import Context
-from server.model_pipeline import ModelPipeline
-from server.stream_window import STREAM_WINDOW
+from server.grpc import inference_converters as converters
+from server.grpc.calls import call_deadline, guarded, read_message, refuse_new_call
+from server.grpc.interceptor import Context
+from server.inference import protocol as inference
+from server.inference.protocol import InferenceModels, note_response
+from server.operations.access import ImageNote, note_image
 
 log = logging.getLogger(__name__)
 

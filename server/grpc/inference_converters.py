@@ -1,4 +1,4 @@
-"""Open Inference Protocol protobuf messages <-> server.inference's domain. The only module that knows both."""
+"""Open Inference Protocol protobuf messages <-> server.inference.protocol's domain. The only module that knows both."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from collections.abc import Mapping, Sequence
 from google.protobuf import json_format
 
 from protos.inference import grpc_predict_v2_pb2 as pb
-from server import inference, tensors
+from server.core.model_pipeline import ModelPipeline
 from server.errors import InvalidTensor
-from server.inference import InferRequest, InferResponse, ParameterValue, TensorSpec
-from server.model_pipeline import ModelPipeline
-from server.registry import ModelEntry
-from server.tensors import Tensor
+from server.inference import protocol as inference
+from server.inference import tensors
+from server.inference.protocol import InferRequest, InferResponse, ParameterValue, TensorSpec
+from server.inference.tensors import Tensor
+from server.models.registry import ModelEntry
 
 # Which typed-contents list carries each datatype (FP16 and BF16 travel only raw).
 _CONTENTS_FIELD = {

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from server import inference, tensors
+from server.core.model_pipeline import ModelPipeline
+from server.core.types import SegmentResult
 from server.errors import InvalidTensor
-from server.inference import InferRequest, InferResponse, ParameterValue
-from server.model_pipeline import ModelPipeline
-from server.tensors import Tensor
-from server.types import SegmentResult
+from server.inference import protocol as inference
+from server.inference import tensors
+from server.inference.protocol import InferRequest, InferResponse, ParameterValue
+from server.inference.tensors import Tensor
 
 HEADER_LENGTH = "inference-header-content-length"
 

@@ -1,4 +1,4 @@
-"""The HTTP port: uvicorn serving server.rest's ASGI app in the server's own event loop.
+"""The HTTP port: uvicorn serving server.rest.app's ASGI app in the server's own event loop.
 
 Bound when the app is built (so port 0 reports the port it got), started with the gRPC server, stopped
 with it. Same bind address and TLS files as gRPC. uvicorn's own signal handling and logging setup are
@@ -60,7 +60,7 @@ class HttpServer:
         self.config = uvicorn.Config(
             app,
             log_config=None,
-            access_log=False,  # server.rest writes the per-call log line
+            access_log=False,  # server.rest.app writes the per-call log line
             lifespan="off",
             ssl_certfile=settings.tls_cert,
             ssl_keyfile=settings.tls_key,

@@ -14,8 +14,8 @@ import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from server.metrics import Metrics
-from server.types import SegmentResult
+from server.core.types import SegmentResult
+from server.operations.metrics import Metrics
 
 log = logging.getLogger("segserve.access")
 

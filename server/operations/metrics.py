@@ -1,6 +1,6 @@
 """Prometheus metrics, one registry per app (several servers in one process never clash).
 
-Per-request figures are counted by server.interceptor; the pipeline's state (queue depth, batch
+Per-request figures are counted by server.grpc.interceptor; the pipeline's state (queue depth, batch
 sizes, model) is read at scrape time by a collector, so the request path carries no metric calls.
 """
 
@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from server.pipeline import SegmentationPipeline
+    from server.core.pipeline import SegmentationPipeline
 
 log = logging.getLogger(__name__)
 

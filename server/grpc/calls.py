@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from server.core.pipeline import SegmentationPipeline
 from server.errors import SegservError
-from server.interceptor import Context
-from server.pipeline import SegmentationPipeline
+from server.grpc.interceptor import Context
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from server.access import note_result
+from server.core.model_pipeline import ModelPipeline
+from server.core.pipeline import SegmentationPipeline
+from server.core.types import SegmentOptions, SegmentResult
 from server.errors import InvalidTensor, ModelControlRefused, SegservError, TooManyImages, UnknownModel
-from server.model_control import ModelControl
-from server.model_pipeline import ModelPipeline
-from server.pipeline import SegmentationPipeline
-from server.registry import ModelEntry
-from server.tensors import BYTES, Tensor
-from server.types import SegmentOptions, SegmentResult
+from server.inference.tensors import BYTES, Tensor
+from server.models.control import ModelControl
+from server.models.registry import ModelEntry
+from server.operations.access import note_result
 
 MODEL_VERSION = "1"
 PLATFORM = "segserve"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from server.errors import NotReady, TooManyModels, UnknownModel
-from server.repository import ModelConfig
+from server.models.repository import ModelConfig
 from server.settings import Settings
 
 

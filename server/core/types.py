@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.postprocess import ClassShare
+from server.core.postprocess import ClassShare
 
 
 @dataclass(frozen=True)

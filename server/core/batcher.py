@@ -11,7 +11,7 @@ Rules, all in `_next_batch`:
 - Items whose caller cancelled or whose deadline passed are dropped before the model.
 - An exception from the model reaches every caller in that batch.
 - With a BatchSizer, "full" means the size it finds cheapest per image for that shape
-  (server/batch_sizing.py), so a device that gains nothing from batches is not made to wait for them.
+  (server/core/batch_sizing.py), so a device that gains nothing from batches is not made to wait for them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from server.batch_sizing import BatchSizer
+from server.core.batch_sizing import BatchSizer
 from server.errors import RequestExpired
 
 log = logging.getLogger(__name__)

@@ -11,18 +11,18 @@ from google.protobuf.message import DecodeError
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server import converters
-from server.access import ImageNote, note_image, note_result
-from server.admission import AdmissionSlot
-from server.allocator import give_back_freed_memory
-from server.buffers import UploadHold
+from server.core.admission import AdmissionSlot
+from server.core.allocator import give_back_freed_memory
+from server.core.buffers import UploadHold
+from server.core.model_pipeline import ModelPipeline
+from server.core.pipeline import SegmentationPipeline
+from server.core.stream_window import STREAM_WINDOW, Place, StreamWindow
+from server.core.types import SegmentOptions
 from server.errors import ImageTooLarge, InvalidImage, InvalidOptions, SegservError, UploadStalled
-from server.grpc_calls import call_deadline, guarded, read_message, refuse_new_call
-from server.interceptor import Context
-from server.model_pipeline import ModelPipeline
-from server.pipeline import SegmentationPipeline
-from server.stream_window import STREAM_WINDOW, Place, StreamWindow
-from server.types import SegmentOptions
+from server.grpc import segmenter_converters as converters
+from server.grpc.calls import call_deadline, guarded, read_message, refuse_new_call
+from server.grpc.interceptor import Context
+from server.operations.access import ImageNote, note_image, note_result
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from server.errors import ModelControlRefused, ModelLoadError, ModelLoadFailed, UnknownModel
-from server.registry import ModelRegistry, ServedModel
-from server.repository import ModelConfig, check_name, read_model
+from server.models.registry import ModelRegistry, ServedModel
+from server.models.repository import ModelConfig, check_name, read_model
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

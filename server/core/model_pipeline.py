@@ -20,15 +20,13 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 from PIL import Image
 
-from server.allocator import give_back_freed_memory
-from server.batch_sizing import BatchSizer
-from server.batcher import Batcher
-from server.errors import InvalidOptions, ModelLoadError
-from server.imaging import Limits, decode_full_image, decode_image, image_from_pixels
-from server.labels import Label, palette_of
-from server.mask_png import mask_png_at
-from server.memory import resident_bytes
-from server.postprocess import (
+from server.core.allocator import give_back_freed_memory
+from server.core.batch_sizing import BatchSizer
+from server.core.batcher import Batcher
+from server.core.imaging import Limits, decode_full_image, decode_image, image_from_pixels
+from server.core.mask_png import mask_png_at
+from server.core.memory import resident_bytes
+from server.core.postprocess import (
     ClassShare,
     blend_overlay,
     class_shares_of_upsampled,
@@ -36,11 +34,13 @@ from server.postprocess import (
     encode_png,
     upsample_labels,
 )
-from server.repository import ModelConfig
-from server.runtimes import Runtime
+from server.core.types import SegmentOptions, SegmentResult, Timing
+from server.errors import InvalidOptions, ModelLoadError
+from server.labels import Label, palette_of
+from server.models.repository import ModelConfig
+from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import MIN_MAX_SIZE, Settings
-from server.types import SegmentOptions, SegmentResult, Timing
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ the moment their request is read until their response has been sent.
 A place is taken before the next request is read and given back only once its response is written,
 so a caller that stops reading stops the stream's reads too, and HTTP/2 flow control pushes back on
 its sends. Each place counts its request's bytes, then its response's, against the stream's byte cap
-and the server's (server.stream_bytes). Transport-free: the servicer reads requests and writes responses.
+and the server's (server.core.stream_bytes). Transport-free: the servicer reads requests and writes responses.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Generic, TypeVar
 
-from server.admission import AdmissionSlot
-from server.buffers import StreamCounts
-from server.stream_bytes import StreamBytes
+from server.core.admission import AdmissionSlot
+from server.core.buffers import StreamCounts
+from server.core.stream_bytes import StreamBytes
 
 R = TypeVar("R")
 
@@ -83,7 +83,7 @@ class StreamWindow(Generic[R]):
 
     async def place(self) -> Place[R]:
         """Waits while the window is full of images in progress or responses not yet sent, by count or by
-        bytes (server.stream_bytes)."""
+        bytes (server.core.stream_bytes)."""
         await self._permits.acquire()
         try:
             await self.bytes.wait_for_room()

@@ -1,8 +1,8 @@
 """The transport-free core every front door calls: bytes, options and a model's name in, a result out.
 
 SegmentationPipeline holds what all models share (the worker pools, the admission bound, the upload and
-stream budgets) and finds each request's model in the registry (server/registry.py); each model is a
-ModelPipeline (server/model_pipeline.py) with its own runtime and batcher.
+stream budgets) and finds each request's model in the registry (server/models/registry.py); each model is a
+ModelPipeline (server/core/model_pipeline.py) with its own runtime and batcher.
 """
 
 from __future__ import annotations
@@ -12,20 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from server.admission import Admission, AdmissionSlot
-from server.buffers import StreamCounts, UploadBudget
+from server.core.admission import Admission, AdmissionSlot
+from server.core.buffers import StreamCounts, UploadBudget
+from server.core.imaging import Limits, let_pillow_accept
+from server.core.model_pipeline import ModelPipeline, RuntimeFactory, Workers
+from server.core.stream_bytes import StreamBudget
+from server.core.types import SegmentOptions, SegmentResult
 from server.errors import ModelLoadError, NotReady, TooManyModels
-from server.imaging import Limits, let_pillow_accept
 from server.labels import Label
-from server.model_control import ModelControl
-from server.model_pipeline import ModelPipeline, RuntimeFactory, Workers
-from server.registry import ModelRegistry
-from server.repository import BrokenModel, ModelConfig, configured_models, default_model_name
-from server.runtimes import Runtime
+from server.models.control import ModelControl
+from server.models.registry import ModelRegistry
+from server.models.repository import BrokenModel, ModelConfig, configured_models, default_model_name
+from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import Settings
-from server.stream_bytes import StreamBudget
-from server.types import SegmentOptions, SegmentResult
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 
-from server.postprocess import encode_mask_png, nearest_sources, upsample_labels
+from server.core.postprocess import encode_mask_png, nearest_sources, upsample_labels
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ADLER_MOD = 65521

@@ -1,6 +1,6 @@
 """The HTTP front door (Starlette): Open Inference Protocol REST under /v2, and POST /v1/segment for curl.
 
-Thin: a body read within its limit, rest_converters, server.inference or the pipeline, a response. Errors
+Thin: a body read within its limit, rest_converters, server.inference.protocol or the pipeline, a response. Errors
 become HTTP statuses here, in one place, with a JSON body {"error": one sentence}; never a traceback.
 """
 
@@ -20,12 +20,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import rest_converters as converters
-from server.access import REQUEST_ID_KEY, ImageNote, note_image, record_call, start_record
-from server.buffers import UploadBudget
-from server.drain import CallTracker
+from server.core.buffers import UploadBudget
+from server.core.model_pipeline import ModelPipeline
+from server.core.stream_bytes import StreamBudget
+from server.core.types import SegmentOptions
 from server.errors import ImageTooLarge, InvalidOptions, NotReady, Overloaded, SegservError, TooManyImages
-from server.inference import (
+from server.inference.protocol import (
     EXTENSIONS,
     MODEL_VERSION,
     UNLOAD_PARAMETERS,
@@ -34,10 +34,10 @@ from server.inference import (
     note_response,
     server_version,
 )
-from server.metrics import Metrics
-from server.model_pipeline import ModelPipeline
-from server.stream_bytes import StreamBudget
-from server.types import SegmentOptions
+from server.operations.access import REQUEST_ID_KEY, ImageNote, note_image, record_call, start_record
+from server.operations.drain import CallTracker
+from server.operations.metrics import Metrics
+from server.rest import converters as converters
 
 log = logging.getLogger(__name__)
 
