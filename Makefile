@@ -43,7 +43,7 @@ debug: $(STAMP)  ## the server under debugpy on 127.0.0.1:$(DEBUGPY_PORT), resta
 # The known-answer test model trains once (a few minutes on 2 cores) and is cached; doing it here keeps it
 # out of any one test's timeout.
 test: $(STAMP) lint
-	$(BIN)/python -m tests.known_model
+	$(BIN)/python -m tests.helpers.known_model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -2,7 +2,7 @@
 
 `python -m bench.agreement` prints one JSON object per runtime variant. Random weights (what the speed runs
 use) paint one class everywhere, so agreement is measured on the known-answer test model
-(tests/known_model.py: trained once, cached) over rendered scenes at the size it was trained for. On a CUDA
+(tests/helpers/known_model.py: trained once, cached) over rendered scenes at the size it was trained for. On a CUDA
 machine torch on the GPU is compared too: fp32, fp16, bf16 (bound 99%; the graph runtimes' is 99.9%) and
 fp32 with CUDA graphs captured per shape (SEGSERVE_CAPTURE). These GPU rows are the only check of those
 paths: CI has no GPU, and a test that skips there would be a gap nobody sees.
@@ -48,7 +48,7 @@ def variants() -> list[dict[str, str]]:
 
 
 def scenes(count: int) -> list[np.ndarray]:
-    from tests.known_model import random_shapes, render_scene
+    from tests.helpers.known_model import random_shapes, render_scene
 
     rng = np.random.default_rng(2026)
     out = []
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.agreement", description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=24)
     args = parser.parse_args(argv)
-    from tests.known_model import MODEL_NAME, known_weights
+    from tests.helpers.known_model import MODEL_NAME, known_weights
 
     weights = str(known_weights())
     images = scenes(args.scenes)

@@ -272,7 +272,7 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
     if "agreement" in result:
         lines += [
             "",
-            "Agreement is measured on the known-answer test model (tests/known_model.py) over rendered scenes: "
+            "Agreement is measured on the known-answer test model (tests/helpers/known_model.py) over rendered scenes: "
             "the speed runs use random weights, whose masks are one class everywhere.",
         ]
     served_sizes = result["served"]["batch_sizes"]

@@ -1,5 +1,5 @@
 """Where a stalled stream's memory goes (issue 21): the hostile scenario's stream alone, against a fresh
-`python -m server` warmed as tests/test_hostile_scenario.py warms it.
+`python -m server` warmed as tests/system/test_hostile_scenario.py warms it.
 
 `python -m bench.stalled_stream [--requests 200] [-- SERVER_ARGS...]` sends overlay requests for a
 2400x1800 JPEG, reads nothing for 25 s, then reads for 5 s and cancels. It prints one JSON object: RSS
@@ -38,7 +38,7 @@ READING_S = 5.0
 
 
 def photo_like_jpeg(width: int, height: int) -> bytes:
-    """The hostile scenario's photo (tests.conftest.photo_like, seed 0, JPEG quality 90): about 230 KB."""
+    """The hostile scenario's photo (tests.helpers.images.photo_like, seed 0, JPEG quality 90): about 230 KB."""
     import io
 
     from PIL import Image

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tests.container_files import COMPOSE, COMPOSE_DEBUG, REPO
+from tests.helpers.container_files import COMPOSE, COMPOSE_DEBUG, REPO
 
 PROJECT_PREFIX = "segserve-test-"
 SERVER_IMAGE = "segserve-test-server:random"

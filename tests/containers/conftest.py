@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.container_files import REPO
 from tests.containers.compose import Stack, build_images, remove_test_containers
 from tests.containers.stand_ins import ensure_base_image, wheel_index
+from tests.helpers.container_files import REPO
 
 HERE = Path(__file__).parent
 

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from client import SegmentClient
-from tests.conftest import encode, photo_like
-from tests.container_files import bind_mount_of_checkout, compose_service, debug_launch_config
 from tests.containers.compose import (
     COMPOSE_DEBUG,
     DEBUG_IMAGE,
@@ -22,8 +20,10 @@ from tests.containers.compose import (
     image_id,
     loopback_override,
 )
-from tests.dap_client import DAPClient, attach_like_vscode, attach_to_subprocess
-from tests.reload_session import line_after_image_assignment, stop_in_reloaded_code
+from tests.helpers.container_files import bind_mount_of_checkout, compose_service, debug_launch_config
+from tests.helpers.dap_client import DAPClient, attach_like_vscode, attach_to_subprocess
+from tests.helpers.images import encode, photo_like
+from tests.helpers.reload_session import line_after_image_assignment, stop_in_reloaded_code
 
 
 def attach_arguments(checkout: Path, debug_port: int) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def test_a_breakpoint_in_decode_image_stops_a_real_request(
     target = bind_mount_of_checkout(compose_service(COMPOSE_DEBUG, "server"))
     assert any(m["Source"] == str(checkout) and m["Destination"] == target for m in mounts), mounts
 
-    imaging = checkout / "server" / "imaging.py"
+    imaging = checkout / "server" / "core" / "imaging.py"
     line = line_after_image_assignment(imaging)
     breakpoints = {str(imaging): [line]}
     parent = DAPClient("127.0.0.1", debug_port, connect_timeout=120)
@@ -114,7 +114,7 @@ def test_reload_on_save_keeps_the_debugger_attached(
 ) -> None:
     """The overlay as it is (SEGSERVE_RELOAD=1): attach once, save decode_image, stop in the saved code."""
     _, ports, debug_port = debug_stack(stacks, images, checkout)
-    imaging = checkout / "server" / "imaging.py"
+    imaging = checkout / "server" / "core" / "imaging.py"
     measured = stop_in_reloaded_code(debug_port, ports.target, imaging, attach_arguments(checkout, debug_port))
     print(
         f"in a container: edit to SERVING {measured.edit_to_serving_s:.1f} s, "

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.container_files import load_jsonc
 from tests.containers.compose import ServerPorts, Stack, docker, free_port, loopback_override
+from tests.helpers.container_files import load_jsonc
 
 
 def devcontainer(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.containers.compose import ServerPorts, Stack, free_port, loopback_override
 
 # The page test's own browser helpers (Debian's Chromium through Playwright), not a copy of them.
-from tests.test_gradio_ui import browser, cat_photo, open_page, page  # noqa: F401
+from tests.helpers.browser import open_page
 
 
 def _time(stamp: str) -> datetime:
@@ -26,8 +26,8 @@ def _time(stamp: str) -> datetime:
 def test_the_page_container_segments_a_photo_in_the_browser(
     images: dict[str, str],
     stacks: Callable[..., Stack],
-    page,  # noqa: F811
-    cat_photo: Path,  # noqa: F811
+    page,
+    cat_photo: Path,
     tmp_path: Path,
 ) -> None:
     ports, ui_port = ServerPorts(), free_port()

@@ -14,9 +14,9 @@ from pathlib import Path
 from PIL import Image
 
 from client import SegmentClient
-from tests.conftest import encode, photo_like
-from tests.container_files import REPO
 from tests.containers.compose import ServerPorts, Stack, docker, loopback_override
+from tests.helpers.container_files import REPO
+from tests.helpers.images import encode, photo_like
 
 
 def metric_total(ports: ServerPorts, name: str) -> float:

@@ -1,0 +1,1 @@
+"""The benchmark's arithmetic and outputs (the real run is make bench)."""

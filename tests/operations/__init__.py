@@ -1,0 +1,1 @@
+"""Tests of server/operations/: metrics, the per-call log line, the drain under SIGTERM."""

@@ -1,0 +1,1 @@
+"""Tests of server/runtimes/: the weights, each runtime's agreement with torch, auto's choice, the export cache."""

@@ -1,0 +1,303 @@
+"""auto's choice of runtime and precision: the candidates, the fastest winning, a lower precision refused
+when it disagrees with fp32, the verdict cached and measured again when what it depends on changes; and the
+lower precisions' agreement with fp32 on the known-answer model."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from server.errors import ModelLoadError
+from server.runtimes import cpu_features, factory, selection
+from server.runtimes.base import ModelFacts, Runtime
+from server.runtimes.factory import create_runtime
+from server.runtimes.selection import Candidate
+from tests.helpers.known_model import random_shapes, render_scene
+from tests.helpers.servers import known_settings, make_settings
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+FACTS = ModelFacts("m", "random", False, ())
+
+
+def everything_installed(name: str) -> bool:
+    return True
+
+
+def names(found: list[Candidate]) -> list[str]:
+    return [str(c) for c in found]
+
+
+# ---- the candidates ----------------------------------------------------------------------------------------
+
+
+def test_on_a_cpu_without_native_bf16_auto_compares_every_installed_runtime_at_fp32() -> None:
+    found = selection.candidates("auto", "auto", CPU, installed=everything_installed, native_bf16=False)
+    assert names(found) == ["onnxruntime fp32", "openvino fp32", "torch fp32"]
+    missing = selection.candidates("auto", "auto", CPU, installed=lambda n: n != "openvino", native_bf16=False)
+    assert names(missing) == ["onnxruntime fp32", "torch fp32"]
+
+
+def test_native_bf16_adds_openvino_bf16_and_int8_is_never_auto() -> None:
+    found = selection.candidates("auto", "auto", CPU, installed=everything_installed, native_bf16=True)
+    assert names(found) == ["onnxruntime fp32", "openvino fp32", "openvino bf16", "torch fp32"]
+    named = selection.candidates("openvino", "auto", CPU, installed=everything_installed, native_bf16=True)
+    assert names(named) == ["openvino fp32", "openvino bf16"]
+    int8 = selection.candidates("auto", "int8", CPU, installed=everything_installed, native_bf16=True)
+    assert names(int8) == ["onnxruntime int8", "openvino int8"]
+    pinned = selection.candidates("auto", "fp32", CPU, installed=everything_installed, native_bf16=True)
+    assert names(pinned) == ["onnxruntime fp32", "openvino fp32", "torch fp32"]
+
+
+def test_cuda_keeps_torch_and_compares_its_precisions() -> None:
+    found = selection.candidates("auto", "auto", CUDA, installed=everything_installed, native_bf16=True)
+    assert names(found) == ["torch fp32", "torch fp16", "torch bf16"]
+    old_gpu = selection.candidates("auto", "auto", CUDA, installed=everything_installed, native_bf16=False)
+    assert names(old_gpu) == ["torch fp32", "torch fp16"]
+
+
+def test_a_precision_no_runtime_offers_here_is_a_one_line_error() -> None:
+    with pytest.raises(ModelLoadError, match="precision fp16 is not offered by any runtime on cpu") as info:
+        selection.candidates("auto", "fp16", CPU, installed=everything_installed, native_bf16=True)
+    assert "\n" not in str(info.value)
+
+
+# ---- the choice, with injected runtimes and timings ---------------------------------------------------------
+
+
+class Painted:
+    """A runtime whose labels are a fixed pattern, optionally with a share of pixels changed."""
+
+    def __init__(self, precision: str, wrong_share: float = 0.0) -> None:
+        self.precision = precision
+        self.wrong_share = wrong_share
+        self.facts = FACTS
+        self.description = f"painted {precision}"
+        self.device_name = "cpu"
+
+    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for image in images:
+            labels = (image[..., 0] > 127).astype(np.uint8)
+            wrong = int(labels.size * self.wrong_share)
+            labels.reshape(-1)[:wrong] += 1
+            out.append(labels)
+        return out
+
+
+def choose(
+    found: list[Candidate],
+    runtimes: dict[Candidate, Runtime],
+    ms: dict[Candidate, float],
+    root: Path,
+    key: dict[str, str] | None = None,
+) -> tuple[Runtime, selection.Choice, list[Candidate]]:
+    built: list[Candidate] = []
+    by_runtime = {id(r): c for c, r in runtimes.items()}
+
+    def build(candidate: Candidate) -> Runtime:
+        built.append(candidate)
+        return runtimes[candidate]
+
+    runtime, choice = selection.choose(
+        found,
+        build,
+        max_size=256,  # masks large enough for a share of a thousandth to be whole pixels
+        cache_root=root,
+        key=key or {"model": "m", "what": "test"},
+        time_once=lambda runtime, image: ms[by_runtime[id(runtime)]] / 1000,
+    )
+    return runtime, choice, built
+
+
+ORT, OV, OV_BF16, TORCH = (
+    Candidate(*c.split()) for c in ("onnxruntime fp32", "openvino fp32", "openvino bf16", "torch fp32")
+)
+
+
+def test_the_fastest_candidate_serves_and_the_log_shows_the_table(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtimes: dict[Candidate, Runtime] = {c: Painted(c.precision) for c in (ORT, OV, TORCH)}
+    with caplog.at_level(logging.INFO, logger="server.runtimes.selection"):
+        runtime, choice, _ = choose([ORT, OV, TORCH], runtimes, {ORT: 30.0, OV: 20.0, TORCH: 50.0}, tmp_path)
+    assert runtime is runtimes[OV] and choice.chosen == OV and choice.measured and not choice.cached
+    assert {t.candidate: t.ms_per_image for t in choice.trials} == pytest.approx({ORT: 30.0, OV: 20.0, TORCH: 50.0})
+    rows = caplog.text[caplog.text.index("auto: measured") :].splitlines()[1:]
+    assert [row.split()[:3] for row in rows if "<- serving" in row] == [["openvino", "fp32", "20.0"]]
+    runtime, choice, _ = choose([ORT, OV, TORCH], {c: Painted(c.precision) for c in (ORT, OV, TORCH)},
+                                {ORT: 10.0, OV: 20.0, TORCH: 10.0}, tmp_path / "other")  # fmt: skip
+    assert choice.chosen == ORT, "a tie goes to the earlier candidate"
+
+
+def test_a_lower_precision_that_disagrees_with_fp32_is_not_served_however_fast(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtimes: dict[Candidate, Runtime] = {OV: Painted("fp32"), OV_BF16: Painted("bf16", wrong_share=0.01)}
+    with caplog.at_level(logging.INFO, logger="server.runtimes.selection"):
+        _, choice, _ = choose([OV, OV_BF16], runtimes, {OV: 40.0, OV_BF16: 20.0}, tmp_path)
+    assert choice.chosen == OV
+    refused = next(t for t in choice.trials if t.candidate == OV_BF16)
+    assert refused.agreement == pytest.approx(0.99, abs=2e-3)
+    figure = f"{refused.agreement:.2%}"
+    assert refused.problem == f"agrees with fp32 on {figure} of pixels, under 99.5%"
+    assert f"not served: agrees with fp32 on {figure}" in caplog.text, "the log says why bf16 was not served"
+
+
+def test_a_lower_precision_that_agrees_serves_when_faster_and_says_its_agreement(tmp_path: Path) -> None:
+    runtimes: dict[Candidate, Runtime] = {OV: Painted("fp32"), OV_BF16: Painted("bf16", wrong_share=0.001)}
+    _, choice, _ = choose([OV, OV_BF16], runtimes, {OV: 40.0, OV_BF16: 20.0}, tmp_path)
+    assert choice.chosen == OV_BF16
+    served = choice.trial
+    assert served is not None and served.agreement == pytest.approx(0.999, abs=2e-4)
+    assert f"{served.agreement:.2%} pixel agreement with fp32" in choice.summary()
+
+
+def test_the_verdict_is_cached_and_measured_again_when_cpu_or_versions_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = [ORT, OV]
+    timings = {ORT: 30.0, OV: 20.0}
+
+    def key() -> dict[str, str]:
+        return selection.cache_key(model="m", weights_sha256="w", max_size=32, threads=2, device=CPU, found=found)
+
+    def fresh() -> dict[Candidate, Runtime]:
+        return {c: Painted(c.precision) for c in found}
+
+    _, first, built = choose(found, fresh(), timings, tmp_path, key())
+    assert built == [ORT, OV] and not first.cached
+    _, again, built = choose(found, fresh(), timings, tmp_path, key())
+    assert again.cached and again.chosen == OV and built == [OV], "a warm start builds the winner only"
+    monkeypatch.setattr(cpu_features, "flags_digest", lambda: "another cpu")
+    _, moved, built = choose(found, fresh(), timings, tmp_path, key())
+    assert not moved.cached and built == [ORT, OV]
+    monkeypatch.setattr(selection, "library_version", lambda name: "99.0")
+    _, upgraded, built = choose(found, fresh(), timings, tmp_path, key())
+    assert not upgraded.cached and built == [ORT, OV]
+
+
+def test_the_candidates_not_picked_are_let_go(tmp_path: Path) -> None:
+    """Each holds a compiled graph (hundreds of megabytes for a resnet): nothing may keep the losers alive."""
+    alive: dict[Candidate, weakref.ref[Painted]] = {}
+    ms = {ORT: 30.0, OV: 20.0, TORCH: 50.0}
+
+    def build(candidate: Candidate) -> Runtime:
+        runtime = Painted(candidate.precision)
+        runtime.description = str(candidate)
+        alive[candidate] = weakref.ref(runtime)
+        return runtime
+
+    runtime, choice = selection.choose(
+        [ORT, OV, TORCH],
+        build,
+        max_size=64,
+        cache_root=tmp_path,
+        key={"model": "m"},
+        time_once=lambda runtime, image: ms[Candidate(*runtime.description.split())] / 1000,
+    )
+    gc.collect()
+    assert choice.chosen == OV and alive[OV]() is runtime
+    assert [c for c, ref in alive.items() if ref() is not None] == [OV]
+
+
+def test_a_lower_precision_is_never_served_unchecked_when_fp32_fails_to_start(tmp_path: Path) -> None:
+    def build(candidate: Candidate) -> Runtime:
+        if candidate.precision == "fp32":
+            raise ModelLoadError("fp32 broke")
+        return Painted("bf16", wrong_share=0.5)
+
+    with pytest.raises(ModelLoadError, match="no fp32 candidate started") as info:
+        selection.choose([OV, OV_BF16], build, max_size=64, cache_root=tmp_path, key={"model": "m"})
+    assert "openvino fp32: failed to start" in str(info.value) and "fp32 broke" in str(info.value)
+
+
+def test_a_single_candidate_is_built_without_timing(tmp_path: Path) -> None:
+    _, choice, built = choose([ORT], {ORT: Painted("fp32")}, {}, tmp_path)
+    assert built == [ORT] and not choice.measured and choice.summary() == ""
+
+
+def test_a_real_start_refuses_a_disagreeing_bf16_and_serves_fp32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """create_runtime end to end, with a bf16 CPU pretended and openvino's bf16 answers spoiled."""
+    from server.runtimes.openvino_runtime import OpenVinoRuntime
+
+    monkeypatch.setattr(cpu_features, "native_bf16", lambda: True)
+    real_predict = OpenVinoRuntime.predict
+
+    def spoiled(self: OpenVinoRuntime, images: list[np.ndarray]) -> list[np.ndarray]:
+        labels = real_predict(self, images)
+        if "bf16" in self.description:  # asked for bf16 (a CPU without bf16 units runs it as f32)
+            for label_map in labels:
+                label_map[: label_map.shape[0] // 10] = 7  # a tenth of every mask wrong
+        return labels
+
+    monkeypatch.setattr(OpenVinoRuntime, "predict", spoiled)
+    settings = make_settings(runtime="openvino", cache_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="server.runtimes.selection"):
+        runtime = create_runtime(settings)
+    assert runtime.precision == "fp32"
+    assert "openvino bf16" in caplog.text and "not served: agrees with fp32 on" in caplog.text
+    assert "auto: fastest of 2 measured" in runtime.description
+
+
+# ---- the lower precisions on the known-answer model --------------------------------------------------------
+
+SHAPES = [(128, 128), (96, 128), (128, 96)]
+BOUNDS = {"bf16": selection.MIN_AGREEMENT, "int8": 0.97}
+
+
+@pytest.fixture(scope="module")
+def lowered(known_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Runtime]:
+    cache = str(tmp_path_factory.mktemp("graphs"))
+    made = {}
+    for runtime, precision in [
+        ("openvino", "fp32"),
+        ("openvino", "bf16"),
+        ("openvino", "int8"),
+        ("onnxruntime", "int8"),
+    ]:
+        made[f"{runtime} {precision}"] = create_runtime(
+            known_settings(known_weights, runtime=runtime, precision=precision, cache_dir=cache)
+        )
+    return made
+
+
+@pytest.mark.parametrize("name", ["openvino bf16", "openvino int8", "onnxruntime int8"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{h}x{w}" for h, w in SHAPES])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_lower_precisions_agree_with_fp32_above_their_bound(
+    lowered: dict[str, Runtime], name: str, shape: tuple[int, int], batch_size: int
+) -> None:
+    rng = np.random.default_rng(sum(shape) + batch_size)
+    images = [render_scene(shape[1], shape[0], random_shapes(rng, 2), seed=k)[0] for k in range(batch_size)]
+    reference = lowered["openvino fp32"].predict(images)
+    got = lowered[name].predict(images)
+    assert any(len(np.unique(r)) > 1 for r in reference), "one class everywhere would prove nothing"
+    share = selection.agreement(got, reference)
+    bound = BOUNDS[name.split()[1]]
+    assert share >= bound, f"{name} agrees with fp32 on {share:.4%} of pixels (bound {bound:.1%})"
+
+
+def test_a_bf16_batch_gives_each_image_what_it_gets_alone(lowered: dict[str, Runtime]) -> None:
+    rng = np.random.default_rng(11)
+    images = [render_scene(128, 96, random_shapes(rng, 2), seed=k)[0] for k in range(4)]
+    runtime = lowered["openvino bf16"]
+    together = runtime.predict(images)
+    assert len({m.tobytes() for m in together}) == len(images), "masks should differ between these scenes"
+    for image, batched in zip(images, together, strict=True):
+        assert np.array_equal(runtime.predict([image])[0], batched)
+
+
+def test_the_factory_plans_with_the_cpus_own_bf16_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_features, "native_bf16", lambda: False)
+    assert "openvino bf16" not in names(factory.plan(make_settings(), CPU))
+    monkeypatch.setattr(cpu_features, "native_bf16", lambda: True)
+    assert "openvino bf16" in names(factory.plan(make_settings(), CPU))

@@ -1,0 +1,1 @@
+"""Whole-process scenarios: python -m server started, stopped, reloaded, debugged, soaked, scaled; the docs and the no-skips rule."""
