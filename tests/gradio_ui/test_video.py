@@ -7,6 +7,7 @@ Page, CHROMIUM and its flags come from the page's main browser test; skipping fo
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import urllib.request
@@ -16,24 +17,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from client.video import probe, read_frames
 from gradio_ui.actions import PageActions
 from gradio_ui.video import VideoActions
+from server.labels import voc_color
 from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, Page, open_page
 from tests.helpers.known_model import CLASS_OF
 from tests.helpers.processes import free_port
 from tests.helpers.servers import ServerThread
-from tests.helpers.video_clips import centroid_x, write_shapes_clip, write_y4m
+from tests.helpers.video_clips import centroid_x, shapes_frames, write_shapes_clip, write_y4m
 
 LIVE_SECONDS = 10
+CAMERA_FRAMES = 60
 MIN_DISTINCT_FRAMES = 10
 
 
 @pytest.fixture(scope="module")
 def camera_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("camera") / "camera.y4m"
-    write_y4m(path, 60, 640, 480, rate=30)
+    write_y4m(path, CAMERA_FRAMES, 640, 480, rate=30)
     return path
 
 
@@ -83,6 +87,11 @@ def test_live_tab_follows_the_camera_and_shows_frames_per_second(tab, video_page
     tab.get_by_role("tab", name="Live").click()
     tab.get_by_text("Click to Access Webcam").click()
     tab.locator("#segserve-camera button", has_text="Record").click()
+    # Opacity 1: the overlay is the mask's colours alone, so where it shows the disc's class is where the model
+    # put the disc, not where the camera frame happens to differ.
+    opacity = tab.locator("#segserve-opacity input[type=number]")
+    opacity.fill("1")
+    opacity.press("Enter")
     overlay = tab.locator("#segserve-live-overlay img")
     overlay.wait_for()
     # Each answer is a new JPEG file named by its content's hash: a new src is a new overlay frame.
@@ -93,6 +102,21 @@ def test_live_tab_follows_the_camera_and_shows_frames_per_second(tab, video_page
         time.sleep(0.05)
     tab.screenshot(path=str(tmp_path / "live.png"), full_page=True)
     assert len(seen) >= MIN_DISTINCT_FRAMES, len(seen)
+    # The mask follows the moving disc: the disc class's centroid in the overlays moves across the span the
+    # camera's disc covers, and never leaves it.
+    _, truths = shapes_frames(CAMERA_FRAMES, 640, 480)
+    true_x = [centroid_x(t, CLASS_OF["red"]) / t.shape[1] for t in truths]
+    disc_colour = np.array(voc_color(CLASS_OF["red"]))
+    found = []
+    for src in sorted(s for s in seen if s):
+        with urllib.request.urlopen(src, timeout=30) as response:
+            pixels = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB")).astype(int)
+        disc = (np.abs(pixels - disc_colour).sum(axis=2) < 60).astype(np.uint8)  # JPEG moves colours a little
+        if disc.sum() > 0.002 * disc.size:
+            found.append(centroid_x(disc, 1) / disc.shape[1])
+    assert len(found) >= MIN_DISTINCT_FRAMES // 2, f"the disc's class shows in only {len(found)} overlays"
+    assert all(min(true_x) - 0.05 <= x <= max(true_x) + 0.05 for x in found), (found, min(true_x), max(true_x))
+    assert max(found) - min(found) >= 0.3 * (max(true_x) - min(true_x)), ("the mask stays put", found)
     fps = float(tab.locator("#segserve-live-fps").inner_text().split()[-1])
     latency = tab.locator("#segserve-live-latency").inner_text()
     assert fps > 0 and latency.endswith("ms")

@@ -270,26 +270,46 @@ def lowered(known_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return made
 
 
+def pixel_agreement(got: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """The share of pixels with the same class, computed here rather than by the helper auto chooses with."""
+    same = sum(int(np.count_nonzero(g == r)) for g, r in zip(got, reference, strict=True))
+    return same / sum(r.size for r in reference)
+
+
+def precision_that_runs(name: str) -> str:
+    """What a runtime asked for `name` really computes in: bf16 only where the CPU has bf16 units (OpenVINO runs a
+    bf16 hint as f32 elsewhere, and says so in its precision)."""
+    asked = name.split()[1]
+    return "fp32" if asked == "bf16" and not cpu_features.native_bf16() else asked
+
+
 @pytest.mark.parametrize("name", ["openvino bf16", "openvino int8", "onnxruntime int8"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{h}x{w}" for h, w in SHAPES])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_lower_precisions_agree_with_fp32_above_their_bound(
     lowered: dict[str, Runtime], name: str, shape: tuple[int, int], batch_size: int
 ) -> None:
+    """On a CPU without bf16 units, "openvino bf16" runs f32: then what is checked is that it says so and gives
+    exactly fp32's answers; bf16's own 99.5% bound is checked only where bf16 really runs."""
     rng = np.random.default_rng(sum(shape) + batch_size)
     images = [render_scene(shape[1], shape[0], random_shapes(rng, 2), seed=k)[0] for k in range(batch_size)]
+    runtime = lowered[name]
+    ran = precision_that_runs(name)
+    assert runtime.precision == ran, f"{name} reports {runtime.precision}, but {ran} runs on this CPU"
+    assert lowered["openvino fp32"].precision == "fp32"
     reference = lowered["openvino fp32"].predict(images)
-    got = lowered[name].predict(images)
+    got = runtime.predict(images)
     assert any(len(np.unique(r)) > 1 for r in reference), "one class everywhere would prove nothing"
-    share = selection.agreement(got, reference)
-    bound = BOUNDS[name.split()[1]]
-    assert share >= bound, f"{name} agrees with fp32 on {share:.4%} of pixels (bound {bound:.1%})"
+    share = pixel_agreement(got, reference)
+    bound = 1.0 if ran == "fp32" else BOUNDS[ran]
+    assert share >= bound, f"{name} (running {ran}) agrees with fp32 on {share:.4%} of pixels (bound {bound:.1%})"
 
 
 def test_a_bf16_batch_gives_each_image_what_it_gets_alone(lowered: dict[str, Runtime]) -> None:
     rng = np.random.default_rng(11)
     images = [render_scene(128, 96, random_shapes(rng, 2), seed=k)[0] for k in range(4)]
     runtime = lowered["openvino bf16"]
+    assert runtime.precision == precision_that_runs("openvino bf16")
     together = runtime.predict(images)
     assert len({m.tobytes() for m in together}) == len(images), "masks should differ between these scenes"
     for image, batched in zip(images, together, strict=True):

@@ -1,23 +1,63 @@
-"""The README must stay true about the settings."""
+"""The README must stay true about the settings: every row of its tables against the code, both ways."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tomllib
 from pathlib import Path
 
+from gradio_ui.settings import UISettings
 from server.settings import Settings
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
-def test_every_setting_has_a_row_in_the_readme_table() -> None:
-    for name, field in Settings.model_fields.items():
-        env, flag = f"`SEGSERVE_{name.upper()}`", f"`--{name.replace('_', '-')}"
-        rows = [line for line in README.splitlines() if line.startswith(f"| {env} |")]
-        assert rows, f"README settings table lacks {env}"
-        default = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
-        assert flag in rows[0] and f"`{default}`" in rows[0], f"README row for {env} disagrees with the code: {rows[0]}"
+def readme_setting_rows() -> dict[str, list[str]]:
+    """The README's settings tables, by environment variable: [flag, default, description], cell by cell."""
+    rows: dict[str, list[str]] = {}
+    for line in README.splitlines():
+        if line.startswith("| `SEGSERVE_"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            assert len(cells) == 4, f"a settings row has {len(cells)} cells, not 4: {line}"
+            env = cells[0].strip("`")
+            assert env not in rows, f"{env} has two rows"
+            rows[env] = cells[1:]
+    return rows
+
+
+def settings_in_code() -> dict[str, tuple[str, str]]:
+    """Every setting the code has, server's and page's: environment variable -> (flag cell, default cell)."""
+    found: dict[str, tuple[str, str]] = {}
+    for prefix, model in (("SEGSERVE_", Settings), ("SEGSERVE_UI_", UISettings)):
+        for name, field in model.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            is_bool = field.annotation is bool
+            flag_cell = f"`{flag}` / `--no-{flag[2:]}`" if is_bool else f"`{flag}`"
+            default = str(field.default).lower() if is_bool else str(field.default)
+            found[prefix + name.upper()] = (flag_cell, f"`{default}`")
+    return found
+
+
+def test_the_readme_settings_tables_and_the_code_agree_row_by_row_both_ways() -> None:
+    rows, code = readme_setting_rows(), settings_in_code()
+    assert sorted(set(code) - set(rows)) == [], "settings without a README row"
+    assert sorted(set(rows) - set(code)) == [], "README rows for settings the code does not have"
+    for env, (flag_cell, default_cell) in code.items():
+        flag, default, description = rows[env]
+        assert flag == flag_cell, f"{env}: README flag {flag}, the code's {flag_cell}"
+        # The cell is the default itself, optionally followed by a gloss: "`33554432` (32 MiB)".
+        assert default == default_cell or default.startswith(default_cell + " ("), (
+            f"{env}: README default {default}, the code's {default_cell}"
+        )
+        assert description, f"{env}: README row has no description"
+
+
+def test_workers_zero_is_described_as_the_code_computes_it() -> None:
+    """SEGSERVE_WORKERS=0 means max(2, CPU cores) threads (Settings.worker_threads), and the README says so."""
+    one_core = Settings(workers=0)
+    assert one_core.worker_threads == max(2, os.cpu_count() or 2)
+    assert "at least 2" in readme_setting_rows()["SEGSERVE_WORKERS"][2]
 
 
 def test_one_python_version_everywhere() -> None:
