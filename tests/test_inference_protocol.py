@@ -100,8 +100,10 @@ def test_tritonclient_grpc_health_metadata_and_config(triton: dict[str, Any], kn
     metadata = triton["metadata"]
     assert metadata["name"] == MODEL_NAME and metadata["versions"] == ["1"]
     assert {(t["name"], t["datatype"]) for t in metadata["inputs"]} == {("IMAGE", "BYTES"), ("PIXELS", "UINT8")}
-    assert [t["name"] for t in metadata["outputs"]] == ["MASK", "MASK_PNG", "CLASSES", "OVERLAY_PNG"]
+    assert [t["name"] for t in metadata["outputs"]] == ["MASK_PNG", "CLASSES"]  # what Segment answers
     config = triton["config"]["config"]
+    extra = json.loads(config["parameters"]["extra_outputs"]["string_value"])
+    assert [t["name"] for t in extra] == ["MASK", "OVERLAY_PNG"]  # on request only
     settings = known_server.settings
     assert config["name"] == MODEL_NAME and config["max_batch_size"] == settings.max_queue
     assert [i["name"] for i in config["input"]] == ["IMAGE", "PIXELS"]

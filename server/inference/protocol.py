@@ -58,11 +58,18 @@ INPUT_SPECS = (
     TensorSpec(PIXELS, "UINT8", (-1, -1, -1, 3), optional=True),
 )
 OUTPUT_SPECS = (
-    TensorSpec(MASK, "UINT8", (-1, -1, -1)),
     TensorSpec(MASK_PNG, BYTES, (-1,)),
     TensorSpec(CLASSES, BYTES, (-1,)),
+)
+"""The model's outputs as ModelMetadata and ModelConfig list them: what a Segment call answers, and what a
+request naming no outputs gets ("all outputs of the model", as the protocol says). Generic clients name
+every listed output (perf_analyzer does), so what they measure is what a Segment call costs."""
+EXTRA_OUTPUT_SPECS = (
+    TensorSpec(MASK, "UINT8", (-1, -1, -1)),
     TensorSpec(OVERLAY_PNG, BYTES, (-1,)),
 )
+"""Outputs a request gets only by naming them: the raw full-size label map (12 MB for a 12 MP photo) and the
+overlay (a full-size decode and blend). Listed in the metadata's and config's parameter `extra_outputs`."""
 
 
 @dataclass(frozen=True)
@@ -318,6 +325,15 @@ def classes_json(result: SegmentResult) -> bytes:
 def labels_json(model: ModelPipeline) -> str:
     """The model's classes as the "labels" parameter of ModelMetadata and ModelConfig carries them."""
     return json.dumps(labels_list(model), separators=(",", ":"))
+
+
+def extra_outputs_list() -> list[dict[str, Any]]:
+    return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in EXTRA_OUTPUT_SPECS]
+
+
+def extra_outputs_json() -> str:
+    """The extra outputs' metadata as the parameter `extra_outputs` carries it (JSON text, as `labels`)."""
+    return json.dumps(extra_outputs_list(), separators=(",", ":"))
 
 
 def labels_list(model: ModelPipeline) -> list[dict[str, Any]]:
