@@ -3,7 +3,8 @@
 perf_analyzer ships inside tritonclient's manylinux x86_64 wheel (the dev extra). It links libcudart.so.12,
 which PyPI's nvidia-cuda-runtime-cu12 provides and which loads without a GPU, and Debian's libb64-0d.
 Each request carries one encoded image as IMAGE (BYTES [1]); the input data cycles through the bench's
-images, as bench.loadgen does, so both tools measure the same work.
+images, as bench.loadgen does. It runs with its defaults: it names every output the model lists (MASK_PNG
+and CLASSES, what a Segment call answers), so over gRPC and HTTP alike both tools measure the same work.
 """
 
 from __future__ import annotations
@@ -72,8 +73,7 @@ def run(
             program, "-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data),
             "--concurrency-range", f"{level}:{level}", "--measurement-interval", str(window_ms),
             "--stability-percentage", str(stability_percentage), "--max-trials", str(max_trials),
-            # perf_analyzer names every output; the overlay (a full-size decode and blend) is not what Segment does.
-            "--request-parameter", "overlay:false:bool", "-f", str(step_report),
+            "-f", str(step_report),
         ]  # fmt: skip
         done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0 or not step_report.is_file():

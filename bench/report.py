@@ -212,16 +212,17 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
             "### Open Inference Protocol, Triton's perf_analyzer (same server and images as batching on)",
             "",
             "| Protocol | Concurrency | Images/s | p50 ms | p99 ms | Server queue / compute ms "
-            "| Segmenter, loadgen: images/s at this concurrency |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| Segmenter, loadgen: images/s at this concurrency | perf_analyzer / loadgen |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for s in oip_steps:
             loadgen = _step(result["served"]["steps"], s["concurrency"])
+            ratio = s["throughput"] / loadgen["throughput"] if loadgen and loadgen["throughput"] else None
             lines.append(
                 f"| {s['protocol']} | {s['concurrency']}{' (windows >15% apart)' if s.get('unstable') else ''} | "
                 f"{s['throughput']:.2f} | {s['p50_ms']:.0f} | "
                 f"{s['p99_ms']:.0f} | {s['server_queue_ms']:.0f} / {s['server_compute_ms']:.0f} | "
-                f"{_fmt(loadgen['throughput'] if loadgen else None, 2)} |"
+                f"{_fmt(loadgen['throughput'] if loadgen else None, 2)} | {_fmt(ratio, 2)} |"
             )
     lines += [
         "",

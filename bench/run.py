@@ -6,7 +6,7 @@
    openvino fp32 and bf16, onnxruntime and openvino int8), fewer windows each.
 2. A real `python -m server` (random weights, free port) with the default settings, swept by bench.loadgen
    (its own process) over the concurrency steps; then, on the same server, Triton's perf_analyzer over the
-   Open Inference Protocol's gRPC door at concurrency 1 and 8 (bench.perf_analyzer).
+   Open Inference Protocol's gRPC and HTTP doors at concurrency 1 and 8, with its defaults (bench.perf_analyzer).
 3. The same server with batching off (SEGSERVE_MAX_BATCH_SIZE=1), same sweep.
 4. At concurrency 8 only: SEGSERVE_RUNTIME=torch; SEGSERVE_PRECISION=fp32 (auto's runtime, fp32); and
    onnxruntime fp32 named (the server before auto measured), for the targets' ratios.
@@ -133,7 +133,7 @@ def served_sweep(
                 timeout=3600,
             )  # fmt: skip
             info = client.model_info()  # before perf_analyzer: batch_sizes are the loadgen sweep's
-            oip_steps = oip_sweep(info.model, port, images, args) if oip else []
+            oip_steps = oip_sweep(info.model, {"grpc": port, "http": http_port}, images, args) if oip else []
         return {
             "name": name,
             "settings": _server_overrides(name),
@@ -148,32 +148,36 @@ def served_sweep(
         server_log.close()
 
 
-def oip_sweep(model: str, port: int, images: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """perf_analyzer on the bench's images, windows as long as loadgen's. gRPC only: perf_analyzer names every
-    output, and sets the parameter that leaves the overlay out (overlay=false) on gRPC only, so over HTTP it
-    would measure a heavier request than a Segment call."""
+def oip_sweep(model: str, ports: dict[str, int], images: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """perf_analyzer on the bench's images, windows as long as loadgen's, over gRPC and HTTP the same way: its
+    defaults, no request parameters (it names the outputs the model lists, what a Segment call answers)."""
     data = perf_analyzer.write_input_data([p.read_bytes() for p in sorted(images.iterdir())], images.parent / "pa.json")
-    log.info("perf_analyzer over grpc at concurrency %s", OIP_CONCURRENCY)
     steps: list[dict[str, Any]] = []
-    for concurrency in OIP_CONCURRENCY:
+    for protocol, port in ports.items():
+        log.info("perf_analyzer over %s at concurrency %s", protocol, OIP_CONCURRENCY)
+        for concurrency in OIP_CONCURRENCY:
 
-        def measure(stability: int, trials: int, concurrency: int = concurrency) -> list[dict[str, Any]]:
-            return perf_analyzer.run(
-                model, f"127.0.0.1:{port}", "grpc", data, (concurrency,), int(args.duration * 1000),
-                images.parent / "pa.csv", stability_percentage=stability, max_trials=trials,
-            )  # fmt: skip
+            def measure(
+                stability: int, trials: int, concurrency: int = concurrency, protocol: str = protocol, port: int = port
+            ) -> list[dict[str, Any]]:
+                return perf_analyzer.run(
+                    model, f"127.0.0.1:{port}", protocol, data, (concurrency,), int(args.duration * 1000),
+                    images.parent / "pa.csv", stability_percentage=stability, max_trials=trials,
+                )  # fmt: skip
 
-        try:
-            steps += measure(1000 if args.smoke else 15, 3 if args.smoke else args.repeats + 3)
-        except RuntimeError as exc:
-            if "stable measurement" not in str(exc):
-                raise
-            # One 12 MP image in eight makes windows uneven at high concurrency; rather than lose the step,
-            # measure it as loadgen does (fixed windows, no agreement asked) and say so in the report.
-            log.warning(
-                "perf_analyzer found no 3 windows within 15%% at concurrency %d; measuring without", concurrency
-            )
-            steps += [step | {"unstable": True} for step in measure(1000, args.repeats)]
+            try:
+                steps += measure(1000 if args.smoke else 15, 3 if args.smoke else args.repeats + 3)
+            except RuntimeError as exc:
+                if "stable measurement" not in str(exc):
+                    raise
+                # One 12 MP image in eight makes windows uneven at high concurrency; rather than lose the step,
+                # measure it as loadgen does (fixed windows, no agreement asked) and say so in the report.
+                log.warning(
+                    "perf_analyzer found no 3 windows within 15%% over %s at concurrency %d; measuring without",
+                    protocol,
+                    concurrency,
+                )
+                steps += [step | {"unstable": True} for step in measure(1000, args.repeats)]
     return steps
 
 

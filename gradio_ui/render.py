@@ -11,11 +11,6 @@ from protos.segserve.v1 import segserve_pb2 as pb
 FALLBACK_COLOR = "#808080"
 
 
-def display_name(name: str) -> str:
-    """VOC's '__background__' reads better as 'background'."""
-    return name.strip("_") or name
-
-
 def status(message: str, kind: str = "info") -> str:
     """A status line; kind is info, ok, warning or error (error lines carry role=alert for screen readers)."""
     role = ' role="alert"' if kind == "error" else ""
@@ -63,7 +58,8 @@ def label_colors(info: pb.ModelInfo | None) -> dict[int, str]:
 
 
 def legend(classes: Iterable[ClassShare], colors: Mapping[int, str]) -> str:
-    """One row per class found: colour swatch, name, share of the image (largest first)."""
+    """One row per class found: colour swatch, name, share of the image (largest first). Names as the model's
+    labels give them, so class 0 reads `__background__` here as in every answer of the server."""
     rows = []
     for share in sorted(classes, key=lambda c: c.fraction, reverse=True):
         color = colors.get(share.index, FALLBACK_COLOR)
@@ -72,7 +68,7 @@ def legend(classes: Iterable[ClassShare], colors: Mapping[int, str]) -> str:
         rows.append(
             f'<li class="segserve-legend-row" data-class="{escape(share.name)}" data-fraction="{share.fraction:.6f}">'
             f'<span class="segserve-swatch" style="background:{escape(color)}"></span>'
-            f'<span class="segserve-name">{escape(display_name(share.name))}</span>'
+            f'<span class="segserve-name">{escape(share.name)}</span>'
             f'<span class="segserve-bar"><span style="width:{min(percent, 100):.1f}%;background:{escape(color)}">'
             f"</span></span>"
             f'<span class="segserve-share">{shown}</span></li>'

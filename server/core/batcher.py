@@ -67,6 +67,7 @@ class Batcher(Generic[In, Out]):
         executor: Executor | None = None,
         sizer: BatchSizer | None = None,
         instances: int = 1,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._shape_of = shape_of
@@ -74,6 +75,8 @@ class Batcher(Generic[In, Out]):
         self.max_delay_s = max_delay_s
         self.sizer = sizer
         self.instances = instances
+        self._on_batch = on_batch
+        """Told of each batch the model ran: its size and the seconds it took (the model's statistics)."""
         self._executor = executor or ThreadPoolExecutor(max_workers=instances, thread_name_prefix="model")
         self._running: set[asyncio.Task[None]] = set()
         self._groups: dict[Hashable, deque[_Pending[In, Out]]] = {}
@@ -195,6 +198,8 @@ class Batcher(Generic[In, Out]):
         if self.sizer is not None:
             self.sizer.observe(shape, len(batch), inference_s)
         self.batch_size_counts[len(batch) - 1] += 1
+        if self._on_batch is not None:
+            self._on_batch(len(batch), inference_s)
         for pending, output in zip(batch, outputs, strict=True):
             if not pending.future.done():
                 queue_ms = (started - pending.enqueued) * 1000

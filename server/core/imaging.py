@@ -151,9 +151,7 @@ def decode_image(data: bytes, max_side: int, limits: Limits, keep_full: bool = F
     return DecodedImage(model_input=model_input, original_size=original_size, full_image=full)
 
 
-def image_from_pixels(pixels: np.ndarray, max_side: int, limits: Limits) -> DecodedImage:
-    """Decoded RGB pixels (height x width x 3, uint8) ready for the model: the same pixel limit and
-    shrinking as decode_image, for callers that hold frames rather than files."""
+def _pixels_size(pixels: np.ndarray, limits: Limits) -> tuple[int, int]:
     height, width = int(pixels.shape[0]), int(pixels.shape[1])
     if width == 0 or height == 0:
         raise InvalidImage(f"image is {width}x{height} pixels; both sides must be at least 1")
@@ -161,6 +159,22 @@ def image_from_pixels(pixels: np.ndarray, max_side: int, limits: Limits) -> Deco
         raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} pixels"
         )
+    return width, height
+
+
+def image_size(data: bytes | np.ndarray, limits: Limits) -> tuple[int, int]:
+    """The (width, height) decoding will find (the mask's size, EXIF orientation applied), from the header
+    alone; raises what decoding would for a format it cannot identify or an image over the limits. So a
+    request can be refused before any of its images is decoded or reaches the model."""
+    if isinstance(data, np.ndarray):
+        return _pixels_size(data, limits)
+    return _oriented_size(_open(data, limits))
+
+
+def image_from_pixels(pixels: np.ndarray, max_side: int, limits: Limits) -> DecodedImage:
+    """Decoded RGB pixels (height x width x 3, uint8) ready for the model: the same pixel limit and
+    shrinking as decode_image, for callers that hold frames rather than files."""
+    width, height = _pixels_size(pixels, limits)
     rgb = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
     model_size = fit_within((width, height), max_side)
     model_input = rgb if rgb.size == model_size else rgb.resize(model_size, Image.Resampling.BILINEAR)

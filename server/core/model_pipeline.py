@@ -34,6 +34,7 @@ from server.core.postprocess import (
     encode_png,
     upsample_labels,
 )
+from server.core.statistics import ModelStatistics
 from server.core.types import SegmentOptions, SegmentResult, Timing
 from server.errors import InvalidOptions, ModelLoadError
 from server.labels import Label, palette_of
@@ -112,6 +113,8 @@ class ModelPipeline:
         self.resident_bytes = 0
         """What loading it added to the process's resident memory (runtime, graph, warm-up), measured."""
         self._idle: asyncio.Event | None = None
+        self.statistics = ModelStatistics()
+        """Requests, images and batches, as Triton's statistics extension counts them (every door's)."""
 
     async def start(self) -> None:
         """Load the model (unless one was given) and warm it up, off the event loop. Raises ModelLoadError."""
@@ -130,6 +133,7 @@ class ModelPipeline:
                 max_delay_s=self.settings.max_batch_delay_ms / 1000,
                 sizer=BatchSizer(self.settings.max_batch_size) if self.settings.adaptive_batching else None,
                 instances=self.settings.model_instances,
+                on_batch=self.statistics.executed,
             )
             if self.settings.warmup:
                 await loop.run_in_executor(self.workers.pool, self._warm_up)

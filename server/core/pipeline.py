@@ -7,14 +7,17 @@ ModelPipeline (server/core/model_pipeline.py) with its own runtime and batcher.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from server.core.admission import Admission, AdmissionSlot
 from server.core.buffers import StreamCounts, UploadBudget
-from server.core.imaging import Limits, let_pillow_accept
+from server.core.imaging import Limits, image_size, let_pillow_accept
 from server.core.model_pipeline import ModelPipeline, RuntimeFactory, Workers
 from server.core.stream_bytes import StreamBudget
 from server.core.types import SegmentOptions, SegmentResult
@@ -154,6 +157,16 @@ class SegmentationPipeline:
         """Refuses options a request could never be served with, its model's name among them, before its bytes."""
         self.models.get(options.model).check_options(options)
 
+    async def image_sizes(self, images: Sequence[bytes | np.ndarray]) -> list[tuple[int, int]]:
+        """Each image's (width, height) as decoding will find it, read from its header in the worker pool;
+        refuses, before any decoding, an image decoding would refuse for its format or the limits."""
+        limits = self.limits
+
+        def sizes() -> list[tuple[int, int]]:
+            return [image_size(image, limits) for image in images]
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, sizes)
+
     def admit(self, *, admitted_before_drain: bool = False) -> AdmissionSlot:
         """A queue place, or the refusal a caller should hear now (shutting down, loading, queue full).
         `admitted_before_drain`: an image of a call that began before the drain (a stream's next frame),
@@ -179,9 +192,38 @@ class SegmentationPipeline:
         the place already and frees it itself. `held`: the model, acquired by the caller (models.acquire),
         so that an unload waits for the request from then on."""
         if held is not None:  # the caller acquired the model already (an upload, from its first chunk)
-            return await self._segment(held, data, options, deadline, slot)
+            return await self._counted(held, data, options, deadline, slot)
         with self.models.acquire(options.model) as model:
-            return await self._segment(model, data, options, deadline, slot)
+            return await self._counted(model, data, options, deadline, slot)
+
+    async def segment_image_of_request(
+        self,
+        model: ModelPipeline,
+        data: bytes | np.ndarray,
+        options: SegmentOptions,
+        deadline: float | None,
+        slot: AdmissionSlot,
+    ) -> SegmentResult:
+        """One image of a request of several (ModelInfer), which counts itself in the model's statistics."""
+        return await self._segment(model, data, options, deadline, slot)
+
+    async def _counted(
+        self,
+        model: ModelPipeline,
+        data: bytes | np.ndarray,
+        options: SegmentOptions,
+        deadline: float | None,
+        slot: AdmissionSlot | None,
+    ) -> SegmentResult:
+        """One image as one request of the model's statistics (a Segment call, by any door)."""
+        started = time.monotonic()
+        try:
+            result = await self._segment(model, data, options, deadline, slot)
+        except BaseException:
+            model.statistics.failed(time.monotonic() - started)
+            raise
+        model.statistics.succeeded([result.timing], time.monotonic() - started)
+        return result
 
     async def _segment(
         self,

@@ -98,7 +98,10 @@ def metadata_to_proto(model: ModelPipeline) -> pb.ModelMetadataResponse:
         platform=inference.PLATFORM,
         inputs=[_tensor_metadata(spec) for spec in inference.INPUT_SPECS],
         outputs=[_tensor_metadata(spec) for spec in inference.OUTPUT_SPECS],
-        parameters={"labels": pb.InferParameter(string_param=inference.labels_json(model))},
+        parameters={
+            "labels": pb.InferParameter(string_param=inference.labels_json(model)),
+            "extra_outputs": pb.InferParameter(string_param=inference.extra_outputs_json()),
+        },
     )
 
 
@@ -110,7 +113,10 @@ def config_to_proto(model: ModelPipeline) -> pb.ModelConfig:
         platform=inference.PLATFORM,
         backend=inference.PLATFORM,
         max_batch_size=settings.max_queue,
-        parameters={"labels": pb.ModelParameter(string_value=inference.labels_json(model))},
+        parameters={
+            "labels": pb.ModelParameter(string_value=inference.labels_json(model)),
+            "extra_outputs": pb.ModelParameter(string_value=inference.extra_outputs_json()),
+        },
         input=[
             pb.ModelInput(
                 name=spec.name,

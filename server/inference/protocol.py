@@ -21,8 +21,9 @@ import numpy as np
 
 from server.core.model_pipeline import ModelPipeline
 from server.core.pipeline import SegmentationPipeline
+from server.core.statistics import Duration
 from server.core.types import SegmentOptions, SegmentResult
-from server.errors import InvalidTensor, ModelControlRefused, SegservError, TooManyImages, UnknownModel
+from server.errors import InvalidTensor, ModelControlRefused, TooManyImages, UnknownModel
 from server.inference.tensors import BYTES, Tensor
 from server.models.control import ModelControl
 from server.models.registry import ModelEntry
@@ -57,11 +58,18 @@ INPUT_SPECS = (
     TensorSpec(PIXELS, "UINT8", (-1, -1, -1, 3), optional=True),
 )
 OUTPUT_SPECS = (
-    TensorSpec(MASK, "UINT8", (-1, -1, -1)),
     TensorSpec(MASK_PNG, BYTES, (-1,)),
     TensorSpec(CLASSES, BYTES, (-1,)),
+)
+"""The model's outputs as ModelMetadata and ModelConfig list them: what a Segment call answers, and what a
+request naming no outputs gets ("all outputs of the model", as the protocol says). Generic clients name
+every listed output (perf_analyzer does), so what they measure is what a Segment call costs."""
+EXTRA_OUTPUT_SPECS = (
+    TensorSpec(MASK, "UINT8", (-1, -1, -1)),
     TensorSpec(OVERLAY_PNG, BYTES, (-1,)),
 )
+"""Outputs a request gets only by naming them: the raw full-size label map (12 MB for a 12 MP photo) and the
+overlay (a full-size decode and blend). Listed in the metadata's and config's parameter `extra_outputs`."""
 
 
 @dataclass(frozen=True)
@@ -85,33 +93,12 @@ class InferResponse:
     results: list[SegmentResult]
 
 
-@dataclass
-class Statistics:
-    """Cumulative counts and times, for Triton's ModelStatistics; from the pipeline's own timing."""
-
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    images: int = 0
-    queue_ns: int = 0
-    compute_input_ns: int = 0
-    compute_infer_ns: int = 0
-    compute_output_ns: int = 0
-    last_inference_ms: int = 0
-
-
-def _ns(ms: float) -> int:
-    return int(ms * 1_000_000)
-
-
 class InferenceModels:
     """The served models as the protocol sees them: each by its name, with its own statistics."""
 
     def __init__(self, pipeline: SegmentationPipeline, control: ModelControl[ModelPipeline] | None = None) -> None:
         self.pipeline = pipeline
         self.control = control or pipeline.model_control()
-        self.statistics: dict[str, Statistics] = {}
 
     @property
     def ready(self) -> bool:
@@ -137,31 +124,30 @@ class InferenceModels:
 
     def statistics_report(self, model: ModelPipeline) -> dict[str, Any]:
         """Triton's ModelStatistics for one model, as the JSON its REST extension answers (the gRPC door
-        parses the same dict into its message)."""
-        s = self.statistics.get(model.name, Statistics())
-        batches = model.batch_size_counts
+        parses the same dict into its message). The counts are the model's, by every door, Segment's
+        included (server/core/statistics.py says what each means)."""
+        s = model.statistics
 
-        def duration(count: int, ns: int) -> dict[str, int]:
-            return {"count": count, "ns": ns}
+        def duration(d: Duration) -> dict[str, int]:
+            return {"count": d.count, "ns": d.ns}
 
         return {
             "name": model.name,
             "version": MODEL_VERSION,
             "last_inference": s.last_inference_ms,
-            "inference_count": s.images,
-            "execution_count": sum(batches),
+            "inference_count": s.inference_count,
+            "execution_count": s.execution_count,
             "inference_stats": {
-                "success": duration(s.success_count, s.success_ns),
-                "fail": duration(s.fail_count, s.fail_ns),
-                "queue": duration(s.images, s.queue_ns),
-                "compute_input": duration(s.images, s.compute_input_ns),
-                "compute_infer": duration(s.images, s.compute_infer_ns),
-                "compute_output": duration(s.images, s.compute_output_ns),
+                "success": duration(s.success),
+                "fail": duration(s.fail),
+                "queue": duration(s.queue),
+                "compute_input": duration(s.compute_input),
+                "compute_infer": duration(s.compute_infer),
+                "compute_output": duration(s.compute_output),
             },
+            # Decoding and postprocessing run per image, not per batch: a batch's own time is the model's.
             "batch_stats": [
-                {"batch_size": size, "compute_infer": duration(count, 0)}
-                for size, count in enumerate(batches, start=1)
-                if count
+                {"batch_size": size, "compute_infer": duration(s.batches[size])} for size in sorted(s.batches)
             ],
         }
 
@@ -178,24 +164,13 @@ class InferenceModels:
         self, request: InferRequest, deadline: float | None = None, admitted_before_drain: bool = False
     ) -> InferResponse:
         model = self.known(request.model_name, request.model_version)
-        stats = self.statistics.setdefault(model.name, Statistics())
         started = time.monotonic()
         try:
             response = await self._infer(model.name, request, deadline, admitted_before_drain)
-        except SegservError:
-            stats.fail_count += 1
-            stats.fail_ns += int((time.monotonic() - started) * 1e9)
+        except BaseException:  # refused before any work, or failed on the way: one failed request
+            model.statistics.failed(time.monotonic() - started)
             raise
-        stats.success_count += 1
-        stats.success_ns += int((time.monotonic() - started) * 1e9)
-        stats.last_inference_ms = int(time.time() * 1000)
-        for result in response.results:
-            t = result.timing
-            stats.images += 1
-            stats.queue_ns += _ns(t.queue_ms)
-            stats.compute_input_ns += _ns(t.preprocess_ms)
-            stats.compute_infer_ns += _ns(t.inference_ms)
-            stats.compute_output_ns += _ns(t.postprocess_ms)
+        model.statistics.succeeded([r.timing for r in response.results], time.monotonic() - started)
         return response
 
     async def _infer(
@@ -212,6 +187,10 @@ class InferenceModels:
                 f"{len(images)} images in one request can never fit the queue of {limit} (SEGSERVE_MAX_QUEUE); "
                 f"send at most {limit} per request"
             )
+        if len(images) > 1:
+            # Everything the headers can tell is checked before the request takes a place or a batch slot:
+            # an image decoding would refuse, or sizes MASK cannot stack, never let the others reach the model.
+            check_mask_sizes(wanted, await pipeline.image_sizes(images))
         with ExitStack() as slots:
             # Held for the whole request: an unload waits for all of its images, never refuses the later ones.
             model = slots.enter_context(pipeline.models.acquire(name))
@@ -220,7 +199,7 @@ class InferenceModels:
                 slots.enter_context(pipeline.admit(admitted_before_drain=admitted_before_drain)) for _ in images
             ]
             tasks = [
-                asyncio.ensure_future(pipeline.segment(image, options, deadline, slot, model))
+                asyncio.ensure_future(pipeline.segment_image_of_request(model, image, options, deadline, slot))
                 for image, slot in zip(images, admitted, strict=True)
             ]
             try:
@@ -302,13 +281,20 @@ def options_of(parameters: Mapping[str, ParameterValue], wanted: list[str]) -> S
     )
 
 
+def check_mask_sizes(wanted: list[str], sizes: list[tuple[int, int]]) -> None:
+    """MASK is one [N,H,W] tensor: refused, before any model work, for images of different sizes."""
+    if MASK in wanted and len(set(sizes)) > 1:
+        seen = ", ".join(f"{w}x{h}" for w, h in dict.fromkeys(sizes))
+        raise InvalidTensor(
+            f"MASK needs the request's images to share one size (they are {seen}); ask for MASK_PNG instead"
+        )
+
+
 def output_tensor(name: str, results: list[SegmentResult]) -> Tensor:
     n = len(results)
     if name == MASK:
-        sizes = {(r.height, r.width) for r in results}
-        if len(sizes) != 1:
-            raise InvalidTensor("MASK needs the request's images to share one size; ask for MASK_PNG instead")
-        (height, width) = sizes.pop()
+        check_mask_sizes([MASK], [(r.width, r.height) for r in results])  # checked before the model already
+        height, width = results[0].height, results[0].width
         maps = [r.label_map for r in results if r.label_map is not None]
         return Tensor(MASK, "UINT8", (n, height, width), np.stack(maps).reshape(-1))
     if name == MASK_PNG:
@@ -339,6 +325,15 @@ def classes_json(result: SegmentResult) -> bytes:
 def labels_json(model: ModelPipeline) -> str:
     """The model's classes as the "labels" parameter of ModelMetadata and ModelConfig carries them."""
     return json.dumps(labels_list(model), separators=(",", ":"))
+
+
+def extra_outputs_list() -> list[dict[str, Any]]:
+    return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in EXTRA_OUTPUT_SPECS]
+
+
+def extra_outputs_json() -> str:
+    """The extra outputs' metadata as the parameter `extra_outputs` carries it (JSON text, as `labels`)."""
+    return json.dumps(extra_outputs_list(), separators=(",", ":"))
 
 
 def labels_list(model: ModelPipeline) -> list[dict[str, Any]]:

@@ -206,15 +206,22 @@ class RestApp:
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         detail = exc.detail if isinstance(exc, HTTPException) else "error"
+        headers: dict[str, str] = {}
         if status == 404:
             detail = f"no such endpoint: {request.method} {request.url.path}"
         elif status == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}"
+            # RFC 9110 15.5.6: a 405 names the methods the resource takes, in Allow.
+            given = exc.headers if isinstance(exc, HTTPException) and exc.headers else {}
+            allowed = sorted(m.strip() for m in given.get("Allow", "").split(",") if m.strip())
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not allowed on {request.url.path}; it takes {headers['Allow']}"
         if self.metrics is not None:
             record = start_record("")
             code = _CODE_OF_STATUS.get(status, "UNKNOWN")
             record_call(self.metrics, "other-http", "http unrouted", code, 0.0, record, False)
-        return _error(status, str(detail))
+        response = _error(status, str(detail))
+        response.headers.update(headers)
+        return response
 
     async def _unexpected(self, request: Request, exc: Exception) -> Response:
         log.error("unexpected error in %s", request.url.path, exc_info=exc)
@@ -406,5 +413,20 @@ class CountedResponses:
             held.release()
 
 
+class TrailingSlashes:
+    """ASGI middleware: a path and the same path with a trailing slash are one endpoint, served alike. The
+    published specification names server metadata `GET /v2/` and Triton's documents `GET v2`; Starlette would
+    answer one of them with a 307 redirect, which clients that do not follow redirects take for a failure."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        await self.app(scope, receive, send)
+
+
 def build_app(models: InferenceModels, metrics: Metrics | None, calls: CallTracker | None = None) -> Any:
-    return CountedResponses(RestApp(models, metrics, calls).app, models.pipeline.stream_bytes)
+    return TrailingSlashes(CountedResponses(RestApp(models, metrics, calls).app, models.pipeline.stream_bytes))

@@ -200,7 +200,7 @@ def metadata_to_http(model: ModelPipeline) -> dict[str, Any]:
         "platform": inference.PLATFORM,
         "inputs": _tensor_metadata(inference.INPUT_SPECS),
         "outputs": _tensor_metadata(inference.OUTPUT_SPECS),
-        "parameters": {"labels": inference.labels_list(model)},
+        "parameters": {"labels": inference.labels_list(model), "extra_outputs": inference.extra_outputs_list()},
     }
 
 
@@ -229,7 +229,10 @@ def config_to_http(model: ModelPipeline) -> dict[str, Any]:
             "max_queue_delay_microseconds": int(settings.max_batch_delay_ms * 1000),
         },
         # Triton's ModelConfig.parameters are strings: the labels as the JSON text of the metadata's list.
-        "parameters": {"labels": {"string_value": inference.labels_json(model)}},
+        "parameters": {
+            "labels": {"string_value": inference.labels_json(model)},
+            "extra_outputs": {"string_value": inference.extra_outputs_json()},
+        },
     }
 
 

@@ -151,8 +151,8 @@ def test_report_puts_perf_analyzers_steps_beside_loadgens(tmp_path: Path) -> Non
     doc = tmp_path / "performance.md"
     update_performance_doc(json_path, doc)
     text = doc.read_text()
-    assert "| grpc | 1 | 8.50 | 118 | 140 | 3 / 80 | 9.00 |" in text  # loadgen's 9/s at concurrency 1
-    assert "| http | 8 | 9.25 | 850 | 990 | 3 / 80 | 9.50 |" in text
+    assert "| grpc | 1 | 8.50 | 118 | 140 | 3 / 80 | 9.00 | 0.94 |" in text  # loadgen's 9/s at concurrency 1
+    assert "| http | 8 | 9.25 | 850 | 990 | 3 / 80 | 9.50 | 0.97 |" in text
 
 
 def test_report_rewrites_only_its_section_and_the_plot_is_a_png(tmp_path: Path) -> None:

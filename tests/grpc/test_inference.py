@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from client import SegmentClient
+from client import SegmentClient, SegmentError
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server.inference import tensors
 from tests.helpers.images import encode
 from tests.helpers.known_model import MODEL_NAME, Shape, render_scene
-from tests.helpers.servers import ServerThread
+from tests.helpers.servers import ServerThread, make_settings
 from tests.helpers.triton_child import run_in_child
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,8 +101,10 @@ def test_tritonclient_grpc_health_metadata_and_config(triton: dict[str, Any], kn
     metadata = triton["metadata"]
     assert metadata["name"] == MODEL_NAME and metadata["versions"] == ["1"]
     assert {(t["name"], t["datatype"]) for t in metadata["inputs"]} == {("IMAGE", "BYTES"), ("PIXELS", "UINT8")}
-    assert [t["name"] for t in metadata["outputs"]] == ["MASK", "MASK_PNG", "CLASSES", "OVERLAY_PNG"]
+    assert [t["name"] for t in metadata["outputs"]] == ["MASK_PNG", "CLASSES"]  # what Segment answers
     config = triton["config"]["config"]
+    extra = json.loads(config["parameters"]["extra_outputs"]["string_value"])
+    assert [t["name"] for t in extra] == ["MASK", "OVERLAY_PNG"]  # on request only
     settings = known_server.settings
     assert config["name"] == MODEL_NAME and config["max_batch_size"] == settings.max_queue
     assert [i["name"] for i in config["input"]] == ["IMAGE", "PIXELS"]
@@ -156,6 +159,70 @@ def test_model_statistics_count_the_images(triton: dict[str, Any]) -> None:
     assert int(stats["inference_count"]) >= 9
     assert int(stats["inference_stats"]["success"]["count"]) >= 6
     assert int(stats["inference_stats"]["compute_infer"]["ns"]) > 0
+
+
+@pytest.fixture(scope="module")
+def fresh_server() -> Iterator[ServerThread]:
+    """A server of its own, so that its statistics hold exactly the calls of one test. Batches are
+    deterministic: a lone image goes at once, a request's two images always share one batch (they wait
+    for each other however slow decoding is, and no measured cap splits them)."""
+    running = ServerThread(make_settings(max_batch_size=4, max_batch_delay_ms=60_000, adaptive_batching=False))
+    yield running
+    running.stop()
+
+
+def test_statistics_after_a_known_mix_of_segment_model_infer_and_refused_calls(
+    fresh_server: ServerThread, scene_files: list[Path]
+) -> None:
+    """Triton's meanings: inference_count counts images inferred by every door, execution_count model
+    batches, success and fail requests; a refused request adds a fail and nothing else."""
+    model = fresh_server.settings.model
+    image, other = scene_files[0].read_bytes(), scene_files[1].read_bytes()
+    smaller = encode(Image.open(scene_files[1]).resize((100, 80)))
+    http = f"http://127.0.0.1:{fresh_server.app.http_port}"
+
+    def model_infer(images: list[bytes], outputs: tuple[str, ...] = ()) -> pb.ModelInferRequest:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[len(images)])
+        return pb.ModelInferRequest(
+            model_name=model,
+            inputs=[tensor],
+            raw_input_contents=[tensors.to_raw(images)],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs],
+        )
+
+    with SegmentClient(fresh_server.target, timeout=60) as client, grpc.insecure_channel(fresh_server.target) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        client.segment(image)  # 1 image, 1 batch of 1
+        segment = httpx.post(f"{http}/v1/segment", content=other, headers={"content-type": "image/png"}, timeout=60)
+        assert segment.status_code == 200  # 1 image, 1 batch of 1
+        stub.ModelInfer(model_infer([image, other], ("MASK",)), timeout=60)  # 2 images, 1 batch of 2
+        one = {
+            "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()]}]
+        }
+        assert httpx.post(f"{http}/v2/models/{model}/infer", json=one, timeout=60).status_code == 200  # 1, 1 of 1
+        # Refused: each a failed request, no image inferred, no batch.
+        assert _status(lambda: stub.ModelInfer(model_infer([image, smaller], ("MASK",)), timeout=60))[0] == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+        with pytest.raises(SegmentError):
+            client.segment(b"junk")
+        wrong = {"inputs": [{"name": "IMAGE", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+        assert httpx.post(f"{http}/v2/models/{model}/infer", json=wrong, timeout=60).status_code == 400
+        grpc_stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=60).model_stats[0]
+    (stats,) = httpx.get(f"{http}/v2/models/{model}/stats", timeout=60).json()["model_stats"]
+    assert stats["inference_count"] == 5 and stats["execution_count"] == 4
+    inference = stats["inference_stats"]
+    assert inference["success"]["count"] == 4 and inference["fail"]["count"] == 3
+    for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert inference[stage]["count"] == 4, stage
+    assert inference["compute_infer"]["ns"] > 0 and inference["success"]["ns"] > 0 and inference["fail"]["ns"] > 0
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(1, 3), (2, 1)]
+    assert all(b["compute_infer"]["ns"] > 0 for b in stats["batch_stats"])
+    assert stats["last_inference"] > 0
+    # The gRPC door reports the same numbers.
+    assert (grpc_stats.inference_count, grpc_stats.execution_count) == (5, 4)
+    assert (grpc_stats.inference_stats.success.count, grpc_stats.inference_stats.fail.count) == (4, 3)
+    assert [(b.batch_size, b.compute_infer.count) for b in grpc_stats.batch_stats] == [(1, 3), (2, 1)]
 
 
 def test_typed_contents_and_pixels(
@@ -302,6 +369,26 @@ def test_hostile_tensors_are_refused_with_one_sentence(
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "cannot identify image format" in details
     # and the server keeps serving
     assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+
+
+def test_a_refused_mixed_size_mask_request_runs_no_batch(server: ServerThread, scene_files: list[Path]) -> None:
+    """IMAGE [2] of two sizes asking MASK is refused from the headers: neither image reaches the model."""
+    pipeline = server.app.pipeline
+    smaller = encode(Image.open(scene_files[1]).resize((100, 80)))
+    tensor = pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[2])
+    request = pb.ModelInferRequest(
+        model_name=pipeline.models.default_name,
+        inputs=[tensor],
+        raw_input_contents=[tensors.to_raw([scene_files[0].read_bytes(), smaller])],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="MASK")],
+    )
+    batches = sum(pipeline.batch_size_counts)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        code, details = _status(lambda: stub.ModelInfer(request, timeout=60))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"MASK needs the request's images to share one size (they are {WIDTH}x{HEIGHT}, 100x80)" in details
+    assert sum(pipeline.batch_size_counts) == batches and pipeline.in_flight == 0
 
 
 async def _admit(server: ServerThread, count: int) -> list[Any]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from bench import perf_analyzer
+from client import SegmentClient
+from server.core.types import SegmentOptions
 from tests.helpers.images import encode
 from tests.helpers.known_model import MODEL_NAME, Shape, render_scene
 from tests.helpers.servers import ServerThread
@@ -17,9 +20,12 @@ from tests.helpers.servers import ServerThread
 PERF_ANALYZER = perf_analyzer.binary()
 
 
+def input_data_image() -> bytes:
+    return encode(Image.fromarray(render_scene(200, 150, [Shape("red", "disc", 0.4, 0.4, 0.25)])[0]))
+
+
 def input_data(path: Path) -> Path:
-    image = encode(Image.fromarray(render_scene(200, 150, [Shape("red", "disc", 0.4, 0.4, 0.25)])[0]))
-    return perf_analyzer.write_input_data([image], path)
+    return perf_analyzer.write_input_data([input_data_image()], path)
 
 
 @pytest.mark.slow
@@ -57,3 +63,40 @@ def test_the_bench_sweep_reads_perf_analyzers_report(known_server: ServerThread,
     for row in rows:
         assert row["throughput"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] < 60_000
         assert row["server_compute_ms"] > 0  # from ModelStatistics
+
+
+@pytest.mark.slow
+def test_perf_analyzer_over_http_with_no_request_parameters_costs_what_a_segment_call_costs(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """perf_analyzer names every output the model lists and, over HTTP, can send no request parameter: each
+    of its requests must still ask the model for exactly the work of a Segment call (the mask PNG and the
+    classes; no overlay, no full-size label map)."""
+    assert PERF_ANALYZER, "perf_analyzer comes with tritonclient's x86_64 wheel (the dev extra)"
+    model = server.app.pipeline.models.get("")
+    asked: list[SegmentOptions] = []
+    segment = model.segment
+
+    async def spy(data: Any, options: SegmentOptions, deadline: float | None) -> Any:
+        asked.append(options)
+        return await segment(data, options, deadline)
+
+    monkeypatch.setattr(model, "segment", spy)
+    with SegmentClient(server.target, timeout=60) as client:
+        client.segment(input_data_image())
+    (segment_call,) = asked
+    asked.clear()
+    done = subprocess.run(
+        [PERF_ANALYZER, "-m", model.name, "-i", "http", "-u", f"127.0.0.1:{server.app.http_port}",
+         "--input-data", str(input_data(tmp_path / "input.json")), "--concurrency-range", "1:1",
+         "--measurement-interval", "500", "--stability-percentage", "100", "--max-trials", "3"],
+        env=perf_analyzer.environment(),
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert asked, "perf_analyzer's requests reached the model"
+
+    def work(options: SegmentOptions) -> tuple[bool, bool, bool, int]:
+        return options.mask_png, options.label_map, options.overlay, options.max_size
+
+    assert {work(options) for options in asked} == {work(segment_call)} == {(True, False, False, 0)}

@@ -292,6 +292,26 @@ def test_hostile_http_requests_get_clear_statuses(base: str, images: list[bytes]
     assert httpx.get(f"http://{base}/v2/health/ready", timeout=10).json() == {"ready": True}
 
 
+def test_a_method_the_route_does_not_take_is_405_with_allow(server: ServerThread) -> None:
+    """RFC 9110 15.5.6: a 405 carries Allow, the methods the resource takes."""
+    base = f"127.0.0.1:{server.app.http_port}"
+    trace = httpx.request("TRACE", f"http://{base}/v2/health/live", timeout=10)
+    assert trace.status_code == 405 and trace.headers["allow"] == "GET, HEAD", trace.headers
+    delete = httpx.delete(f"http://{base}/v2/models/{server.app.pipeline.models.default_name}/infer", timeout=10)
+    assert delete.status_code == 405 and delete.headers["allow"] == "POST", delete.headers
+    assert "DELETE is not allowed" in delete.json()["error"] and "it takes POST" in delete.json()["error"]
+
+
+def test_get_v2_with_a_trailing_slash_is_server_metadata_with_no_redirect(server: ServerThread) -> None:
+    """The published specification names GET /v2/, Triton's GET v2: both answer 200 at once."""
+    base = f"127.0.0.1:{server.app.http_port}"
+    model = server.app.pipeline.models.default_name
+    for path in ("/v2/", "/v2", "/v2/health/ready/", f"/v2/models/{model}/"):
+        response = httpx.get(f"http://{base}{path}", timeout=10, follow_redirects=False)
+        assert response.status_code == 200, (path, response.status_code, response.headers)
+    assert httpx.get(f"http://{base}/v2/", timeout=10).json()["name"] == "segserve"
+
+
 def test_http_calls_are_counted_by_protocol(base: str, images: list[bytes], known_server: ServerThread) -> None:
     metrics = known_server.app.metrics
     assert metrics is not None

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class SegmenterStub:
-    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    """Segments images into classes (class 0 is __background__): the 21 PASCAL VOC classes, or
     the labels of the model a request names. A server may serve several models.
     """
 
@@ -64,7 +64,7 @@ class SegmenterStub:
 
 
 class SegmenterServicer:
-    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    """Segments images into classes (class 0 is __background__): the 21 PASCAL VOC classes, or
     the labels of the model a request names. A server may serve several models.
     """
 
@@ -145,7 +145,7 @@ def add_SegmenterServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Segmenter:
-    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    """Segments images into classes (class 0 is __background__): the 21 PASCAL VOC classes, or
     the labels of the model a request names. A server may serve several models.
     """
 

@@ -29,7 +29,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class SegmenterStub:
-    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    """Segments images into classes (class 0 is __background__): the 21 PASCAL VOC classes, or
     the labels of the model a request names. A server may serve several models.
     """
 
@@ -58,7 +58,7 @@ class SegmenterStub:
 
 @_typing.type_check_only
 class SegmenterAsyncStub(SegmenterStub):
-    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    """Segments images into classes (class 0 is __background__): the 21 PASCAL VOC classes, or
     the labels of the model a request names. A server may serve several models.
     """
 
@@ -83,7 +83,7 @@ class SegmenterAsyncStub(SegmenterStub):
     """Every model the server is configured with, and its state."""
 
 class SegmenterServicer(metaclass=_abc_1.ABCMeta):
-    """Segments images into classes (0 is background): the 21 PASCAL VOC classes, or
+    """Segments images into classes (class 0 is __background__): the 21 PASCAL VOC classes, or
     the labels of the model a request names. A server may serve several models.
     """
 
