@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from server.errors import ModelLoadError
-from server.runtimes import cpu_features
+from server.runtimes import cpu_features, progress
 from server.runtimes.base import Runtime
 from server.runtimes.calibration import agreement_images
 from server.runtimes.export_cache import source_sha256
@@ -168,7 +168,8 @@ def measure(
     the runtimes built (the caller keeps the winner)."""
     trials = {c: Trial(c) for c in found}
     built: dict[Candidate, Runtime] = {}
-    for candidate in found:
+    for number, candidate in enumerate(found, start=1):
+        progress.report(f"measuring runtimes: building {candidate} ({number} of {len(found)})")
         try:
             built[candidate] = build(candidate)
         except Exception as exc:
@@ -188,6 +189,7 @@ def measure(
             if share < MIN_AGREEMENT:
                 trials[candidate].problem = f"agrees with fp32 on {share:.2%} of pixels, under {MIN_AGREEMENT:.1%}"
                 del built[candidate]
+    progress.report(f"measuring runtimes: timing {len(built)} candidates")
     images = timing_images(max_size)
     for runtime in built.values():
         for image in images:
