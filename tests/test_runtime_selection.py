@@ -311,17 +311,15 @@ def test_requests_that_run_while_auto_times_do_not_decide_its_choice() -> None:
     fast, slow = Candidate("onnxruntime", "fp32"), Candidate("torch", "fp32")
     runtimes = {fast: Painted("fp32"), slow: Painted("fp32")}
     own_ms = {fast: 10.0, slow: 13.0}
-    rounds: dict[Candidate, int] = {fast: 0, slow: 0}
     by_runtime = {id(r): c for c, r in runtimes.items()}
     images_per_round = len(selection.timing_images(64))
     calls = {fast: 0, slow: 0}
 
     def time_once(runtime: Runtime, image: np.ndarray) -> float:
         candidate = by_runtime[id(runtime)]
+        round_number = calls[candidate] // images_per_round
         calls[candidate] += 1
-        if calls[candidate] % images_per_round == 0:
-            rounds[candidate] += 1
-        disturbed = candidate == fast and rounds[candidate] % 3 != 2
+        disturbed = candidate == fast and round_number % 3 != 2
         return own_ms[candidate] * (3.0 if disturbed else 1.0) / 1000
 
     trials, _ = selection.measure([fast, slow], runtimes.__getitem__, max_size=64, time_once=time_once, budget_s=60)
