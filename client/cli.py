@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 from tqdm import tqdm
 
 from client.channel import DEFAULT_TARGET
@@ -17,6 +20,8 @@ from client.sync import SegmentClient
 from client.video_command import add_parser as add_video_parser
 from client.video_command import cmd_segment_video
 
+DEFAULT_TIMEOUT_S = 120.0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description="segserve command-line client.")
@@ -25,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TARGET,
         help=f"server address, HOST:PORT or a gRPC target (env SEGSERVE_TARGET, default {DEFAULT_TARGET})",
     )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds per call (default {DEFAULT_TIMEOUT_S:g}); for load, the longest to wait for the outcome "
+        "(default: as long as the load takes; a load the wait gives up on goes on in the server)",
+    )
     tls = parser.add_argument_group("TLS (plaintext unless --ca-file or --tls is given)")
     tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
     tls.add_argument("--ca-file", type=Path, default=None, help="PEM CA file that signed the server's certificate")
@@ -140,14 +151,30 @@ def cmd_info(client: SegmentClient, args: argparse.Namespace) -> int:
 
 def cmd_models(client: SegmentClient, args: argparse.Namespace) -> int:
     for model in client.list_models():
-        default = " (default)" if model.is_default else ""
+        default = f" (default: {model.default_reason or 'yes'})" if model.is_default else ""
         reason = f": {model.reason}" if model.reason else ""
         print(f"{model.name}{default}  {model.architecture or '?'}  {model.state}{reason}")
     return 0
 
 
 def cmd_load(client: SegmentClient, args: argparse.Namespace) -> int:
-    client.load_model(args.model)
+    """Waits for the outcome as long as the load takes (or --timeout), printing each phase on stderr."""
+    started = time.monotonic()
+
+    def show(phase: str) -> None:
+        print(f"{args.model}: {phase} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    try:
+        client.load_model(args.model, timeout=args.timeout or math.inf, on_progress=show)
+    except SegmentError as exc:
+        if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED or args.timeout is None:
+            raise
+        print(
+            f"{args.model}: still loading after {args.timeout:g} s (--timeout); the server goes on with it: "
+            f"`python -m client models` shows how it ends",
+            file=sys.stderr,
+        )
+        return 3
     print(f"{args.model}: loaded")
     return 0
 
@@ -179,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         credentials = None
         if args.tls or args.ca_file or args.cert:
             credentials = tls_credentials(args.ca_file, args.cert, args.key)
-        with SegmentClient(args.target, timeout=args.timeout, credentials=credentials) as client:
+        timeout = args.timeout or DEFAULT_TIMEOUT_S
+        with SegmentClient(args.target, timeout=timeout, credentials=credentials) as client:
             return command(client, args)
     except SegmentError as exc:
         where = f" ({exc.image_id})" if exc.image_id else ""

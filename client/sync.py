@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +30,9 @@ from protos.inference import grpc_predict_v2_pb2 as inference_pb
 from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
+
+PROGRESS_POLL_S = 1.0
+"""How often load_model reads a load's progress while it waits."""
 
 
 class SegmentClient:
@@ -231,13 +235,42 @@ class SegmentClient:
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc) from None
 
-    def load_model(self, model: str, timeout: float | None = None) -> None:
-        """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL."""
+    def load_model(
+        self, model: str, timeout: float | None = None, on_progress: Callable[[str], None] | None = None
+    ) -> None:
+        """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL,
+        and wait for the outcome: returns once it serves, raises SegmentError with the reason it failed.
+
+        `timeout` bounds the wait, not the load (None: the client's timeout; math.inf: as long as the load
+        takes). A load is the server's job: one this wait gives up on (DEADLINE_EXCEEDED) goes on there, and
+        list_models() shows how it ends. `on_progress(phase)` is called with what the load is doing ("measuring
+        runtimes: ...", "warming up") each time that changes, read from ListModels every PROGRESS_POLL_S."""
         request = inference_pb.RepositoryModelLoadRequest(model_name=model)
+        limit = self.timeout if timeout is None else timeout
+        deadline = None if limit is None or math.isinf(limit) else limit
         try:
-            self._inference.RepositoryModelLoad(request, timeout=timeout or self.timeout)
+            call = self._inference.RepositoryModelLoad.future(request, timeout=deadline)
+            ended = threading.Event()
+            call.add_done_callback(lambda _: ended.set())
+            shown = ""
+            while on_progress is not None and not ended.wait(PROGRESS_POLL_S):
+                phase = self._load_phase(model)
+                if phase and phase != shown:
+                    on_progress(phase)
+                    shown = phase
+            call.result()
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc) from None
+
+    def _load_phase(self, model: str) -> str:
+        """What the load of `model` is doing, as ListModels says; empty when it cannot tell."""
+        try:
+            entry = next((m for m in self.list_models(timeout=PROGRESS_POLL_S * 5) if m.name == model), None)
+        except SegmentError:
+            return ""
+        if entry is None or not (entry.state == "LOADING" or entry.reason.startswith("reloading")):
+            return ""
+        return entry.reason or "loading"
 
     def unload_model(self, model: str, timeout: float | None = None) -> None:
         """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""

@@ -46,7 +46,9 @@ class Settings(BaseSettings):
         "e.g. fast=deeplabv3_mobilenet_v3_large,best=deeplabv3_resnet101.",
     )
     default_model: str | None = Field(
-        None, description="The model a request without a model name gets (unset: the first model listed)."
+        None,
+        description="The model a request without a model name gets (unset: the first model that loaded, "
+        "never one that failed).",
     )
     model_control: bool = Field(
         False,

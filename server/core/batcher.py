@@ -54,6 +54,10 @@ class _Pending(Generic[In, Out]):
         return self.deadline is not None and now >= self.deadline
 
 
+THREADS_END_S = 10.0
+"""How long close() waits for the model's threads to end."""
+
+
 class Batcher(Generic[In, Out]):
     """`run_batch(items) -> outputs` runs on `instances` worker threads at most (one batch each);
     `submit` awaits one item's output."""
@@ -206,6 +210,8 @@ class Batcher(Generic[In, Out]):
                 pending.future.set_result(BatchResult(output, len(batch), queue_ms, inference_ms))
 
     async def close(self) -> None:
+        """Stops batching and waits, off the event loop, until the model's threads have ended: what they held
+        (a thread's runtime caches, its OpenMP team) is freed only then, and an unload hands memory back after."""
         for task in [self._task, *self._running]:
             if task is None:
                 continue
@@ -213,3 +219,6 @@ class Batcher(Generic[In, Out]):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._executor.shutdown(wait=False, cancel_futures=True)
+        ended = asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        with contextlib.suppress(TimeoutError):  # a batch stuck in a runtime must not hold up the shutdown
+            await asyncio.wait_for(ended, THREADS_END_S)

@@ -11,13 +11,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
 from server.core.admission import Admission, AdmissionSlot
 from server.core.buffers import StreamCounts, UploadBudget
 from server.core.imaging import Limits, image_size, let_pillow_accept
+from server.core.load_worker import LoadWorker
 from server.core.model_pipeline import ModelPipeline, RuntimeFactory, Workers
 from server.core.stream_bytes import StreamBudget
 from server.core.types import SegmentOptions, SegmentResult
@@ -52,6 +54,8 @@ class SegmentationPipeline:
         # and masks never wait behind seconds of overlay work in the shared pool.
         self._overlay_pool = ThreadPoolExecutor(max_workers=OVERLAY_WORKERS, thread_name_prefix="overlay")
         self.workers = Workers(self._pool, self._overlay_pool, self.limits)
+        # Loads at run time (model control) run here, never on the requests' pool (server/core/load_worker.py).
+        self._load_worker = LoadWorker()
         self._given_runtime = runtime
         self._runtime_factory = runtime_factory
         self.models: ModelRegistry[ModelPipeline] = ModelRegistry()
@@ -70,7 +74,10 @@ class SegmentationPipeline:
         """Load every configured model, one after another. A model that fails is logged and left out while the
         others serve; only when none loads does start-up fail (with the one model's own error when there is one)."""
         configs = configured_models(self.settings)
-        self.models.default_name = default_model_name(self.settings, configs)
+        # The model a given runtime is for (tests); which model is the default is known once one has loaded.
+        first = default_model_name(self.settings, configs)
+        if self.settings.default_model:
+            self.models.name_default(self.settings.default_model, "named by SEGSERVE_DEFAULT_MODEL")
         errors: list[str] = []
         for config in configs:
             if isinstance(config, BrokenModel):
@@ -78,7 +85,7 @@ class SegmentationPipeline:
                 log.error("model %s not loaded: %s", config.name, config.reason)
                 errors.append(config.reason)
                 continue
-            given = self._given_runtime if config.name == self.models.default_name else None
+            given = self._given_runtime if config.name == first else None
             model = self.new_model(config, given)
             try:
                 self.models.check_room(config, self.settings)
@@ -95,20 +102,27 @@ class SegmentationPipeline:
                     raise
                 log.error("model %s not loaded: %s", config.name, exc.message)
                 errors.append(exc.message)
+                continue
+            self.models.now_ready(model)
         if not self.models.ready_names():
             raise ModelLoadError(f"no model could be loaded: {'; '.join(errors)}")
         if len(configs) > 1:
             states = ", ".join(f"{e.name} {e.state}" for e in self.models.entries())
-            log.info("models: %s (default: %s)", states, self.models.default_name)
+            log.info("models: %s (default: %s, %s)", states, self.models.default_name, self.models.default_reason)
         self.ready = True
 
-    def new_model(self, config: ModelConfig, runtime: Runtime | None = None) -> ModelPipeline:
-        """A model of the repository over the shared workers, not yet started (model control loads with it)."""
-        return ModelPipeline(config, config.settings_for(self.settings), self.workers, runtime, self._runtime_factory)
+    def new_model(
+        self, config: ModelConfig, runtime: Runtime | None = None, loader: Executor | None = None
+    ) -> ModelPipeline:
+        """A model of the repository over the shared workers, not yet started. `loader`: where its load runs
+        (None: the shared pool, as at start-up, when nothing is served yet)."""
+        return ModelPipeline(
+            config, config.settings_for(self.settings), self.workers, runtime, self._runtime_factory, loader
+        )
 
     def model_control(self) -> ModelControl[ModelPipeline]:
-        """Loading and unloading this pipeline's models at run time (SEGSERVE_MODEL_CONTROL)."""
-        return ModelControl(self.models, self.settings, self.new_model)
+        """Loading and unloading this pipeline's models at run time (SEGSERVE_MODEL_CONTROL), on the load worker."""
+        return ModelControl(self.models, self.settings, partial(self.new_model, loader=self._load_worker))
 
     async def close(self) -> None:
         self.ready = False
@@ -116,6 +130,7 @@ class SegmentationPipeline:
             await model.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._overlay_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_worker.shutdown(wait=False, cancel_futures=True)
 
     # ---- info -----------------------------------------------------------------------------
 

@@ -53,7 +53,12 @@ def model_entries_to_proto(entries: list[ModelEntry]) -> pb.ListModelsResponse:
     return pb.ListModelsResponse(
         models=[
             pb.ModelStatus(
-                name=e.name, architecture=e.architecture, state=e.state, reason=e.reason, is_default=e.is_default
+                name=e.name,
+                architecture=e.architecture,
+                state=e.state,
+                reason=e.reason,
+                is_default=e.is_default,
+                default_reason=e.default_reason,
             )
             for e in entries
         ]

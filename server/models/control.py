@@ -9,15 +9,22 @@ inference protocol's repository extension and the CLI. Transport-free; the doors
 - An unload refuses new requests for the model (UNAVAILABLE, which clients retry), waits for the ones it
   has, then frees it.
 One change at a time: loads and unloads queue behind each other, so the limits hold whatever the callers do.
+
+A change is the server's job, not its caller's. Once accepted it runs as a task of its own to its end, whatever
+the caller does: a caller whose deadline passes, or who hangs up, stops waiting and nothing more (before, the
+cancelled call cancelled the load, which left the model LOADING for good while its worker thread went on
+exporting and measuring). A load ends READY or, on any failure, UNAVAILABLE with the reason, with whatever it
+built closed. A second load of a model whose load is in progress joins it rather than starting another. One that
+went away reads the outcome from the repository index, ListModels, health `model/NAME`, the log and the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from server.errors import ModelControlRefused, ModelLoadError, ModelLoadFailed, UnknownModel
 from server.models.registry import ModelRegistry, ServedModel
@@ -53,6 +60,9 @@ class ModelControl(Generic[M]):
         self.on_change: Callable[[], Awaitable[None]] | None = None
         """Called after each change of a model's state (the app updates the models' health with it)."""
         self._lock: asyncio.Lock | None = None
+        self._loads: dict[str, asyncio.Task[None]] = {}
+        """Loads accepted and not ended, by model name: a second load of one of them joins it."""
+        self._unloads: set[asyncio.Task[None]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -66,10 +76,24 @@ class ModelControl(Generic[M]):
             )
 
     async def load(self, name: str) -> None:
-        """Load (or reload) the repository's model `name`. Raises NOT_FOUND, RESOURCE_EXHAUSTED, or
-        INVALID_ARGUMENT with the reason its config or weights are unusable."""
+        """Load (or reload) the repository's model `name`, and wait for the outcome. Raises NOT_FOUND,
+        RESOURCE_EXHAUSTED, or INVALID_ARGUMENT with the reason its config or weights are unusable. The load
+        goes on if the caller stops waiting; a load of `name` in progress is joined, not repeated."""
         self.check_enabled()
         check_name(name)
+        task = self._loads.get(name)
+        if task is None:
+            task = self._loads[name] = self._run(self._load(name), f"load of model {name}")
+            task.add_done_callback(lambda _: self._loads.pop(name, None))
+        else:
+            log.info("a load of model %s is in progress; this one waits for it", name)
+        await self._wait_for(task, f"load of model {name}")
+
+    def loading(self, name: str) -> bool:
+        """Whether a load of `name` is accepted and not ended."""
+        return name in self._loads
+
+    async def _load(self, name: str) -> None:
         async with self._one_at_a_time():
             repository = Path(self.settings.model_repository or "").expanduser()
             try:
@@ -83,27 +107,58 @@ class ModelControl(Generic[M]):
             model = self._new_model(config)
             if serving is None:
                 registry.add(model)  # listed as LOADING meanwhile
-                await self._changed()
+            else:
+                registry.reloading(model)  # listed in the loaded version's reason meanwhile
+            await self._changed()
             log.info("%s model %s", "reloading" if serving else "loading", name)
             try:
                 await model.start()
-            except ModelLoadError as exc:
-                if serving is None:
-                    await self._changed()
-                    raise ModelLoadFailed(f"model {name!r} not loaded: {exc.message}") from None
-                log.error("model %s not reloaded, its loaded version serves on: %s", name, exc.message)
-                raise ModelLoadFailed(
-                    f"model {name!r} not reloaded, its loaded version serves on: {exc.message}"
-                ) from None
-            registry.add(model)  # from here on, requests reach the new version
+            except BaseException as exc:  # a load error, a bug, or the server stopping: never left LOADING
+                await self._discard(model, serving, exc)
+                raise
+            finally:
+                registry.reloading(None, name)
+            registry.now_ready(model)  # from here on, requests reach the new version
             await self._changed()
             if serving is not None:
                 await self._retire(serving)
 
+    async def _discard(self, model: M, serving: M | None, exc: BaseException) -> None:
+        """A load that failed: what it built is closed; the model is listed UNAVAILABLE with the reason (or its
+        loaded version serves on). Turns a ModelLoadError into the caller's ModelLoadFailed."""
+        name = model.name
+        if isinstance(exc, ModelLoadError):
+            reason = exc.message
+        elif isinstance(exc, asyncio.CancelledError):
+            reason = "its load was stopped (the server is shutting down)"
+        else:
+            reason = f"its load failed: {exc!r} (a bug: the traceback is in the log)"
+            log.error("load of model %s failed", name, exc_info=exc)
+        try:
+            await model.close()
+        finally:
+            if serving is None:
+                self.registry.add_broken(name, reason)
+                log.error("model %s not loaded: %s", name, reason)
+            else:
+                log.error("model %s not reloaded, its loaded version serves on: %s", name, reason)
+            await self._changed()
+        if isinstance(exc, ModelLoadError):
+            if serving is None:
+                raise ModelLoadFailed(f"model {name!r} not loaded: {reason}") from None
+            raise ModelLoadFailed(f"model {name!r} not reloaded, its loaded version serves on: {reason}") from None
+
     async def unload(self, name: str) -> None:
-        """Refuse new requests for `name`, wait for the ones it has, free it."""
+        """Refuse new requests for `name`, wait for the ones it has, free it. Goes on if the caller stops waiting
+        (a model left UNLOADING would refuse its requests for good)."""
         self.check_enabled()
         check_name(name)
+        task = self._run(self._unload(name), f"unload of model {name}")
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+        await self._wait_for(task, f"unload of model {name}")
+
+    async def _unload(self, name: str) -> None:
         async with self._one_at_a_time():
             registry = self.registry
             model = registry.named(name)
@@ -121,6 +176,22 @@ class ModelControl(Generic[M]):
             registry.add_broken(name, "unloaded")
             await self._changed()
             log.info("model %s unloaded", name)
+
+    @staticmethod
+    def _run(change: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(change, name=what)
+        # Read its outcome even when every caller has gone, so asyncio never warns about it.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    @staticmethod
+    async def _wait_for(task: asyncio.Task[None], what: str) -> None:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                log.info("the caller of the %s stopped waiting; it goes on", what)
+            raise
 
     async def _retire(self, model: M) -> None:
         await model.wait_idle()

@@ -1,6 +1,6 @@
-"""The models being served, by name, plus the default model's name and the models that could not be loaded,
-with why. Requests find their model here; unknown names are NOT_FOUND with the names there are, models not
-ready are UNAVAILABLE with their state.
+"""The models being served, by name, plus the default model (and why it is the default) and the models that
+could not be loaded, with why. Requests find their model here; unknown names are NOT_FOUND with the names there
+are, models not ready are UNAVAILABLE with their state.
 
 Typed against ServedModel, the few attributes it reads, so it never imports the pipeline that builds its
 entries (the core's ModelPipeline is one).
@@ -8,6 +8,7 @@ entries (the core's ModelPipeline is one).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from typing import Generic, Protocol, TypeVar
 from server.errors import NotReady, TooManyModels, UnknownModel
 from server.models.repository import ModelConfig
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FIRST_LOADED = "the first model that loaded"
 
 
 class ServedModel(Protocol):
@@ -46,13 +51,30 @@ class ModelEntry:
     reason: str
     architecture: str
     is_default: bool
+    default_reason: str = ""
+    """Why it is the default: named by SEGSERVE_DEFAULT_MODEL, or the first model that loaded."""
 
 
 class ModelRegistry(Generic[M]):
     def __init__(self) -> None:
         self._models: dict[str, M] = {}
         self._broken: dict[str, str] = {}
+        self._reloading: dict[str, M] = {}
+        """New versions being loaded while the loaded version serves on."""
         self.default_name = ""
+        """The model requests without a name go to: SEGSERVE_DEFAULT_MODEL, or else the first model that became
+        READY (never one that failed, so an unrelated broken folder cannot fail requests that name no model)."""
+        self.default_reason = ""
+
+    def name_default(self, name: str, reason: str) -> None:
+        self.default_name, self.default_reason = name, reason
+        log.info("default model: %s (%s)", name, reason)
+
+    def now_ready(self, model: M) -> None:
+        """`model` serves from now on; the first to do so becomes the default when none was named."""
+        self.add(model)
+        if not self.default_name:
+            self.name_default(model.name, FIRST_LOADED)
 
     def add(self, model: M) -> None:
         self._models[model.name] = model
@@ -62,6 +84,13 @@ class ModelRegistry(Generic[M]):
         """A model whose config could not be read: listed with its reason, never served."""
         self._models.pop(name, None)
         self._broken[name] = reason
+
+    def reloading(self, model: M | None, name: str = "") -> None:
+        """`model`: a new version of a model that serves, listed in its reason until it ends; None: it ended."""
+        if model is None:
+            self._reloading.pop(name, None)
+        else:
+            self._reloading[model.name] = model
 
     def is_listed(self, name: str) -> bool:
         return name in self._models or name in self._broken
@@ -83,12 +112,21 @@ class ModelRegistry(Generic[M]):
         return [name for name, model in self._models.items() if model.state == "READY"]
 
     def entries(self) -> list[ModelEntry]:
+        def why(name: str) -> str:
+            return self.default_reason if name == self.default_name else ""
+
+        def reason(model: M) -> str:
+            new = self._reloading.get(model.name)
+            return f"reloading: {new.reason or 'starting'}" if new is not None else model.reason
+
         entries = [
-            ModelEntry(name, model.state, model.reason, model.config.architecture, name == self.default_name)
+            ModelEntry(
+                name, model.state, reason(model), model.config.architecture, name == self.default_name, why(name)
+            )
             for name, model in self._models.items()
         ]
         entries += [
-            ModelEntry(name, "UNAVAILABLE", reason, "", name == self.default_name)
+            ModelEntry(name, "UNAVAILABLE", reason, "", name == self.default_name, why(name))
             for name, reason in self._broken.items()
         ]
         return sorted(entries, key=lambda entry: entry.name)
@@ -115,12 +153,14 @@ class ModelRegistry(Generic[M]):
         """The ready model called `name` (empty: the default). UNAVAILABLE when it is known but not ready,
         NOT_FOUND when it is not known at all."""
         wanted = name or self.default_name
+        if not wanted:
+            raise NotReady("no model has loaded yet")
         model = self._models.get(wanted)
         if model is not None and model.state == "READY":
             return model
         if model is not None:
             if model.state == "LOADING":
-                raise NotReady(f"model {wanted!r} is still loading")
+                raise NotReady(f"model {wanted!r} is still loading" + (f" ({model.reason})" if model.reason else ""))
             if model.state == "UNLOADING":
                 raise NotReady(f"model {wanted!r} is being unloaded")
             raise NotReady(f"model {wanted!r} is not loaded: {model.reason or 'unloaded'}")

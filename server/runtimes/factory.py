@@ -10,7 +10,7 @@ import torch
 
 from server.errors import ModelLoadError
 from server.labels import VOC_CLASSES, Label, make_labels
-from server.runtimes import cpu_features, selection
+from server.runtimes import cpu_features, progress, selection
 from server.runtimes.base import ModelFacts, Runtime
 from server.runtimes.export_cache import cached_file, resolve_cache_root, source_sha256
 from server.runtimes.openvino_import import import_openvino
@@ -86,18 +86,21 @@ def exported_graph(
 
     root = resolve_cache_root(settings.cache_dir)
     fp32_key = graph_key(settings, loaded, weights_sha256, runtime, "fp32")
-    fp32 = cached_file(root, settings.model, ".onnx", fp32_key, lambda out: export_onnx(loaded, out), rebuild=rebuild)
+
+    def export(out: Path) -> None:
+        progress.report(f"exporting the {runtime} graph (not cached yet)")
+        export_onnx(loaded, out)
+
+    fp32 = cached_file(root, settings.model, ".onnx", fp32_key, export, rebuild=rebuild)
     if precision != "int8":
         return fp32  # bf16 is the runtime's own lowering of the fp32 graph, at compile time
     int8_key = graph_key(settings, loaded, weights_sha256, runtime, "int8")
-    return cached_file(
-        root,
-        f"{settings.model}-int8",
-        ".onnx",
-        int8_key,
-        lambda out: quantize_int8(fp32, out, settings.max_size),
-        rebuild=rebuild,
-    )
+
+    def quantize(out: Path) -> None:
+        progress.report(f"quantizing the {runtime} graph to int8 (not cached yet)")
+        quantize_int8(fp32, out, settings.max_size)
+
+    return cached_file(root, f"{settings.model}-int8", ".onnx", int8_key, quantize, rebuild=rebuild)
 
 
 def _graph_runtime(
@@ -186,6 +189,7 @@ def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) 
     found = plan(settings, device)
     if settings.inference_threads:
         torch.set_num_threads(settings.inference_threads)  # the export runs on torch too
+    progress.report("loading the weights")
     loaded = load_model(settings.model, settings.weights, len(labels or VOC_CLASSES))
     weights_sha256 = weights_fingerprint(without_aux_head(loaded.module))
     key = selection.cache_key(

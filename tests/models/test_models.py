@@ -352,7 +352,7 @@ def test_the_cli_picks_the_model_and_shows_its_labels(
     assert "1 crimson #ff00aa" in info.stdout and "2 leaf #00c800" in info.stdout
     listed = cli("models")
     assert listed.returncode == 0
-    assert "shapes (default)  deeplabv3_mobilenet_v3_large  READY" in listed.stdout
+    assert "shapes (default: named by SEGSERVE_DEFAULT_MODEL)  deeplabv3_mobilenet_v3_large  READY" in listed.stdout
     assert "broken  ?  UNAVAILABLE: " in listed.stdout
     assert cli("health", "--model", "broken").stdout.strip() == "NOT_SERVING"
 

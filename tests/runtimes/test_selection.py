@@ -321,3 +321,26 @@ def test_the_factory_plans_with_the_cpus_own_bf16_verdict(monkeypatch: pytest.Mo
     assert "openvino bf16" not in names(factory.plan(make_settings(), CPU))
     monkeypatch.setattr(cpu_features, "native_bf16", lambda: True)
     assert "openvino bf16" in names(factory.plan(make_settings(), CPU))
+
+
+def test_requests_that_run_while_auto_times_do_not_decide_its_choice() -> None:
+    """A run-time load times its candidates while requests are served. Here bursts of requests land in most of
+    one candidate's slots (every 2 of 3 rounds, as a caller's period can line up with the rounds): its slow
+    samples are the requests' time, not its own. Each candidate's figure is its fastest round (interference
+    only ever adds time), so the one that is faster when undisturbed still serves."""
+    fast, slow = Candidate("onnxruntime", "fp32"), Candidate("torch", "fp32")
+    runtimes = {fast: Painted("fp32"), slow: Painted("fp32")}
+    own_ms = {fast: 10.0, slow: 13.0}
+    by_runtime = {id(r): c for c, r in runtimes.items()}
+    images_per_round = len(selection.timing_images(64))
+    calls = {fast: 0, slow: 0}
+
+    def time_once(runtime: Runtime, image: np.ndarray) -> float:
+        candidate = by_runtime[id(runtime)]
+        round_number = calls[candidate] // images_per_round
+        calls[candidate] += 1
+        disturbed = candidate == fast and round_number % 3 != 2
+        return own_ms[candidate] * (3.0 if disturbed else 1.0) / 1000
+
+    trials, _ = selection.measure([fast, slow], runtimes.__getitem__, max_size=64, time_once=time_once, budget_s=60)
+    assert selection.pick(trials) == fast, [(str(t.candidate), t.ms_per_image) for t in trials]

@@ -422,6 +422,7 @@ class ModelStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    DEFAULT_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     architecture: _builtins.str
     """deeplabv3_mobilenet_v3_large, deeplabv3_resnet50 or deeplabv3_resnet101
@@ -430,8 +431,14 @@ class ModelStatus(_message.Message):
     state: _builtins.str
     """READY, LOADING, UNLOADING or UNAVAILABLE."""
     reason: _builtins.str
-    """Why it is UNAVAILABLE: one sentence naming the file and the field."""
+    """Why it is UNAVAILABLE: one sentence naming the file and the field. While
+    it is LOADING (or READY and reloading), what the load is doing now.
+    """
     is_default: _builtins.bool
+    default_reason: _builtins.str
+    """Why it is the default: "named by SEGSERVE_DEFAULT_MODEL" or "the first
+    model that loaded"; empty for the others.
+    """
     def __init__(
         self,
         *,
@@ -440,10 +447,11 @@ class ModelStatus(_message.Message):
         state: _builtins.str = ...,
         reason: _builtins.str = ...,
         is_default: _builtins.bool = ...,
+        default_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "is_default", b"is_default", "name", b"name", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "default_reason", b"default_reason", "is_default", b"is_default", "name", b"name", "reason", b"reason", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
