@@ -1,42 +1,31 @@
-"""The production image for the cluster tests: the project's Dockerfile, its `server` target, a CPU torch.
+"""The production image for the cluster tests: the container tests' build of the project's Dockerfile.
 
-Built with the container tests' stand-ins (tests/containers/stand_ins.py: the debootstrapped base image and
-the local wheels served as one index), random weights. Unlike the container tests' image it takes the CPU
-build of torch the Dockerfile defaults to (here the local wheels' torch 2.13.0+cpu with torchvision 0.28.0):
-the CUDA torch those wheels hold for 2.14.1 makes a 6.6 GB image, which took 6.5 minutes to load into one
-node's engine on two busy cores; the CPU image is about a fifth of that.
+`server` target, random weights, built through Compose with the container tests' stand-ins
+(tests/containers/stand_ins.py: the debootstrapped base image, the local wheels served as one index), so
+one build serves both suites and a second run finds it cached. deploy/cluster/local-cluster.sh seeds it
+into every node's engine.
+
+Tried and not kept: a smaller image with the local wheels' CPU torch (2.13.0+cpu, 1.9 GB instead of 6.6 GB):
+no matching torchvision is to be had here (0.28.0 from PyPI fails on import: "operator torchvision::nms
+does not exist").
 """
 
 from __future__ import annotations
 
-import subprocess
+import tempfile
+from pathlib import Path
 
-from tests.container_files import REPO
+from tests.containers.compose import SERVER_IMAGE, build_images
 from tests.containers.stand_ins import ensure_base_image, wheel_index
 
-IMAGE = "segserve-cluster-test:cpu"
-TORCH = {"TORCH_VERSION": "2.13.0+cpu", "TORCHVISION_VERSION": "0.28.0"}
 
-
-def build_image(tag: str = IMAGE, timeout: float = 3000) -> str:
-    """`docker build --target server` of this checkout (cached by the engine: a code change rebuilds the last layers)."""
+def build_image() -> str:
     base = ensure_base_image()
-    with wheel_index() as index_url:
-        args = {"BASE_IMAGE": base, "TORCH_INDEX_URL": index_url, "WEIGHTS": "random", **TORCH}
-        argv = ["docker", "build", "--network", "host", "--target", "server", "--tag", tag]
-        for key, value in args.items():
-            argv += ["--build-arg", f"{key}={value}"]
-        done = subprocess.run(
-            [*argv, str(REPO)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-            check=False,
+    with wheel_index() as index_url, tempfile.TemporaryDirectory(prefix="segserve-cluster-build-") as work:
+        build_images(
+            Path(work), {"BASE_IMAGE": base, "TORCH_INDEX_URL": index_url, "WEIGHTS": "random"}, ["server"], False
         )
-    if done.returncode != 0:
-        raise RuntimeError(f"docker build of {tag} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return tag
+    return SERVER_IMAGE
 
 
 if __name__ == "__main__":
