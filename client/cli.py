@@ -69,12 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("info", "health"):
             what = "whose info to print" if name == "info" else "whose health to check (model/NAME)"
             sub.add_argument("--model", default="", help=f"the model {what} (default: the server's default)")
-        if name == "health":  # what Kubernetes' gRPC probes ask, for clusters without them (deploy/k8s/old-clusters)
-            sub.add_argument(
-                "--service",
-                default=None,
-                help='a health service name to ask, e.g. segserve.v1.Segmenter (default: "", the server itself)',
-            )
     return parser
 
 
@@ -165,11 +159,7 @@ def cmd_unload(client: SegmentClient, args: argparse.Namespace) -> int:
 
 
 def cmd_health(client: SegmentClient, args: argparse.Namespace) -> int:
-    if args.service is not None and args.model:
-        print("error: --service and --model name different health services; give one", file=sys.stderr)
-        return 2
-    service = args.service if args.service is not None else f"model/{args.model}" if args.model else ""
-    status = client.health(service)
+    status = client.health(f"model/{args.model}" if args.model else "")
     print(status)
     return 0 if status == "SERVING" else 1
 
