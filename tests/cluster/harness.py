@@ -124,6 +124,31 @@ class Cluster:
         else:
             raise RuntimeError("a node can be lost only in the local cluster or with SEGSERVE_CLUSTER_KILL_NODE")
 
+    def container_log(self, pod: str, tail: int = 60) -> str:
+        """The last lines of a pod's segserve container, from its node's engine (local cluster only): a pod
+        already deleted has no log left in the API, and the kubelet removes its containers within a minute."""
+        if self.local_state is None:
+            return "(logs of deleted pods only from the local cluster)"
+        found = []
+        for number in range(1, int(self.env["NODES"]) + 1):
+            engine = ["docker", "-H", f"unix://{self.env['RUNDIR']}/n{number}/docker.sock"]
+            listed = run(
+                [
+                    *engine,
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    f"label=io.kubernetes.pod.name={pod}",
+                    "--filter",
+                    "label=io.kubernetes.container.name=segserve",
+                ],
+                check=False,
+            ).stdout.split()
+            for container in listed:
+                done = run([*engine, "logs", "--timestamps", "--tail", str(tail), container], check=False)
+                found.append(f"--- {pod} on n{number}:\n{done.stdout}{done.stderr}")
+        return "\n".join(found) or f"(no container of {pod} left)"
+
     @property
     def can_lose_nodes(self) -> bool:
         return self.local_state is not None or bool(os.environ.get("SEGSERVE_CLUSTER_KILL_NODE"))
@@ -274,6 +299,8 @@ class PodWatch:
     a pod's final status is gone from the API once it is deleted."""
 
     def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.logs: dict[str, str] = {}  # of the containers that did not exit 0, fetched at once
         self.exits: dict[str, ContainerExit] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -286,6 +313,10 @@ class PodWatch:
         for status in pod.get("status", {}).get("containerStatuses") or []:
             terminated = status.get("state", {}).get("terminated")
             if terminated:
+                name = metadata["name"]
+                if int(terminated["exitCode"]) != 0 and name not in self.logs:
+                    self.logs[name] = "(being fetched)"
+                    threading.Thread(target=self._fetch_log, args=(name,), daemon=True).start()
                 with self._lock:
                     self.exits[metadata["name"]] = ContainerExit(
                         metadata["name"],
@@ -294,6 +325,12 @@ class PodWatch:
                         metadata.get("deletionTimestamp"),
                         metadata.get("deletionGracePeriodSeconds"),
                     )
+
+    def _fetch_log(self, name: str) -> None:
+        try:
+            self.logs[name] = self.cluster.container_log(name)
+        except Exception as exc:  # the log is evidence for a failure message, never a failure of its own
+            self.logs[name] = f"(log not fetched: {exc})"
 
     def stop(self) -> dict[str, ContainerExit]:
         self._stop.set()
