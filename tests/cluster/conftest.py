@@ -1,7 +1,8 @@
 """Fixtures of the cluster tests: a Kubernetes cluster, segserve deployed into it, the DNS stand-in.
 
-`make test-cluster` runs these (SEGSERVE_CLUSTER_TESTS=1); a plain `pytest` or `make test` leaves them out
-(deselected, not skipped: they take minutes and a root shell, and CI runs them on their own). Without
+`make test-cluster` runs these (SEGSERVE_CLUSTER_TESTS=1); a plain `pytest` or `make test` leaves out those
+that need a cluster (deselected, not skipped: they take minutes and a root shell, and CI runs them on their
+own) and runs the rest (test_stream_resume.py). Without
 KUBECONFIG they build and start the local cluster of deploy/cluster/ (root needed) and remove it at the
 end, also on failure; with KUBECONFIG they use that cluster (tests/cluster/harness.py says what it needs).
 """
@@ -33,7 +34,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    ours = [item for item in items if Path(str(item.fspath)).is_relative_to(HERE)]
+    ours = [
+        item
+        for item in items
+        if Path(str(item.fspath)).is_relative_to(HERE) and "cluster" in getattr(item, "fixturenames", ())
+    ]
     for item in ours:
         item.add_marker(pytest.mark.cluster)
         item.add_marker(pytest.mark.timeout(FIRST_BUILD_TIMEOUT_S))
