@@ -14,7 +14,7 @@ endif
 PROTO := protos/segserve/v1/segserve.proto protos/inference/grpc_predict_v2.proto
 TARGET ?= localhost:50051
 
-.PHONY: install run server test lint format protos bench bench-smoke bench-video clean debug
+.PHONY: install run server test test-cluster lint format protos bench bench-smoke bench-video clean debug
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ debug: $(STAMP)  ## the server under debugpy on 127.0.0.1:$(DEBUGPY_PORT), resta
 test: $(STAMP) lint
 	$(BIN)/python -m tests.helpers.known_model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The cluster scenarios (tests/cluster/, docs/scaling.md): against the cluster in $KUBECONFIG when set, otherwise
+# a local Kubernetes 1.20 in network namespaces (root), built once from Debian's packages by deploy/cluster/build.sh.
+test-cluster: $(STAMP)
+	SEGSERVE_CLUSTER_TESTS=1 $(BIN)/python -m pytest tests/cluster -s $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

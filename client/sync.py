@@ -25,6 +25,7 @@ from client.frames import (
 )
 from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
 from client.results import SegmentationResult, failed_result, unreadable_result
+from client.resume import DEFAULT_RESUMES, ResumableRequests, backoff, resumable
 from client.security import open_channel, request_metadata
 from protos.inference import grpc_predict_v2_pb2 as inference_pb
 from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
@@ -33,6 +34,11 @@ from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 
 PROGRESS_POLL_S = 1.0
 """How often load_model reads a load's progress while it waits."""
+
+
+def _left(deadline: float | None) -> float | None:
+    """The time left until `deadline` (monotonic), for the next call of a resumed stream; None: no limit."""
+    return None if deadline is None else max(0.001, deadline - time.monotonic())
 
 
 class SegmentClient:
@@ -51,9 +57,13 @@ class SegmentClient:
         upload_threshold: int = UPLOAD_THRESHOLD,
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        stream_resumes: int = DEFAULT_RESUMES,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        # A stream whose replica is lost (UNAVAILABLE) is resumed on a new call this many times in a row
+        # (client/resume.py); 0: the stream fails as gRPC ends it.
+        self.stream_resumes = stream_resumes
         self.upload_threshold = upload_threshold
         self._channel = channel or open_channel(target, credentials)
         self._stub = pb_grpc.SegmenterStub(self._channel)
@@ -101,16 +111,29 @@ class SegmentClient:
         """
         options = Options(max_size, overlay, overlay_opacity, model)
         timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         deferred: list[tuple[str, bytes | OSError]] = []
-        try:
-            for response in self._stub.SegmentStream(
-                stream_requests(images, options, self.upload_threshold, deferred),
-                timeout=timeout,
-                metadata=request_metadata(request_id),
-            ):
-                yield SegmentationResult.from_proto(response)
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
+        source = stream_requests(images, options, self.upload_threshold, deferred)
+        requests = ResumableRequests(lambda: next(source))
+        resumes = 0
+        while True:
+            call = self._stub.SegmentStream(
+                requests.attempt(), timeout=_left(deadline), metadata=request_metadata(request_id)
+            )
+            try:
+                for response in call:
+                    requests.answered(response.id)
+                    resumes = 0
+                    yield SegmentationResult.from_proto(response)
+                break
+            except grpc.RpcError as exc:
+                # The replica was lost mid-stream: what it had not answered goes to another one.
+                if not resumable(exc, resumes, self.stream_resumes):
+                    raise SegmentError.from_rpc_error(exc) from None
+                time.sleep(backoff(resumes))
+                resumes += 1
+            finally:
+                call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the call ended; ends it when the caller stops early
         for image_id, item in deferred:
             if isinstance(item, OSError):
                 yield unreadable_result(image_id, item)
@@ -151,40 +174,75 @@ class SegmentClient:
         """
         window_ = FrameWindow(window, every, Options(max_size, model=model), frame_format)
         source = frame_source(path_or_frames)
+        deadline = None if timeout is None else time.monotonic() + timeout
         changed = threading.Condition()
         stopped = threading.Event()
         failures: list[BaseException] = []  # of the call: end at once
         source_failures: list[BaseException] = []  # of the frames: raised after the frames already sent
 
-        def requests() -> Iterator[pb.SegmentRequest]:
-            # Runs on gRPC's sending thread: it blocks here while the window is full.
+        def pull() -> pb.SegmentRequest | None:
+            # On gRPC's sending thread, after room() said yes: one frame held, its request if it is sent.
             try:
-                for index, frame in source:
-                    request = window_.request_for(index, frame)
-                    with changed:
-                        changed.wait_for(lambda: not window_.full or stopped.is_set())
-                        if stopped.is_set():
-                            return
-                        window_.hold(index, frame)
-                        changed.notify_all()
-                    if request is not None:
-                        yield request
+                index, frame = next(source)
+            except StopIteration:
+                source.close()
+                raise
             except Exception as exc:
                 source_failures.append(exc)
-            finally:
                 source.close()
+                raise StopIteration from None
+            request = window_.request_for(index, frame)
+            with changed:
+                window_.hold(index, frame)
+                changed.notify_all()
+            return request
 
-        call = self._stub.SegmentStream(requests(), timeout=timeout, metadata=request_metadata(request_id))
+        def room(stale: Callable[[], bool]) -> bool:
+            # Blocks while the window is full; a stale call's sender (the stream was resumed) gives up.
+            with changed:
+                changed.wait_for(lambda: not window_.full or stopped.is_set() or stale())
+            if stopped.is_set():
+                try:
+                    source.close()  # the caller stopped: release the video file
+                except ValueError:  # being read by another call's sender at this moment; it stops next
+                    pass
+                return False
+            return not stale()
+
+        requests = ResumableRequests(pull, room)
+        calls: list[grpc.Call] = []
+
+        def new_call() -> Any:
+            call = self._stub.SegmentStream(
+                requests.attempt(), timeout=_left(deadline), metadata=request_metadata(request_id)
+            )
+            calls.append(call)
+            with changed:
+                changed.notify_all()  # wakes the stale call's sender, if any
+            return call
 
         def read_answers() -> None:
+            resumes = 0
             try:
-                for response in call:
-                    with changed:
-                        window_.answer(response)
-                        changed.notify_all()
-            except grpc.RpcError as exc:
-                if not stopped.is_set():
-                    failures.append(SegmentError.from_rpc_error(exc))
+                while True:
+                    call = new_call()
+                    try:
+                        for response in call:
+                            with changed:
+                                window_.answer(response)
+                                requests.answered(response.id)
+                                changed.notify_all()
+                            resumes = 0
+                        return
+                    except grpc.RpcError as exc:
+                        if stopped.is_set():
+                            return
+                        # The replica was lost mid-stream: the unanswered frames go to another one.
+                        if not resumable(exc, resumes, self.stream_resumes):
+                            failures.append(SegmentError.from_rpc_error(exc))
+                            return
+                        time.sleep(backoff(resumes))
+                        resumes += 1
             except SegmentError as exc:
                 failures.append(exc)
             finally:
@@ -192,8 +250,8 @@ class SegmentClient:
                     window_.answers_done = True
                     changed.notify_all()
 
-        # A reader of its own: with `every` > 1, frames become ready when taken from the source, with no
-        # answer to wake a caller that waits on the stream.
+        # A reader of its own, which also opens the calls: with `every` > 1, frames become ready when taken
+        # from the source, with no answer to wake a caller that waits on the stream.
         reader = threading.Thread(target=read_answers, name="segment-video-answers", daemon=True)
         reader.start()
         try:
@@ -213,7 +271,8 @@ class SegmentClient:
             window_.check_complete()
         finally:
             stopped.set()
-            call.cancel()  # type: ignore[no-untyped-call]
+            for call in list(calls):
+                call.cancel()  # type: ignore[no-untyped-call]
             with changed:
                 changed.notify_all()
 
