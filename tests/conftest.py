@@ -14,7 +14,7 @@ from PIL import Image
 from client import SegmentClient
 from tests.helpers import known_model
 from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
-from tests.helpers.certs import issue, openssl
+from tests.helpers.certs import make_certs
 from tests.helpers.images import encode, photo_like
 from tests.helpers.servers import ServerThread, known_settings, make_settings
 
@@ -59,12 +59,8 @@ def jpeg_bytes() -> bytes:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-            "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=segserve-test-ca", cwd=folder)  # fmt: skip
-    issue("server", folder, "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    issue("client", folder, "extendedKeyUsage=clientAuth\n")
-    return folder
+    """A CA, and a server and a client certificate it signed."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

@@ -33,3 +33,12 @@ def start(certs: Path, client_ca: bool) -> ServerThread:
             warmup=False,
         )
     )
+
+
+def make_certs(folder: Path) -> Path:
+    """A CA in `folder`, and a server (localhost, 127.0.0.1) and a client certificate it signed."""
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=segserve-test-ca", cwd=folder)  # fmt: skip
+    issue("server", folder, "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    issue("client", folder, "extendedKeyUsage=clientAuth\n")
+    return folder

@@ -30,7 +30,6 @@ from client import SegmentClient
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server.inference import tensors
-from tests.helpers.certs import issue, openssl
 from tests.helpers.certs import start as start_tls
 from tests.helpers.images import encode
 from tests.helpers.known_model import MODEL_NAME, Shape, render_scene
@@ -326,17 +325,6 @@ def test_http_calls_are_counted_by_protocol(base: str, images: list[bytes], know
     httpx.post(f"http://{base}/v1/segment", content=images[0], headers={"content-type": "image/png"}, timeout=60)
     httpx.post(f"http://{base}/v2/models/{MODEL_NAME}/infer", json={"inputs": []}, timeout=60)
     assert (count("segment-http", "OK"), count("inference-http", "INVALID_ARGUMENT")) == (before[0] + 1, before[1] + 1)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, and a server and a client certificate it signed (as tests/grpc/test_tls.py makes them)."""
-    folder = tmp_path_factory.mktemp("certs")
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-            "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=segserve-test-ca", cwd=folder)  # fmt: skip
-    issue("server", folder, "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    issue("client", folder, "extendedKeyUsage=clientAuth\n")
-    return folder
 
 
 def test_the_http_port_takes_the_grpc_tls_settings(certs: Path) -> None:
