@@ -95,14 +95,26 @@ class Cluster:
         server, token, context = self._api()
 
         def loop() -> None:
+            # Each watch call resumes from the last resourceVersion seen, so nothing is missed between calls
+            # (a new watch without one starts from now: a pod deleted in the gap would never be seen).
+            version = ""
             while not stop.is_set():
-                request = urllib.request.Request(server + path, headers={"Authorization": f"Bearer {token}"})
+                url = f"{server}{path}&timeoutSeconds=20&allowWatchBookmarks=true"
+                if version:
+                    url += f"&resourceVersion={version}"
+                request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
                 try:
-                    with urllib.request.urlopen(request, context=context, timeout=5) as response:
+                    with urllib.request.urlopen(request, context=context, timeout=30) as response:
                         for line in response:
                             if stop.is_set():
                                 return
-                            on_event(json.loads(line))
+                            event = json.loads(line)
+                            if event.get("type") == "ERROR":  # too old a version: start again from now
+                                version = ""
+                                break
+                            version = event.get("object", {}).get("metadata", {}).get("resourceVersion", version)
+                            if event.get("type") != "BOOKMARK":
+                                on_event(event)
                 except (OSError, ValueError):
                     time.sleep(0.2)
 
