@@ -20,8 +20,9 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,25 +260,12 @@ def test_cli_accepts_a_multi_address_target(replicas: list[Replica], tmp_path: P
 
 def test_killed_replica_costs_no_request(replicas: list[Replica]) -> None:
     victim = replicas[2]
-    url = metrics_url(victim)
-    killed, calls_done = threading.Event(), threading.Event()
-
-    def kill_once_busy() -> None:
-        """SIGKILL (no draining: calls in flight are cut) only while the victim holds calls."""
-        while not calls_done.is_set():
-            if queue_depth(url) > 0:
-                victim.process.kill()
-                killed.set()
-                return
-
     with SegmentClient(ipv4_target(replicas), timeout=30) as client:
         assert segment_all(client, 12, concurrency=3) == []
-        killer = threading.Thread(target=kill_once_busy, daemon=True)
-        killer.start()
-        # Large images: calls stay in flight longer, and are retried only thanks to the client's retry buffer.
-        errors = segment_all(client, 40, concurrency=3, image=LARGE_IMAGE)
-        calls_done.set()
-        killer.join(10)
+        # SIGKILL (no draining: calls in flight are cut) only while the victim holds calls.
+        with once_busy(victim, victim.process.kill) as killed:
+            # Large images: calls stay in flight longer, and are retried only thanks to the client's retry buffer.
+            errors = segment_all(client, 40, concurrency=3, image=LARGE_IMAGE)
     assert killed.is_set(), "the victim never held a call, so nothing was cut"
     assert victim.process.wait(10) == -signal.SIGKILL
     assert errors == [], errors
@@ -331,30 +319,40 @@ def queue_depth(url: str) -> float:
     return float(found[1])
 
 
+@contextmanager
+def once_busy(victim: Replica, act: Callable[[], None]) -> Iterator[threading.Event]:
+    """Runs `act` once, the first time the victim holds admitted requests, while the block runs; the event
+    yielded says whether it did."""
+    url = metrics_url(victim)
+    done, acted = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if queue_depth(url) > 0:
+                act()
+                acted.set()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield acted
+    finally:
+        done.set()
+        watcher.join(10)
+
+
 def test_draining_replica_costs_no_request(replicas: list[Replica]) -> None:
     """SIGTERM: the replica says NOT_SERVING, sends GOAWAY and finishes what it has; clients move on."""
     alive = [r for r in replicas if r.process.poll() is None]
     assert len(alive) >= 2
     victim = alive[0]
-    url = metrics_url(victim)
-    signalled, calls_done = threading.Event(), threading.Event()
-
-    def drain_once_busy() -> None:
-        """SIGTERM only while the victim holds requests, so that draining has something to finish."""
-        while not calls_done.is_set():
-            if queue_depth(url) > 0:
-                victim.process.send_signal(signal.SIGTERM)
-                signalled.set()
-                return
-
     with SegmentClient(ipv4_target(alive), timeout=30) as client:
         assert segment_all(client, 6, concurrency=2) == []
-        drainer = threading.Thread(target=drain_once_busy, daemon=True)
-        drainer.start()
-        # Large images: each call stays in flight long enough for the signal to land inside one.
-        errors = segment_all(client, 60, concurrency=3, image=LARGE_IMAGE)
-        calls_done.set()
-        drainer.join(10)
+        # SIGTERM only while the victim holds requests, so that draining has something to finish.
+        with once_busy(victim, lambda: victim.process.send_signal(signal.SIGTERM)) as signalled:
+            # Large images: each call stays in flight long enough for the signal to land inside one.
+            errors = segment_all(client, 60, concurrency=3, image=LARGE_IMAGE)
     assert signalled.is_set(), "the replica never held a request"
     assert victim.process.wait(15) == 0, victim.log_tail()
     assert errors == [], errors
