@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from bench.loadgen import load_images
+from bench.thread_account import process_cpu_s
 from server.core.imaging import Limits, decode_image
-from server.core.mask_png import mask_png_at
-from server.core.postprocess import VOC_PALETTE, class_shares_of_upsampled
+from server.core.mask_png import mask_png_and_shares
+from server.core.postprocess import VOC_PALETTE
 from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
 from server.settings import Settings
@@ -34,8 +35,7 @@ def _one_batch(runtime: Runtime, settings: Settings, batch: list[bytes], limits:
     decoded = [decode_image(data, settings.max_size, limits) for data in batch]
     labels = runtime.predict([np.asarray(d.model_input, dtype=np.uint8) for d in decoded])
     for label_map, image in zip(labels, decoded, strict=True):
-        mask_png_at(label_map, image.original_size, VOC_PALETTE)
-        class_shares_of_upsampled(label_map, image.original_size, runtime.facts.labels)
+        mask_png_and_shares(label_map, image.original_size, VOC_PALETTE, runtime.facts.labels)
 
 
 def measure(
@@ -75,6 +75,7 @@ def measure(
     per_window: list[float] = []
     latencies: dict[str, list[float]] = {}
     step([0] * per_step)  # first call per batch shape is slow
+    cpu_before, images_done = process_cpu_s(), 0
     for _ in range(windows):
         done, started = 0, time.monotonic()
         while time.monotonic() - started < window_s:
@@ -86,12 +87,15 @@ def measure(
                 latencies.setdefault(images[chosen[0]][0], []).append(time.monotonic() - t0)
             done += per_step
         per_window.append(done / (time.monotonic() - started))
+        images_done += done
     by_kind = {kind: {"count": len(v), "p50_ms": float(np.median(v) * 1000)} for kind, v in sorted(latencies.items())}
     return {
         "batch_size": batch_size,
         "throughput": statistics.median(per_window),
         "throughput_windows": per_window,
         "by_kind": by_kind,
+        # Every thread of this process: the model's, and for the full path decoding's and encoding's too.
+        "core_ms_per_image": (process_cpu_s() - cpu_before) * 1000 / max(1, images_done),
     }
 
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import perf_analyzer
+from bench import perf_analyzer, thread_account
 from bench.images import image_set
 from bench.plot import plot
 from bench.report import update_performance_doc
@@ -49,6 +49,8 @@ SMOKE = {"concurrency": "1,8", "batch_sizes": "1,2", "warmup": 0.5, "duration": 
 RUNTIME_TARGET_CONCURRENCY = 8
 # perf_analyzer's steps: the single caller and the runtime target's concurrency, beside loadgen's same steps.
 OIP_CONCURRENCY = (1, 8)
+# The step whose CPU is accounted for by thread (issue 30's target: served / model alone at concurrency 8).
+ACCOUNT_CONCURRENCY = 8
 # The other runtimes' in-process rows: the batch sizes that matter on a CPU, and fewer windows, so that
 # `make bench` stays under 15 minutes on 2 cores.
 OTHER_RUNTIME_BATCH_SIZES = "1,4"
@@ -123,15 +125,21 @@ def served_sweep(
         with SegmentClient(f"127.0.0.1:{port}") as client:
             _wait_until_serving(client, server, Path(server_log.name))
             ready_s = time.monotonic() - started
-            steps = _json_lines(
-                [
-                    sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{port}", "--images", str(images),
-                    "--concurrency", concurrency or args.concurrency, "--warmup", str(args.warmup),
-                    "--duration", str(args.duration), "--repeats", str(args.repeats),
-                ],
-                env,
-                timeout=3600,
-            )  # fmt: skip
+            steps: list[dict[str, Any]] = []
+            account: dict[str, Any] = {}
+            for part in _split_at(concurrency or args.concurrency, ACCOUNT_CONCURRENCY if oip else None):
+                if part == str(ACCOUNT_CONCURRENCY) and oip:
+                    before, images_before = thread_account.snapshot(server.pid), _images_served(client)
+                    steps += _loadgen(port, images, part, args, env)
+                    spent = thread_account.cpu_by_group(before, thread_account.snapshot(server.pid), server.pid)
+                    served_images = _images_served(client) - images_before
+                    account = {
+                        "concurrency": ACCOUNT_CONCURRENCY,
+                        "images": served_images,
+                        "core_ms_per_image": {k: v * 1000 / max(1, served_images) for k, v in spent.items()},
+                    }
+                else:
+                    steps += _loadgen(port, images, part, args, env)
             info = client.model_info()  # before perf_analyzer: batch_sizes are the loadgen sweep's
             oip_steps = oip_sweep(info.model, {"grpc": port, "http": http_port}, images, args) if oip else []
         return {
@@ -140,12 +148,39 @@ def served_sweep(
             "ready_s": ready_s,
             "steps": steps,
             "oip_steps": oip_steps,
+            "thread_account": account,
             "batch_sizes": list(info.batch_sizes),
             "runtime": info.runtime,
         }
     finally:
         stop_server(server)
         server_log.close()
+
+
+def _loadgen(port: int, images: Path, concurrency: str, args: argparse.Namespace, env: dict[str, str]) -> list[Any]:
+    return _json_lines(
+        [
+            sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{port}", "--images", str(images),
+            "--concurrency", concurrency, "--warmup", str(args.warmup),
+            "--duration", str(args.duration), "--repeats", str(args.repeats),
+        ],
+        env,
+        timeout=3600,
+    )  # fmt: skip
+
+
+def _split_at(concurrency: str, alone: int | None) -> list[str]:
+    """The sweep's steps as loadgen runs: all in one run, or with step `alone` in a run of its own (so that the
+    per-thread CPU account covers that step only)."""
+    steps = concurrency.split(",")
+    if alone is None or str(alone) not in steps:
+        return [concurrency]
+    at = steps.index(str(alone))
+    return [",".join(part) for part in (steps[:at], [str(alone)], steps[at + 1 :]) if part]
+
+
+def _images_served(client: SegmentClient) -> int:
+    return sum(size * count for size, count in enumerate(client.model_info().batch_sizes, start=1))
 
 
 def oip_sweep(model: str, ports: dict[str, int], images: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -278,6 +313,7 @@ def merge_inprocess_runs(before: list[dict[str, Any]], after: list[dict[str, Any
                 "throughput": statistics.median(windows),
                 "throughput_windows": windows,
                 "by_kind": by_kind,
+                "core_ms_per_image": statistics.mean(r.get("core_ms_per_image", 0.0) for r in (first, second)),
             }
         )
     return merged

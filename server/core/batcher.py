@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from server.core.batch_sizing import BatchSizer
+from server.core.thread_names import MODEL, naming
 from server.errors import RequestExpired
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class Batcher(Generic[In, Out]):
         self.instances = instances
         self._on_batch = on_batch
         """Told of each batch the model ran: its size and the seconds it took (the model's statistics)."""
-        self._executor = executor or ThreadPoolExecutor(max_workers=instances, thread_name_prefix="model")
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=instances, thread_name_prefix="model", initializer=naming(MODEL)
+        )
         self._running: set[asyncio.Task[None]] = set()
         self._groups: dict[Hashable, deque[_Pending[In, Out]]] = {}
         self._on_the_way = 0

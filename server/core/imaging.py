@@ -97,13 +97,16 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
     return image
 
 
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
+def _orientation(image: Image.Image) -> int:
     try:
-        orientation = image.getexif().get(0x0112, 1)
+        return int(image.getexif().get(0x0112, 1))
     except Exception:
-        orientation = 1
+        return 1
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
     width, height = image.size
-    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+    return (height, width) if _orientation(image) in _SWAPPING_ORIENTATIONS else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -137,7 +140,10 @@ def decode_image(data: bytes, max_side: int, limits: Limits, keep_full: bool = F
         if not keep_full and image.format == "JPEG" and target != image.size:
             image.draft("RGB", target)
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        # Only when there is something to undo: without an orientation, exif_transpose returns a copy
+        # (0.4 ms of a 640x480 photo's 6 ms of decoding) of the same pixels.
+        if _orientation(image) not in (0, 1):
+            image = ImageOps.exif_transpose(image) or image
         rgb = to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as exc:
         raise ImageTooLarge(f"image too large to decode: {exc}") from None

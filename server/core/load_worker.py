@@ -26,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
+from server.core.thread_names import MODEL_LOAD, naming
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -72,7 +74,7 @@ class LoadWorker(ThreadPoolExecutor):
     started given nice 0 back at its end."""
 
     def __init__(self, nice: int = LOAD_NICE) -> None:
-        super().__init__(max_workers=1, thread_name_prefix="model-load")
+        super().__init__(max_workers=1, thread_name_prefix="model-load", initializer=naming(MODEL_LOAD))
         self.nice = nice if nice and can_restore_priority() else 0
         if nice and not self.nice:
             log.info("model loads run at normal priority: lowering it needs CAP_SYS_NICE to restore it after")

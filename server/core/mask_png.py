@@ -16,7 +16,15 @@ import zlib
 
 import numpy as np
 
-from server.core.postprocess import encode_mask_png, nearest_sources, upsample_labels
+from server.core.postprocess import (
+    ClassShare,
+    class_shares,
+    class_shares_of_upsampled,
+    encode_mask_png,
+    nearest_sources,
+    upsample_labels,
+)
+from server.labels import Label
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ADLER_MOD = 65521
@@ -85,8 +93,13 @@ UPSAMPLE_FROM = 3
 3.7 ms for 1024x768; at 3x 4.3 vs 6.5 ms; at 8x 9 vs 38 ms)."""
 
 
-def mask_png_at(label_map: np.ndarray, size: tuple[int, int], palette: bytes) -> bytes:
-    """The palette PNG of `label_map` at `size`, by whichever path is cheaper for this much upsampling."""
+def mask_png_and_shares(
+    label_map: np.ndarray, size: tuple[int, int], palette: bytes, labels: tuple[Label, ...]
+) -> tuple[bytes, list[ClassShare]]:
+    """The palette PNG of `label_map` at `size` and its class shares, by whichever path is cheaper for this
+    much upsampling. Where the full-size mask is made anyway, its histogram gives the shares (0.2 ms for
+    640x480, against 1.4 ms for the weighted count of the small map, which needs no full-size mask)."""
     if size[1] >= UPSAMPLE_FROM * label_map.shape[0]:
-        return encode_upsampled_mask_png(label_map, size, palette)
-    return encode_mask_png(upsample_labels(label_map, size), palette)
+        return encode_upsampled_mask_png(label_map, size, palette), class_shares_of_upsampled(label_map, size, labels)
+    mask = upsample_labels(label_map, size)
+    return encode_mask_png(mask, palette), class_shares(mask, labels)

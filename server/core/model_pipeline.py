@@ -24,17 +24,19 @@ from server.core.allocator import give_back_freed_memory
 from server.core.batch_sizing import BatchSizer
 from server.core.batcher import Batcher
 from server.core.imaging import Limits, decode_full_image, decode_image, image_from_pixels
-from server.core.mask_png import mask_png_at
+from server.core.mask_png import mask_png_and_shares
 from server.core.memory import resident_bytes
 from server.core.postprocess import (
     ClassShare,
     blend_overlay,
+    class_shares,
     class_shares_of_upsampled,
     encode_mask_png,
     encode_png,
     upsample_labels,
 )
 from server.core.statistics import ModelStatistics
+from server.core.thread_names import RUNTIME, os_thread_named
 from server.core.types import SegmentOptions, SegmentResult, Timing
 from server.errors import InvalidOptions, ModelLoadError
 from server.labels import Label, palette_of
@@ -127,7 +129,7 @@ class ModelPipeline:
         self.reason = phase
 
     def _build_runtime(self) -> Runtime:
-        with progress.reporting_to(self._note_phase):
+        with progress.reporting_to(self._note_phase), os_thread_named(RUNTIME):
             return self._runtime_factory(self.settings, self.config.labels)
 
     async def start(self) -> None:
@@ -178,9 +180,11 @@ class ModelPipeline:
         assert self.runtime is not None
         side = self.settings.max_size
         started = time.monotonic()
-        for width, height in {(side, side * 3 // 4), (side * 3 // 4, side), (side, side)}:
-            for _ in range(self.settings.model_instances):  # each instance pays its own first call of a shape
-                self.runtime.predict([np.zeros((height, width, 3), dtype=np.uint8)])
+        # A runtime that starts its threads on first use (OpenVINO's) names them after this one.
+        with os_thread_named(RUNTIME):
+            for width, height in {(side, side * 3 // 4), (side * 3 // 4, side), (side, side)}:
+                for _ in range(self.settings.model_instances):  # each instance pays its own first call of a shape
+                    self.runtime.predict([np.zeros((height, width, 3), dtype=np.uint8)])
         log.info("warm-up of %s done in %.0f ms", self.name, (time.monotonic() - started) * 1000)
 
     def became_idle(self) -> None:
@@ -270,14 +274,13 @@ class ModelPipeline:
     def _postprocess(
         self, labels: np.ndarray, size: tuple[int, int], options: SegmentOptions
     ) -> tuple[bytes, list[ClassShare], np.ndarray | None]:
-        shares = class_shares_of_upsampled(labels, size, self.labels)
         if not (options.mask_png or options.label_map):
-            return b"", shares, None
+            return b"", class_shares_of_upsampled(labels, size, self.labels), None
         if not options.label_map:  # the PNG alone never needs the full-size mask in memory
-            return mask_png_at(labels, size, self.palette), shares, None
+            return *mask_png_and_shares(labels, size, self.palette, self.labels), None
         mask = upsample_labels(labels, size)
         mask_png = encode_mask_png(mask, self.palette) if options.mask_png else b""
-        return mask_png, shares, np.asarray(mask)
+        return mask_png, class_shares(mask, self.labels), np.asarray(mask)
 
     def _render_overlay(
         self, labels: np.ndarray, size: tuple[int, int], data: bytes | np.ndarray, opacity: float

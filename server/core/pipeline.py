@@ -22,6 +22,7 @@ from server.core.imaging import Limits, image_size, let_pillow_accept
 from server.core.load_worker import LoadWorker
 from server.core.model_pipeline import ModelPipeline, RuntimeFactory, Workers
 from server.core.stream_bytes import StreamBudget
+from server.core.thread_names import OVERLAY, PREPOST, naming
 from server.core.types import SegmentOptions, SegmentResult
 from server.errors import ModelLoadError, NotReady, TooManyModels
 from server.labels import Label
@@ -48,11 +49,15 @@ class SegmentationPipeline:
         self.settings = settings
         self.limits = Limits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         let_pillow_accept(settings.max_image_pixels)
-        self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="prepost")
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.worker_threads, thread_name_prefix="prepost", initializer=naming(PREPOST)
+        )
         # Overlays are the one step that needs the full-size image (and a few full-size copies while
         # blending): one at a time bounds that memory whatever is queued, and small requests' decoding
         # and masks never wait behind seconds of overlay work in the shared pool.
-        self._overlay_pool = ThreadPoolExecutor(max_workers=OVERLAY_WORKERS, thread_name_prefix="overlay")
+        self._overlay_pool = ThreadPoolExecutor(
+            max_workers=OVERLAY_WORKERS, thread_name_prefix="overlay", initializer=naming(OVERLAY)
+        )
         self.workers = Workers(self._pool, self._overlay_pool, self.limits)
         # Loads at run time (model control) run here, never on the requests' pool (server/core/load_worker.py).
         self._load_worker = LoadWorker()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.core import mask_png
 from server.core.mask_png import encode_upsampled_mask_png
 from server.core.postprocess import (
     VOC_PALETTE,
@@ -91,12 +92,21 @@ def test_the_direct_png_has_the_pixels_and_palette_of_the_upsampled_mask(
 
 
 def test_the_served_path_picks_the_direct_png_for_large_upsampling_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.core import mask_png
-
     used: list[str] = []
     real = mask_png.encode_upsampled_mask_png
     monkeypatch.setattr(mask_png, "encode_upsampled_mask_png", lambda *a: used.append("direct") or real(*a))
     label_map = np.zeros((384, 512), np.uint8)
-    mask_png.mask_png_at(label_map, (4000, 3000), VOC_PALETTE)
-    mask_png.mask_png_at(label_map, (640, 480), VOC_PALETTE)
+    mask_png.mask_png_and_shares(label_map, (4000, 3000), VOC_PALETTE, LABELS)
+    mask_png.mask_png_and_shares(label_map, (640, 480), VOC_PALETTE, LABELS)
     assert used == ["direct"]
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (640, 480), (512, 384)])
+def test_the_served_paths_shares_and_png_are_the_plain_ones(size: tuple[int, int]) -> None:
+    # Both paths: the direct PNG with the weighted count (4000x3000), the full-size mask and its histogram.
+    label_map = np.random.default_rng(size[0]).integers(0, 21, (384, 512)).astype(np.uint8)
+    label_map[:200, :300] = 0  # a large share of one class, as real masks have
+    png, shares = mask_png.mask_png_and_shares(label_map, size, VOC_PALETTE, LABELS)
+    mask = upsample_labels(label_map, size)
+    assert shares == class_shares(mask, LABELS)
+    assert np.array_equal(_decoded(png)[0], np.asarray(mask))
