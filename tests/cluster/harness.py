@@ -142,8 +142,7 @@ class Cluster:
         if self.local_state is None:
             return "(logs of deleted pods only from the local cluster)"
         found = []
-        for number in range(1, int(self.env["NODES"]) + 1):
-            engine = ["docker", "-H", f"unix://{self.env['RUNDIR']}/n{number}/docker.sock"]
+        for number, engine in self.node_engines():
             listed = run(
                 [
                     *engine,
@@ -160,6 +159,15 @@ class Cluster:
                 done = run([*engine, "logs", "--timestamps", "--tail", str(tail), container], check=False)
                 found.append(f"--- {pod} on n{number}:\n{done.stdout}{done.stderr}")
         return "\n".join(found) or f"(no container of {pod} left)"
+
+    def node_engines(self) -> list[tuple[int, list[str]]]:
+        """Each node's number and the docker command line of its engine (local cluster only, else none)."""
+        if self.local_state is None:
+            return []
+        return [
+            (number, ["docker", "-H", f"unix://{self.env['RUNDIR']}/n{number}/docker.sock"])
+            for number in range(1, int(self.env["NODES"]) + 1)
+        ]
 
     @property
     def can_lose_nodes(self) -> bool:
@@ -307,8 +315,11 @@ class ContainerExit:
 
 
 class PodWatch:
-    """Every segserve container that terminated while the watch ran, with its exit code, from the pods' watch:
-    a pod's final status is gone from the API once it is deleted."""
+    """Every segserve container that terminated while the watch ran, with its exit code: from the pods' watch
+    (a pod's final status is gone from the API once it is deleted), and on the local cluster also from each
+    node's engine, whose `die` events carry the exit code. Kubelet 1.20 can delete a pod before the status
+    that says its container terminated reaches the API, so the API's watch alone missed old pods' exits
+    (seen in a fresh-clone run: 60 s of waiting for statuses that never came)."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -318,6 +329,26 @@ class PodWatch:
         self._stop = threading.Event()
         path = f"/api/v1/namespaces/{NAMESPACE}/pods?watch=1&labelSelector={SELECTOR}"
         self._thread = cluster.watch(path, self._event, self._stop)
+        self._engine_events = [self._die_events(engine) for _, engine in cluster.node_engines()]
+        for events in self._engine_events:
+            threading.Thread(target=self._read_engine, args=(events,), daemon=True).start()
+
+    @staticmethod
+    def _die_events(engine: list[str]) -> subprocess.Popen[str]:
+        command = [*engine, "events", "--filter", "type=container", "--filter", "event=die"]
+        command += ["--filter", "label=io.kubernetes.container.name=segserve", "--format", "{{json .}}"]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def _read_engine(self, events: subprocess.Popen[str]) -> None:
+        assert events.stdout is not None
+        for line in events.stdout:
+            try:
+                event = json.loads(line)
+                attributes = event["Actor"]["Attributes"]
+                pod, code = attributes["io.kubernetes.pod.name"], int(attributes["exitCode"])
+            except (ValueError, KeyError):
+                continue
+            self._exited(ContainerExit(pod, code, str(event.get("time", "")), None, None))
 
     def _event(self, event: dict[str, Any]) -> None:
         pod = event.get("object", {})
@@ -325,18 +356,25 @@ class PodWatch:
         for status in pod.get("status", {}).get("containerStatuses") or []:
             terminated = status.get("state", {}).get("terminated")
             if terminated:
-                name = metadata["name"]
-                if int(terminated["exitCode"]) != 0 and name not in self.logs:
-                    self.logs[name] = "(being fetched)"
-                    threading.Thread(target=self._fetch_log, args=(name,), daemon=True).start()
-                with self._lock:
-                    self.exits[metadata["name"]] = ContainerExit(
+                self._exited(
+                    ContainerExit(
                         metadata["name"],
                         int(terminated["exitCode"]),
                         terminated.get("finishedAt", ""),
                         metadata.get("deletionTimestamp"),
                         metadata.get("deletionGracePeriodSeconds"),
                     )
+                )
+
+    def _exited(self, ended: ContainerExit) -> None:
+        if ended.exit_code != 0 and ended.pod not in self.logs:
+            self.logs[ended.pod] = "(being fetched)"
+            threading.Thread(target=self._fetch_log, args=(ended.pod,), daemon=True).start()
+        with self._lock:
+            # Both sources may report one exit; a non-zero code from either is kept.
+            known = self.exits.get(ended.pod)
+            if known is None or known.exit_code == 0:
+                self.exits[ended.pod] = ended
 
     def _fetch_log(self, name: str) -> None:
         try:
@@ -346,5 +384,8 @@ class PodWatch:
 
     def stop(self) -> dict[str, ContainerExit]:
         self._stop.set()
+        for events in self._engine_events:
+            events.terminate()
+            events.wait(10)
         with self._lock:
             return dict(self.exits)
