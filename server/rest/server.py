@@ -27,7 +27,11 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening-ready socket on the gRPC bind address ("[::]" and "0.0.0.0" as gRPC takes them)."""
     address = host.strip("[]")
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Naming the protocol matters: asyncio turns Nagle's algorithm off only on sockets whose proto is
+    # IPPROTO_TCP, and a socket made with proto 0 passes that 0 on to every connection it accepts. With Nagle
+    # on, uvicorn's two writes of a response (head, then body) met the client's delayed ACK: every HTTP call
+    # took 40 ms longer than its work (a 640x480 photo: 142 ms against Segment's 99 ms at concurrency 1).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "[::]" takes IPv4 too, as gRPC's does
