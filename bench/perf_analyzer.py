@@ -41,9 +41,20 @@ def environment() -> dict[str, str]:
     return {**os.environ, "LD_LIBRARY_PATH": f"{library}:{inherited}" if inherited else library}
 
 
+def input_data_order(count: int) -> list[int]:
+    """Which image each of perf_analyzer's --input-data entries holds: count**2 entries, entry j image
+    (j + j // count) % count. perf_analyzer at concurrency C takes every C-th entry (measured with 8 entries:
+    at concurrency 8 it sent the first one only, at 4 the first and fifth), so one entry per image would
+    send another mix of images at each concurrency. In this order a walk of any stride that divides `count`,
+    or is prime to it, from any entry, meets every image equally often."""
+    return [(j + j // count) % count for j in range(count * count)]
+
+
 def write_input_data(images: Sequence[bytes], path: Path) -> Path:
-    """perf_analyzer's --input-data: one entry per image, each a BYTES tensor as base64 of its raw layout."""
-    entries = [{"IMAGE": {"b64": base64.b64encode(tensors.to_raw([image])).decode()}} for image in images]
+    """perf_analyzer's --input-data: each entry a BYTES tensor as base64 of an image's raw layout, in
+    input_data_order so that every concurrency sends the same mix of images that loadgen sends."""
+    encoded = [{"IMAGE": {"b64": base64.b64encode(tensors.to_raw([image])).decode()}} for image in images]
+    entries = [encoded[k] for k in input_data_order(len(images))]
     path.write_text(json.dumps({"data": entries}))
     return path
 

@@ -10,9 +10,12 @@ MAX_RECEIVE_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Per-call balancing over every address a target resolves to (dns:///name:port, ipv4:a:p,b:p), and
-# a retry, on another replica, of calls that failed with UNAVAILABLE before any response arrived
-# (a replica that died or drained mid-call). Every Segmenter method is safe to repeat: none has side
-# effects. gRPC retries a call only until its first response arrives and while what it sent still fits
+# a retry, on another replica, of calls that failed with UNAVAILABLE or CANCELLED before any response
+# arrived (a replica that died or drained mid-call). Every Segmenter method is safe to repeat: none has
+# side effects. CANCELLED because gRPC's own stop answers so for the calls it had taken in but not yet
+# handed to a handler (grpc/grpc#41785, still so in grpcio 1.85): a replica that stops while callers keep
+# coming sends some. Their caller did not cancel them, and gRPC never retries a call its caller cancelled.
+# gRPC retries a call only until its first response arrives and while what it sent still fits
 # the per-call retry buffer (RETRY_BUFFER_BYTES), so a SegmentStream that has started answering is
 # never replayed. No waitForReady: with every replica down a call fails at once rather than waiting
 # for its deadline. Client-side health checking: each replica's health is watched, and one that says
@@ -30,7 +33,7 @@ SERVICE_CONFIG = {
                 "initialBackoff": "0.1s",
                 "maxBackoff": "1s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ],

@@ -1,9 +1,11 @@
 """What a drain waits for: the calls of segserve's own services still in progress, and the last arrival.
 
 A shutdown that stops gRPC while calls are still arriving cancels the ones gRPC has taken in but not yet
-handed to a handler: the caller sees CANCELLED, which it must not retry. So App.stop keeps the server
-answering (new calls refused with UNAVAILABLE, which clients retry elsewhere) until the admitted calls
-are done and callers have stopped arriving, and only then stops gRPC. Health checks and reflection are
+handed to a handler: the caller sees CANCELLED (grpc/grpc#41785; the GOAWAY and that cancelling are one
+call, so no server can avoid it for callers that never stop). So App.stop keeps the server answering (new
+calls refused with UNAVAILABLE, which clients retry elsewhere) until the admitted calls are done and
+callers have stopped arriving, and only then stops gRPC; segserve's client also retries CANCELLED, for the
+callers that kept arriving past MAX_LULL_WAIT_S. Health checks and reflection are
 not counted: client-side health watches stay open for as long as the channel does.
 """
 

@@ -163,6 +163,7 @@ def test_drain_a_node_under_load(two_replicas: Cluster, target: str) -> None:
     pdb = cluster.get("pdb", SERVICE)
     assert pdb["spec"]["maxUnavailable"] == 1 and pdb["status"]["disruptionsAllowed"] == 1, pdb
     node = pods(cluster)[0].node
+    on_node = sum(p.node == node for p in pods(cluster))
     with Load(target) as load:
         time.sleep(5)
         started = time.monotonic()
@@ -172,7 +173,9 @@ def test_drain_a_node_under_load(two_replicas: Cluster, target: str) -> None:
         time.sleep(3)
     cluster.kubectl("uncordon", node)
     counts = load.counts
-    report("drain", counts, back_s, drained_node=node, drain_s=round(time.monotonic() - started, 1))
+    report(
+        "drain", counts, back_s, drained_node=node, replicas_on_it=on_node, drain_s=round(time.monotonic() - started, 1)
+    )
     assert_nothing_lost(counts)
 
 

@@ -26,6 +26,8 @@ BASE = K8S / "base"
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # The venv's own (a pinned version) before one on PATH.
 KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+# gRPC's grpc.dns_min_time_between_resolutions_ms, which the client leaves at its default.
+GRPC_DNS_MIN_RESOLUTION_INTERVAL_S = 30
 
 Manifest = dict[str, Any]
 
@@ -122,6 +124,9 @@ def test_pieces_fit_together() -> None:
     settings = Settings(**settings_env)  # type: ignore[arg-type]
     assert settings.grace_period_s < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert settings.max_connection_age_s > 0
+    # A rolling update waits for clients to re-resolve (gRPC: at most once in 30 s) before the next old
+    # pod goes, or a client can hold only old pods' addresses.
+    assert deployment["spec"]["minReadySeconds"] > GRPC_DNS_MIN_RESOLUTION_INTERVAL_S
 
 
 @pytest.mark.parametrize("overlay", ["base", "gpu"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,41 @@ def test_perf_analyzer_over_http_with_no_request_parameters_costs_what_a_segment
         return options.mask_png, options.label_map, options.overlay, options.max_size
 
     assert {work(options) for options in asked} == {work(segment_call)} == {(True, False, False, 0)}
+
+
+def test_the_input_data_order_meets_every_image_equally_at_every_stride() -> None:
+    order = perf_analyzer.input_data_order(8)
+    for stride in (1, 2, 3, 4, 8):
+        for start in range(len(order)):
+            walk = [order[(start + stride * k) % len(order)] for k in range(len(order))]
+            assert sorted(Counter(walk).values()) == [len(order) // 8] * 8, (stride, start)
+
+
+@pytest.mark.slow
+def test_perf_analyzer_at_concurrency_4_sends_every_image_of_the_bench_data(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """perf_analyzer at concurrency C takes every C-th --input-data entry: with one entry per image, at 4 it
+    sent the first image only. The bench's order must send the images in the mix loadgen sends."""
+    assert PERF_ANALYZER, "perf_analyzer comes with tritonclient's x86_64 wheel (the dev extra)"
+    model = server.app.pipeline.models.get("")
+    images = [encode(Image.new("RGB", (40 + 8 * k, 30 + 6 * k), (50 * k, 90, 160))) for k in range(4)]
+    sent: Counter[int] = Counter()
+    segment = model.segment
+
+    async def spy(data: Any, options: SegmentOptions, deadline: float | None) -> Any:
+        sent[images.index(bytes(data))] += 1
+        return await segment(data, options, deadline)
+
+    monkeypatch.setattr(model, "segment", spy)
+    done = subprocess.run(
+        [PERF_ANALYZER, "-m", model.name, "-i", "grpc", "-u", f"127.0.0.1:{server.port}",
+         "--input-data", str(perf_analyzer.write_input_data(images, tmp_path / "input.json")),
+         "--concurrency-range", "4:4", "--measurement-interval", "1000", "--stability-percentage", "100",
+         "--max-trials", "3"],
+        env=perf_analyzer.environment(),
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert sorted(sent) == [0, 1, 2, 3], f"images sent (index: requests): {dict(sent)}"
+    assert max(sent.values()) <= 2 * min(sent.values()), f"images sent (index: requests): {dict(sent)}"

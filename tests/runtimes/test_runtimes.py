@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from server.errors import ModelLoadError
-from server.runtimes import factory, selection
+from server.runtimes import cpu_features, factory, selection
 from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
+from server.runtimes.openvino_runtime import OpenVinoRuntime, compiled_precision, ov
 from tests.helpers.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, random_shapes, render_scene
 from tests.helpers.servers import known_settings, make_settings
 
@@ -196,6 +197,32 @@ def test_descriptions_name_the_engine(known_runtimes: dict[str, Runtime]) -> Non
     assert "CPUExecutionProvider" in known_runtimes["onnxruntime"].description
     assert known_runtimes["openvino"].description.startswith("openvino 20")
     assert known_runtimes["torch"].description.startswith(f"torch {torch.__version__} eager (cpu, fp32")
+
+
+def test_openvino_bf16_says_what_the_cpu_computes(known_weights: Path, graph_cache: Path) -> None:
+    """bf16 where the CPU has bf16 units (OpenVINO then computes bf16: its masks differ slightly from fp32's),
+    fp32 where it lacks them (OpenVINO ignores the hint); the description says the same."""
+    runtime = create_runtime(
+        known_settings(known_weights, runtime="openvino", precision="bf16", cache_dir=str(graph_cache))
+    )
+    assert isinstance(runtime, OpenVinoRuntime)
+    native = cpu_features.native_bf16()
+    assert compiled_precision(runtime.compiled) == ("bf16" if native else "f32")
+    assert runtime.precision == ("bf16" if native else "fp32"), runtime.description
+    assert ("CPU, bf16, " in runtime.description) == native, runtime.description
+
+
+def test_openvino_compiled_precision_reads_the_type_not_its_repr() -> None:
+    class Compiled:
+        def __init__(self, hint: ov.Type) -> None:
+            self.hint = hint
+
+        def get_property(self, name: str) -> ov.Type:
+            assert name == "INFERENCE_PRECISION_HINT"
+            return self.hint
+
+    assert compiled_precision(Compiled(ov.Type.bf16)) == "bf16"  # type: ignore[arg-type]
+    assert compiled_precision(Compiled(ov.Type.f32)) == "f32"  # type: ignore[arg-type]
 
 
 def test_int8_is_opt_in_and_still_segments(known_weights: Path, tmp_path: Path) -> None:
