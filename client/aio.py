@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -22,7 +22,16 @@ from client.frames import (
     VideoInput,
     frame_source,
 )
-from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
+from client.messages import (
+    PROGRESS_POLL_S,
+    UPLOAD_THRESHOLD,
+    ImageInput,
+    Options,
+    load_deadline,
+    load_phase,
+    single_call,
+    stream_requests,
+)
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.security import open_aio_channel, request_metadata
 from protos.inference import grpc_predict_v2_pb2 as inference_pb
@@ -218,13 +227,33 @@ class AsyncSegmentClient:
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc) from None
 
-    async def load_model(self, model: str, timeout: float | None = None) -> None:
-        """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL."""
+    async def load_model(
+        self, model: str, timeout: float | None = None, on_progress: Callable[[str], None] | None = None
+    ) -> None:
+        """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL,
+        and wait for the outcome, as SegmentClient.load_model does: `timeout` bounds the wait, not the load
+        (None: the client's timeout; math.inf: as long as it takes), and `on_progress(phase)` is called each
+        time what the load is doing changes."""
         request = inference_pb.RepositoryModelLoadRequest(model_name=model)
         try:
-            await self._inference.RepositoryModelLoad(request, timeout=timeout or self.timeout)
+            call = self._inference.RepositoryModelLoad(request, timeout=load_deadline(timeout, self.timeout))
+            loading = asyncio.ensure_future(call)
+            shown = ""
+            while on_progress is not None and not loading.done():
+                await asyncio.wait([loading], timeout=PROGRESS_POLL_S)
+                phase = await self._load_phase(model) if not loading.done() else ""
+                if phase and phase != shown:
+                    on_progress(phase)
+                    shown = phase
+            await loading
         except grpc.RpcError as exc:
             raise SegmentError.from_rpc_error(exc) from None
+
+    async def _load_phase(self, model: str) -> str:
+        try:
+            return load_phase(await self.list_models(timeout=PROGRESS_POLL_S * 5), model)
+        except SegmentError:
+            return ""
 
     async def unload_model(self, model: str, timeout: float | None = None) -> None:
         """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""

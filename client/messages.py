@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from PIL import Image
 from protos.segserve.v1 import segserve_pb2 as pb
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike[str], Image.Image]
+
+# How often a load's waiter reads ListModels for the load's phase.
+PROGRESS_POLL_S = 1.0
 
 # Above this an image goes through SegmentUpload in chunks: below the server's unary message limit.
 UPLOAD_THRESHOLD = 2 * 1024 * 1024
@@ -96,3 +100,17 @@ def single_call(image: ImageInput, options: Options, image_id: str | None, uploa
     if len(data) > upload_threshold:
         return SingleCall(image_id, True, upload_chunks(image_id, data, options))
     return SingleCall(image_id, False, segment_request(image_id, data, options))
+
+
+def load_deadline(timeout: float | None, default: float | None) -> float | None:
+    """The gRPC deadline of a load's wait: `timeout` (None: the client's `default`; math.inf: none at all)."""
+    limit = default if timeout is None else timeout
+    return None if limit is None or math.isinf(limit) else limit
+
+
+def load_phase(models: Iterable[pb.ModelStatus], model: str) -> str:
+    """What the load of `model` is doing, as ListModels says; empty when it is not loading (or not listed)."""
+    entry = next((m for m in models if m.name == model), None)
+    if entry is None or not (entry.state == "LOADING" or entry.reason.startswith("reloading")):
+        return ""
+    return entry.reason or "loading"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -23,7 +22,16 @@ from client.frames import (
     VideoInput,
     frame_source,
 )
-from client.messages import UPLOAD_THRESHOLD, ImageInput, Options, single_call, stream_requests
+from client.messages import (
+    PROGRESS_POLL_S,
+    UPLOAD_THRESHOLD,
+    ImageInput,
+    Options,
+    load_deadline,
+    load_phase,
+    single_call,
+    stream_requests,
+)
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.resume import DEFAULT_RESUMES, ResumableRequests, backoff, resumable
 from client.security import open_channel, request_metadata
@@ -32,7 +40,6 @@ from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 
-PROGRESS_POLL_S = 1.0
 """How often load_model reads a load's progress while it waits."""
 
 
@@ -305,10 +312,8 @@ class SegmentClient:
         list_models() shows how it ends. `on_progress(phase)` is called with what the load is doing ("measuring
         runtimes: ...", "warming up") each time that changes, read from ListModels every PROGRESS_POLL_S."""
         request = inference_pb.RepositoryModelLoadRequest(model_name=model)
-        limit = self.timeout if timeout is None else timeout
-        deadline = None if limit is None or math.isinf(limit) else limit
         try:
-            call = self._inference.RepositoryModelLoad.future(request, timeout=deadline)
+            call = self._inference.RepositoryModelLoad.future(request, timeout=load_deadline(timeout, self.timeout))
             ended = threading.Event()
             call.add_done_callback(lambda _: ended.set())
             shown = ""
@@ -324,12 +329,9 @@ class SegmentClient:
     def _load_phase(self, model: str) -> str:
         """What the load of `model` is doing, as ListModels says; empty when it cannot tell."""
         try:
-            entry = next((m for m in self.list_models(timeout=PROGRESS_POLL_S * 5) if m.name == model), None)
+            return load_phase(self.list_models(timeout=PROGRESS_POLL_S * 5), model)
         except SegmentError:
             return ""
-        if entry is None or not (entry.state == "LOADING" or entry.reason.startswith("reloading")):
-            return ""
-        return entry.reason or "loading"
 
     def unload_model(self, model: str, timeout: float | None = None) -> None:
         """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""

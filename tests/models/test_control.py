@@ -6,7 +6,9 @@ judged by its mask: a request served by the wrong version, or dropped by an unlo
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import pickle
 import shutil
@@ -25,7 +27,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from client import SegmentClient, SegmentError
+from client import AsyncSegmentClient, SegmentClient, SegmentError
 from client.security import tls_credentials
 from server.core.allocator import give_back_freed_memory
 from server.core.memory import resident_bytes
@@ -578,3 +580,32 @@ def test_the_cli_load_outlives_its_timeout_and_reports_the_outcome(
     for name in ("slow", "patient"):
         with SegmentClient(quick.target, timeout=30) as c:
             c.unload_model(name)
+
+
+def test_the_asyncio_client_waits_for_a_load_as_long_as_it_takes_showing_its_phases(
+    quick: ServerThread, held_builds: HeldBuilds
+) -> None:
+    """AsyncSegmentClient.load_model as SegmentClient's: with math.inf it outlives its client's timeout of 1 s,
+    and reports the load's phases while the build is held."""
+    random_model(quick_repository(quick), "awaited")
+    phases: list[str] = []
+
+    def seen(phase: str) -> None:
+        phases.append(phase)
+        held_builds.release.set()  # released only once a phase has been shown
+
+    async def load() -> None:
+        async with AsyncSegmentClient(quick.target, timeout=1) as client:
+            await client.load_model("awaited", timeout=math.inf, on_progress=seen)
+
+    held_builds.release.clear()
+    try:
+        started = time.monotonic()
+        asyncio.run(load())
+    finally:
+        held_builds.release.set()
+    assert phases and phases[0] == "starting", phases
+    assert time.monotonic() - started > 1, "the load did not outlive the client's timeout"
+    assert entry_of(quick, "awaited").state == "READY"
+    with SegmentClient(quick.target, timeout=30) as c:
+        c.unload_model("awaited")
