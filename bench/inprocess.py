@@ -11,6 +11,7 @@ reads; the runtime is built by the server's own factory, so it is exactly what a
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import sys
@@ -20,10 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from bench.loadgen import load_images
 from bench.thread_account import process_cpu_s
-from server.core.imaging import Limits, decode_image
+from server.core.imaging import Limits, decode_image, fit_within
 from server.core.mask_png import mask_png_and_shares
 from server.core.postprocess import VOC_PALETTE
 from server.runtimes.base import Runtime
@@ -99,6 +101,66 @@ def measure(
     }
 
 
+STAGES = ("decode", "resize", "model input array", "mask PNG and class shares")
+"""The work around the model a Segment call asks of the decode/encode workers, in the order it happens."""
+
+
+def _thread_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU of this thread over `repeats` calls: what the stage costs whatever else the machine runs."""
+    spent = []
+    for _ in range(repeats):
+        started = time.thread_time()
+        fn()
+        spent.append(time.thread_time() - started)
+    return statistics.median(spent) * 1000
+
+
+def _decoder_output(data: bytes, max_side: int) -> Image.Image:
+    """The image as the JPEG decoder hands it to the resize (draft scale, no orientation to undo in the bench's
+    images), to time the resize apart from the decode."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", fit_within(image.size, max_side))
+    image.load()
+    return image.convert("RGB")
+
+
+def _one_image_stage_costs(
+    runtime: Runtime, settings: Settings, limits: Limits, data: bytes, repeats: int
+) -> dict[str, float]:
+    decoded = decode_image(data, settings.max_size, limits)
+    model_input = decoded.model_input
+    (label_map,) = runtime.predict([np.asarray(model_input, dtype=np.uint8)])
+    unresized = _decoder_output(data, settings.max_size)
+    resize_ms = (
+        _thread_ms(lambda: unresized.resize(model_input.size, Image.Resampling.BILINEAR), repeats)
+        if unresized.size != model_input.size
+        else 0.0
+    )
+    decode_and_resize_ms = _thread_ms(lambda: decode_image(data, settings.max_size, limits), repeats)
+    return {
+        "decode": max(0.0, decode_and_resize_ms - resize_ms),
+        "resize": resize_ms,
+        "model input array": _thread_ms(lambda: np.asarray(model_input, dtype=np.uint8), repeats),
+        "mask PNG and class shares": _thread_ms(
+            lambda: mask_png_and_shares(label_map, decoded.original_size, VOC_PALETTE, runtime.facts.labels), repeats
+        ),
+    }
+
+
+def stage_costs(runtime: Runtime, settings: Settings, images: list[tuple[str, bytes]], repeats: int) -> dict[str, Any]:
+    """The work around the model per stage, one image at a time on one thread, in core-ms: by image kind
+    (median over the images of that kind) and averaged over the set (the mix loadgen sends, per image). The
+    mask is the runtime's own answer for the image, so the PNG costs what it costs when served."""
+    limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
+    per_image = [(kind, _one_image_stage_costs(runtime, settings, limits, data, repeats)) for kind, data in images]
+    by_kind = {
+        kind: {stage: statistics.median(c[stage] for k, c in per_image if k == kind) for stage in STAGES}
+        for kind in sorted({k for k, _ in per_image})
+    }
+    mix = {stage: statistics.mean(c[stage] for _, c in per_image) for stage in STAGES}
+    return {"stages": {"by_kind": by_kind, "mix": mix, "mix_total": sum(mix.values()), "images": len(per_image)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--images", required=True)
@@ -108,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", help="SEGSERVE_RUNTIME for this run (default: the environment's, or auto)")
     parser.add_argument("--precision", help="SEGSERVE_PRECISION for this run")
     parser.add_argument(
-        "--model-alone", action="store_true", help="also time the runtime's predict alone (rows with model_alone)"
+        "--model-alone",
+        action="store_true",
+        help="also time the runtime's predict alone (rows with model_alone), and the work around it per stage",
     )
+    parser.add_argument("--stage-repeats", type=int, default=15, help="calls per image and stage (median quoted)")
     args = parser.parse_args(argv)
     from pathlib import Path
 
@@ -131,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             alone = measure(runtime, settings, images, batch_size, args.repeats, args.duration, model_alone=True)
             sys.stdout.write(json.dumps(alone | labels | {"model_alone": True}) + "\n")
         sys.stdout.flush()
+    if args.model_alone:
+        sys.stdout.write(json.dumps(stage_costs(runtime, settings, images, repeats=args.stage_repeats) | labels) + "\n")
     return 0
 
 

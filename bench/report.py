@@ -287,6 +287,14 @@ def render(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
     return "\n".join(lines)
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(names: list[str]) -> list[str]:
+    return [_row(names), _row(["---"] * len(names))]
+
+
 def thread_account_lines(result: dict[str, Any]) -> list[str]:
     """CPU per image served at the account's concurrency, by thread group, beside the model alone's."""
     account = result["served"].get("thread_account") or {}
@@ -301,14 +309,19 @@ def thread_account_lines(result: dict[str, Any]) -> list[str]:
         f"### CPU per image served at concurrency {account['concurrency']}, by thread (core-ms; batching on, "
         f"{account['images']} images)",
         "",
-        "| " + " | ".join(["Where", *groups, "total"]) + " |",
-        "| " + " | ".join(["---"] * (len(groups) + 2)) + " |",
-        "| served | " + " | ".join(f"{per_image[g]:.1f}" for g in groups) + f" | {sum(per_image.values()):.1f} |",
+        *_header(["Where", *groups, "total"]),
+        _row(["served", *(f"{per_image[g]:.1f}" for g in groups), f"{sum(per_image.values()):.1f}"]),
     ]
     if alone is not None and best_alone is not None:
         blanks = " | ".join(["n/a"] * (len(groups) - 1))
         lines.append(
             f"| model alone, batch {best_alone['batch_size']} (every thread) | {alone:.1f} | {blanks} | {alone:.1f} |"
+        )
+    stages = result.get("stages") or {}
+    if stages and "decode/encode" in groups:
+        cells = [f"{stages['mix_total']:.1f}" if g == "decode/encode" else "n/a" for g in groups]
+        lines.append(
+            _row(["work around the model, alone (one thread, per stage)", *cells, f"{stages['mix_total']:.1f}"])
         )
     cores = result["machine"]["cores"]
     at = _step(result["served"]["steps"], account["concurrency"])
@@ -317,6 +330,39 @@ def thread_account_lines(result: dict[str, Any]) -> list[str]:
             "",
             f"At {at['throughput']:.2f} images/s the {cores} cores offer {cores * 1000 / at['throughput']:.1f} core-ms "
             "per image; what the table does not account for, they spent idle or on other processes.",
+        ]
+    return lines + stage_lines(stages, cores, best_alone)
+
+
+def stage_lines(stages: dict[str, Any], cores: int, best_alone: dict[str, Any] | None) -> list[str]:
+    """The work around the model per stage, and the ratio it allows: with every core busy, an image served costs at
+    least the model alone's core-ms plus these, whatever the threads and their order."""
+    if not stages:
+        return []
+    kinds = list(stages["by_kind"])
+    names = list(stages["mix"])
+    lines = [
+        "",
+        f"### The work around the model, per stage (core-ms on one thread, median of each image's calls; "
+        f"{stages['images']} images)",
+        "",
+        *_header(["Stage", *kinds, "the bench's mix, per image"]),
+    ]
+    lines += [
+        _row([name, *(f"{stages['by_kind'][k][name]:.2f}" for k in kinds), f"{stages['mix'][name]:.2f}"])
+        for name in names
+    ]
+    lines.append(
+        _row(["total", *(f"{sum(stages['by_kind'][k].values()):.2f}" for k in kinds), f"{stages['mix_total']:.2f}"])
+    )
+    alone = best_alone.get("core_ms_per_image") if best_alone else None
+    if alone and best_alone and best_alone["throughput"]:
+        ceiling = cores * 1000 / (alone + stages["mix_total"]) / best_alone["throughput"]
+        lines += [
+            "",
+            f"With no core idle and the model no slower than alone, served / model alone can reach at most "
+            f"{cores} x 1000 / ({alone:.1f} + {stages['mix_total']:.1f}) / {best_alone['throughput']:.2f} = "
+            f"**{ceiling:.2f}** at these costs.",
         ]
     return lines
 

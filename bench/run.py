@@ -284,7 +284,7 @@ def inprocess_command(images: Path, args: argparse.Namespace, variant: dict[str,
         "--repeats", str(args.repeats if not other or args.smoke else OTHER_RUNTIME_REPEATS),
     ]  # fmt: skip
     if variant is None:
-        return [*command, "--model-alone"]
+        return [*command, "--model-alone", "--stage-repeats", "3" if args.smoke else "15"]
     return [*command, "--runtime", variant["runtime"], "--precision", variant["precision"]]
 
 
@@ -319,6 +319,28 @@ def merge_inprocess_runs(before: list[dict[str, Any]], after: list[dict[str, Any
     return merged
 
 
+def _is_full_path(row: dict[str, Any]) -> bool:
+    """A row of the in-process limit itself (not the model alone's, nor the stages')."""
+    return not row.get("model_alone") and "stages" not in row
+
+
+def merge_stage_costs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stage costs of the in-process runs before and after the served sweeps, each figure their mean."""
+    if not runs:
+        return {}
+
+    def mean_of(pick: Any) -> dict[str, float]:
+        return {stage: statistics.mean(pick(run)[stage] for run in runs) for stage in pick(runs[0])}
+
+    return {
+        "by_kind": {kind: mean_of(lambda run, kind=kind: run["by_kind"][kind]) for kind in runs[0]["by_kind"]},
+        "mix": mean_of(lambda run: run["mix"]),
+        "mix_total": statistics.mean(run["mix_total"] for run in runs),
+        "images": runs[0]["images"],
+        "runs": len(runs),
+    }
+
+
 def run(args: argparse.Namespace) -> Path:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     machine = machine_info()
@@ -342,8 +364,9 @@ def run(args: argparse.Namespace) -> Path:
         served_fp32 = served_sweep("fp32", images, args, env, at8)
         served_onnxruntime_fp32 = served_sweep("onnxruntime_fp32", images, args, env, at8)
         after_all = [] if args.smoke else _json_lines(default_command, env, timeout=3600)
-        before, after = ([r for r in rows if not r.get("model_alone")] for rows in (before_all, after_all))
+        before, after = ([r for r in rows if _is_full_path(r)] for rows in (before_all, after_all))
         alone_before, alone_after = ([r for r in rows if r.get("model_alone")] for rows in (before_all, after_all))
+        stages = [r["stages"] for r in before_all + after_all if "stages" in r]
         inprocess = merge_inprocess_runs(before, after)
         default = what_ran(before)
         runtimes = [{**default, "default": True, "rows": inprocess}]
@@ -366,6 +389,7 @@ def run(args: argparse.Namespace) -> Path:
         "inprocess": inprocess,
         "inprocess_runs": [before, after],
         "model_alone": merge_inprocess_runs(alone_before, alone_after),
+        "stages": merge_stage_costs(stages),
         "served": served[0],
         "batching_off": served[1],
         "served_torch": served_torch,

@@ -220,3 +220,78 @@ def test_the_accounted_step_runs_alone() -> None:
     assert _split_at("1,8", 8) == ["1", "8"]
     assert _split_at("1,2", 8) == ["1,2"]
     assert _split_at("1,2,8", None) == ["1,2,8"]
+
+
+def test_the_work_around_the_model_is_shown_per_stage_with_the_ratio_it_allows(tmp_path: Path) -> None:
+    data = result(served_at_8=9.5, off_at_2=9.0)
+    data["model_alone"] = [{"batch_size": 4, "throughput": 40.0, "core_ms_per_image": 45.0}]
+    per_image = {"inference": 46.0, "decode/encode": 11.0, "event loop": 2.5, "gRPC core": 0.4, "other": 0.1}
+    data["served"]["thread_account"] = {"concurrency": 8, "images": 200, "core_ms_per_image": per_image}  # type: ignore[index]
+    photo = {"decode": 1.5, "resize": 2.0, "model input array": 0.1, "mask PNG and class shares": 1.4}
+    large = {"decode": 37.0, "resize": 3.5, "model input array": 0.1, "mask PNG and class shares": 7.0}
+    data["stages"] = {"by_kind": {"photo": photo, "12 MP": large}, "mix": photo, "mix_total": 5.0, "images": 8}
+    text = rendered(data, tmp_path)
+    assert "| work around the model, alone (one thread, per stage) | n/a | 5.0 | n/a | n/a | n/a | 5.0 |" in text
+    assert "| Stage | photo | 12 MP | the bench's mix, per image |" in text
+    assert "| decode | 1.50 | 37.00 | 1.50 |" in text and "| total | 5.00 | 47.60 | 5.00 |" in text
+    assert "2 x 1000 / (45.0 + 5.0) / 40.00 = **1.00**" in text
+
+
+def test_stage_costs_are_averaged_over_the_runs_and_kept_out_of_the_limit_rows() -> None:
+    from bench.run import _is_full_path, merge_stage_costs
+
+    def run(decode: float) -> dict[str, object]:
+        costs = {"decode": decode, "resize": 1.0}
+        return {"by_kind": {"photo": costs}, "mix": costs, "mix_total": decode + 1.0, "images": 4}
+
+    merged = merge_stage_costs([run(2.0), run(4.0)])
+    assert merged["by_kind"]["photo"] == {"decode": 3.0, "resize": 1.0} and merged["mix"]["decode"] == 3.0
+    assert merged["mix_total"] == 4.0 and merged["runs"] == 2 and merge_stage_costs([]) == {}
+    rows = [{"batch_size": 1}, {"batch_size": 1, "model_alone": True}, {"stages": run(1.0)}]
+    assert [row for row in rows if _is_full_path(row)] == [{"batch_size": 1}]
+
+
+def test_stage_costs_time_each_stage_on_the_runtimes_own_mask() -> None:
+    import io
+
+    import numpy as np
+
+    from bench.inprocess import STAGES, stage_costs
+    from server.labels import Label
+    from server.runtimes.base import ModelFacts
+    from server.settings import Settings
+
+    class Stripes:
+        """A runtime whose mask is known: class 1 on the left half, so the PNG and shares have work to do."""
+
+        facts = ModelFacts(
+            "stripes", "none", False, (Label(0, "background", (0, 0, 0)), Label(1, "thing", (255, 0, 0)))
+        )
+        precision = "fp32"
+        description = "stripes"
+        device_name = "cpu"
+        shapes: list[tuple[int, ...]] = []
+
+        def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+            self.shapes += [image.shape for image in images]
+            masks = [np.zeros(image.shape[:2], dtype=np.uint8) for image in images]
+            for mask in masks:
+                mask[:, : mask.shape[1] // 2] = 1
+            return masks
+
+    def jpeg(size: tuple[int, int]) -> bytes:
+        out = io.BytesIO()
+        Image.radial_gradient("L").resize(size).convert("RGB").save(out, "JPEG")
+        return out.getvalue()
+
+    settings = Settings(weights="random")
+    runtime = Stripes()
+    costs = stage_costs(runtime, settings, [("photo", jpeg((640, 480))), ("large", jpeg((4000, 3000)))], repeats=2)[
+        "stages"
+    ]
+    assert set(costs["by_kind"]) == {"photo", "large"} and costs["images"] == 2
+    assert all(max(size) == settings.max_size for size in (shape[:2] for shape in runtime.shapes))
+    large = costs["by_kind"]["large"]
+    assert list(large) == list(STAGES) and all(large[stage] > 0 for stage in STAGES)
+    assert large["decode"] > costs["by_kind"]["photo"]["decode"]
+    assert abs(costs["mix_total"] - sum(costs["mix"].values())) < 1e-9
