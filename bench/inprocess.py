@@ -25,7 +25,7 @@ from PIL import Image
 
 from bench.loadgen import load_images
 from bench.thread_account import process_cpu_s
-from server.core.imaging import Limits, decode_image, fit_within
+from server.core.imaging import Limits, decode_image, fit_within, to_rgb
 from server.core.mask_png import mask_png_and_shares
 from server.core.postprocess import VOC_PALETTE
 from server.runtimes.base import Runtime
@@ -116,12 +116,15 @@ def _thread_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _decoder_output(data: bytes, max_side: int) -> Image.Image:
-    """The image as the JPEG decoder hands it to the resize (draft scale, no orientation to undo in the bench's
-    images), to time the resize apart from the decode."""
+    """The image as decode_image hands it to the resize (draft scale, no orientation to undo in the bench's
+    images), to time the resize apart from the decode. decode_image's own steps, not a call to it: the debugger
+    tests set their breakpoint on its statements, so they stay where they are."""
     image = Image.open(io.BytesIO(data))
-    image.draft("RGB", fit_within(image.size, max_side))
+    target = fit_within(image.size, max_side)
+    if image.format == "JPEG" and target != image.size:
+        image.draft("RGB", target)
     image.load()
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def _one_image_stage_costs(
