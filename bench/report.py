@@ -295,6 +295,11 @@ def _header(names: list[str]) -> list[str]:
     return [_row(names), _row(["---"] * len(names))]
 
 
+def _one_group_row(label: str, groups: list[str], group: str, core_ms: float) -> str:
+    """A row of the thread table measured for one group only: its figure there and as the total, n/a elsewhere."""
+    return _row([label, *(f"{core_ms:.1f}" if g == group else "n/a" for g in groups), f"{core_ms:.1f}"])
+
+
 def thread_account_lines(result: dict[str, Any]) -> list[str]:
     """CPU per image served at the account's concurrency, by thread group, beside the model alone's."""
     account = result["served"].get("thread_account") or {}
@@ -313,16 +318,12 @@ def thread_account_lines(result: dict[str, Any]) -> list[str]:
         _row(["served", *(f"{per_image[g]:.1f}" for g in groups), f"{sum(per_image.values()):.1f}"]),
     ]
     if alone is not None and best_alone is not None:
-        blanks = " | ".join(["n/a"] * (len(groups) - 1))
-        lines.append(
-            f"| model alone, batch {best_alone['batch_size']} (every thread) | {alone:.1f} | {blanks} | {alone:.1f} |"
-        )
+        label = f"model alone, batch {best_alone['batch_size']} (every thread)"
+        lines.append(_one_group_row(label, groups, "inference", alone))
     stages = result.get("stages") or {}
     if stages and "decode/encode" in groups:
-        cells = [f"{stages['mix_total']:.1f}" if g == "decode/encode" else "n/a" for g in groups]
-        lines.append(
-            _row(["work around the model, alone (one thread, per stage)", *cells, f"{stages['mix_total']:.1f}"])
-        )
+        label = "work around the model, alone (one thread, per stage)"
+        lines.append(_one_group_row(label, groups, "decode/encode", stages["mix_total"]))
     cores = result["machine"]["cores"]
     at = _step(result["served"]["steps"], account["concurrency"])
     if at and at["throughput"]:
