@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from gradio_ui.settings import UISettings
 from server.settings import Settings
 
@@ -53,11 +55,16 @@ def test_the_readme_settings_tables_and_the_code_agree_row_by_row_both_ways() ->
         assert description, f"{env}: README row has no description"
 
 
-def test_workers_zero_is_described_as_the_code_computes_it() -> None:
-    """SEGSERVE_WORKERS=0 means max(2, CPU cores) threads (Settings.worker_threads), and the README says so."""
-    one_core = Settings(workers=0)
-    assert one_core.worker_threads == max(2, os.cpu_count() or 2)
-    assert "at least 2" in readme_setting_rows()["SEGSERVE_WORKERS"][2]
+@pytest.mark.parametrize(("cores", "threads"), [(1, 2), (2, 2), (8, 8), (None, 2)])
+def test_workers_zero_means_what_the_readme_says(
+    monkeypatch: pytest.MonkeyPatch, cores: int | None, threads: int
+) -> None:
+    """The README's rule for SEGSERVE_WORKERS=0, one thread per CPU core and at least 2, checked on machines of 1, 2
+    and 8 cores (and one whose count is unknown) by patching the count, not by recomputing the code's formula."""
+    assert "(0: one per CPU core, at least 2)" in readme_setting_rows()["SEGSERVE_WORKERS"][2]
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert Settings(workers=0).worker_threads == threads
+    assert Settings(workers=3).worker_threads == 3  # a number given is taken as it is, whatever the cores
 
 
 def test_one_python_version_everywhere() -> None:
