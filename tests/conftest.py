@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 from client import SegmentClient
-from tests.helpers import known_model
 from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
 from tests.helpers.certs import make_certs
 from tests.helpers.images import encode, photo_like
 from tests.helpers.servers import ServerThread, known_settings, make_settings
 
-pytest_plugins = ["tests.helpers.no_skips"]
+# known_model_plugin holds the `known_weights` fixture too: the model is trained before the first test needs it.
+pytest_plugins = ["tests.helpers.no_skips", "tests.helpers.known_model_plugin"]
 
 # Servers the tests start (in-process or `python -m server`) take a free HTTP port, never the default 8000,
 # which a developer's own server may hold and several test servers would compete for.
@@ -30,12 +30,6 @@ def server() -> Iterator[ServerThread]:
     running = ServerThread(make_settings())
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="session")
-def known_weights() -> Path:
-    """The known-answer model's state_dict (tests/helpers/known_model.py); trained on first use, then cached."""
-    return known_model.known_weights()
 
 
 @pytest.fixture(scope="session")
