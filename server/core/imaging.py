@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,21 +110,83 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if _orientation(image) in _SWAPPING_ORIENTATIONS else (width, height)
 
 
+# Modes holding more than 8 bits a sample: their values are scaled to 0-255 (see _to_8bit).
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# Modes with an alpha band (or a palette with transparency, made RGBA): composited onto white.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Pixels converted at a time by the tiled paths: a tile's temporaries (a few copies of it, at most 8 bytes a
+# pixel) stay a few megabytes whatever the image's size, so a conversion holds the decoded image, the RGB
+# result and little more.
+_TILE_PIXELS = 1 << 18
+
+
+def _tiles(size: tuple[int, int]) -> Iterator[tuple[int, int, int, int]]:
+    """Boxes of at most _TILE_PIXELS covering the image: bands of whole rows, split across when a row alone
+    is longer (a 50-megapixel panorama one row high)."""
+    width, height = size
+    tile_width = min(width, _TILE_PIXELS)
+    rows = max(1, _TILE_PIXELS // tile_width)
+    for top in range(0, height, rows):
+        for left in range(0, width, tile_width):
+            yield left, top, min(left + tile_width, width), min(top + rows, height)
+
+
+def _tiled_rgb(image: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """`convert` (a per-pixel conversion to RGB) applied tile by tile into one RGB image, so that its
+    intermediate images are tile-sized rather than the image's size. Per pixel, so the pixels are those
+    of converting the whole image at once."""
+    rgb = Image.new("RGB", image.size, None)  # not filled: every pixel is pasted over
+    for box in _tiles(image.size):
+        rgb.paste(convert(image.crop(box)), box[:2])
+    return rgb
+
+
+def _wide_top(image: Image.Image) -> int:
+    """The value that becomes 255: 65535 for 16-bit modes, and for I and F images using more than 8 bits
+    (a 16-bit file read as I); 255 for I and F images whose values fit in 8 bits."""
+    if image.mode.startswith("I;16"):
+        return 65535
+    extrema = image.getextrema()
+    assert isinstance(extrema[1], int | float)
+    return 65535 if extrema[1] > 255 else 255
+
+
+def _to_8bit(tile: Image.Image, top: int) -> Image.Image:
+    """One tile of a wide mode as L: value * 255 / top, clipped to 0-255 and rounded down. Integers take an
+    integer path (v // 257 is exactly the float formula's result for every 16-bit value); F tiles compute
+    in float64, a tile at a time, with NaN as 0."""
+    pixels = np.asarray(tile)
+    if pixels.dtype.kind in "iu":
+        clipped = np.clip(pixels, 0, top)
+        scaled = clipped // 257 if top == 65535 else clipped
+    else:
+        values = np.nan_to_num(pixels.astype(np.float64), nan=0.0)
+        scaled = np.clip(values * (255.0 / top), 0, 255)
+    return Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
+
+
+def _composited_on_white(tile: Image.Image) -> Image.Image:
+    rgba = tile.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+    """Any Pillow mode to 8-bit RGB; transparency is composited onto white, and modes of more than 8 bits
+    (I;16, I, F) are scaled so that their top value (see _wide_top) becomes 255.
+
+    Bounded memory for every mode: what it holds beyond the decoded image is the RGB result plus a tile's
+    temporaries. The conversions that need intermediates (scaling wide modes, compositing alpha) run tile
+    by tile, since over the whole image they would cost several times the image (a 16-bit image scaled
+    through float64 arrays took 8 bytes a pixel per copy). Other modes are Pillow's own one-step convert.
+    """
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
-        scaled = np.clip(pixels * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in _WIDE_MODES:
+        top = _wide_top(image)
+        return _tiled_rgb(image, lambda tile: _to_8bit(tile, top).convert("RGB"))
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        return _tiled_rgb(image, _composited_on_white)
     return image.convert("RGB")
 
 
