@@ -12,7 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,8 @@ from client import SegmentClient, SegmentError
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server.inference import tensors
-from tests.helpers.images import encode
+from tests.helpers.gate import Gate, sample, wait_until
+from tests.helpers.images import encode, photo_like
 from tests.helpers.known_model import MODEL_NAME, Shape, render_scene
 from tests.helpers.servers import ServerThread, make_settings
 from tests.helpers.triton_child import run_in_child
@@ -223,6 +227,145 @@ def test_statistics_after_a_known_mix_of_segment_model_infer_and_refused_calls(
     assert (grpc_stats.inference_count, grpc_stats.execution_count) == (5, 4)
     assert (grpc_stats.inference_stats.success.count, grpc_stats.inference_stats.fail.count) == (4, 3)
     assert [(b.batch_size, b.compute_infer.count) for b in grpc_stats.batch_stats] == [(1, 3), (2, 1)]
+
+
+HOLD_S = 1.0
+"""How long the model is held shut in the statistics' durations test: long beside a small image's decoding
+(milliseconds), short enough for a test."""
+
+
+@pytest.fixture(scope="module")
+def held_server() -> Iterator[tuple[ServerThread, Gate, threading.Semaphore]]:
+    """A server of its own (so its statistics hold exactly one test's calls) whose model can be held shut: one
+    image a batch, one batch at a time. The semaphore is released each time a batch reaches the shut gate."""
+    gate, at_gate = Gate(), threading.Semaphore(0)
+
+    def runtime_factory(settings: Any, labels: Any = None) -> Any:
+        runtime = gate.gated_runtime(settings, labels)
+        held = runtime.predict
+
+        def predict(images: list[np.ndarray]) -> list[np.ndarray]:
+            at_gate.release()
+            return held(images)
+
+        runtime.predict = predict
+        return runtime
+
+    settings = make_settings(max_batch_size=1, adaptive_batching=False, warmup=False)
+    running = ServerThread(settings, runtime_factory=runtime_factory)
+    yield running, gate, at_gate
+    gate.open.set()
+    running.stop()
+
+
+FIELD_OF_STAGE = {
+    "queue": "queue_ms",
+    "compute_input": "preprocess_ms",
+    "compute_infer": "inference_ms",
+    "compute_output": "postprocess_ms",
+}
+"""Each stage of the statistics, and the field of a Segment answer's timing that measures the same span."""
+STAGES = tuple(FIELD_OF_STAGE)
+
+
+def _durations(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> dict[str, tuple[int, int]]:
+    """The model's statistics' durations, by name: (count, ns)."""
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=60).model_stats[0].inference_stats
+    return {name: (getattr(stats, name).count, getattr(stats, name).ns) for name in ("success", "fail", *STAGES)}
+
+
+def _spent(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, tuple[int, float]]:
+    """What the calls between two readings added: (count, seconds) by duration."""
+    return {name: (after[name][0] - before[name][0], (after[name][1] - before[name][1]) / 1e9) for name in after}
+
+
+def _timed_segment(client: SegmentClient, image: bytes, **options: Any) -> tuple[Any, float]:
+    """One Segment call: its answer and the seconds it took as this test saw it."""
+    started = time.monotonic()
+    result = client.segment(image, **options)
+    return result, time.monotonic() - started
+
+
+def _assert_each_request_accounted(spent: dict[str, tuple[int, float]], calls: list[tuple[Any, float]]) -> None:
+    """Each stage's duration is the sum of the calls' own timings (what each answer says it spent there, in
+    float32 milliseconds); a request's success duration holds its four stages and lies within what its caller
+    waited."""
+    assert spent["success"][0] == len(calls) and spent["fail"] == (0, 0.0)
+    for stage, field_name in FIELD_OF_STAGE.items():
+        answered = sum(getattr(result.timing, field_name) for result, _ in calls) / 1000
+        count, seconds = spent[stage]
+        assert count == len(calls), stage
+        assert seconds == pytest.approx(answered, rel=1e-4, abs=1e-5), f"{stage}: {seconds} s, answers {answered} s"
+    stages = sum(spent[stage][1] for stage in STAGES)
+    assert stages <= spent["success"][1] <= sum(waited for _, waited in calls), spent
+
+
+def test_statistics_durations_are_what_the_requests_spent(
+    held_server: tuple[ServerThread, Gate, threading.Semaphore],
+) -> None:
+    """Each duration against a known cost, as Triton's statistics tests judge them: a model held shut for HOLD_S
+    gives the held request at least that much compute_infer and the request behind it about that much queue; an
+    image whose decoding this test timed gives at least half that much compute_input; an overlay, which decodes
+    the image again and encodes it whole, gives more compute_output than compute_input."""
+    server, gate, at_gate = held_server
+    model = server.settings.model
+    rng = np.random.default_rng(5)
+    small = [encode(photo_like(160, 120)), encode(photo_like(120, 160))]
+    # A photo-sized PNG that deflate cannot shrink much (5 MB, sent through SegmentUpload): its decoding, timed here
+    # at its fastest of three, is a cost the server cannot avoid.
+    height, width = 1200, 1600
+    rows, columns = np.mgrid[0:height, 0:width]
+    gradient = np.stack([columns * 255 // width, rows * 255 // height, (rows + columns) * 255 // (height + width)], -1)
+    pixels = np.clip(gradient + rng.integers(-40, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+    large = encode(Image.fromarray(pixels))
+    decode_s = min(_decode_seconds(large) for _ in range(3))
+
+    with (
+        SegmentClient(server.target, timeout=60) as client,
+        grpc.insecure_channel(server.target) as channel,
+        ThreadPoolExecutor(2) as callers,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        _timed_segment(client, small[0])  # the model's first run (no warm-up here) stays out of what is judged
+        while at_gate.acquire(blocking=False):  # that run passed the open gate
+            pass
+        before = _durations(stub, model)
+        # 1. The first request is held at the model; the second queues behind it (one batch at a time).
+        gate.open.clear()
+        try:
+            held = callers.submit(_timed_segment, client, small[0])
+            assert at_gate.acquire(timeout=30), "the first request never reached the model"
+            behind = callers.submit(_timed_segment, client, small[1])
+            wait_until(lambda: sample(server, "segserve_queue_depth") == 2, "the second request is admitted")
+            time.sleep(HOLD_S)
+        finally:
+            gate.open.set()
+        calls = [held.result(timeout=60), behind.result(timeout=60)]
+        after_held = _durations(stub, model)
+        spent = _spent(before, after_held)
+        _assert_each_request_accounted(spent, calls)
+        assert spent["compute_infer"][1] >= HOLD_S, spent  # the held request's batch, from its start to its end
+        assert spent["queue"][1] >= HOLD_S / 2, spent  # the second request's wait, less its own decoding
+        assert calls[1][0].timing.queue_ms >= HOLD_S / 2 * 1000 > calls[0][0].timing.queue_ms
+        # 2. The large image: decoding it is compute_input.
+        calls = [_timed_segment(client, large)]
+        after_large = _durations(stub, model)
+        spent = _spent(after_held, after_large)
+        _assert_each_request_accounted(spent, calls)
+        assert spent["compute_input"][1] >= decode_s / 2, (decode_s, spent)
+        # 3. The same image with an overlay: decoded again and encoded whole after the model, so compute_output
+        # is larger than compute_input.
+        calls = [_timed_segment(client, large, overlay=True)]
+        spent = _spent(after_large, _durations(stub, model))
+        _assert_each_request_accounted(spent, calls)
+        assert spent["compute_output"][1] > spent["compute_input"][1] >= decode_s / 2, (decode_s, spent)
+
+
+def _decode_seconds(data: bytes) -> float:
+    started = time.perf_counter()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+    return time.perf_counter() - started
 
 
 def test_typed_contents_and_pixels(
