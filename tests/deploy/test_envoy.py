@@ -3,13 +3,16 @@
 The file is used as it is, except where it must point at this machine: the listener on a free loopback port,
 the cluster's one DNS name replaced by the two replicas' loopback addresses (STRICT_DNS resolves an address
 to itself), and an admin endpoint on loopback, from which the test reads each replica's health as Envoy sees
-it. The replicas are in-process servers with random weights; each one's metrics count the calls it served.
+it. The replicas are in-process servers with random weights; each one's metrics count the calls it served. The
+replica that is killed runs as a process of its own (`python -m server`).
 """
 
 from __future__ import annotations
 
 import copy
 import http.client
+import os
+import signal
 import struct
 import subprocess
 import time
@@ -25,7 +28,7 @@ from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server.app import SERVICE_NAME
 from tests.helpers.images import encode, photo_like
-from tests.helpers.processes import free_port
+from tests.helpers.processes import free_port, start_server, wait_for_status
 from tests.helpers.servers import ServerThread, make_settings
 
 ENVOY_YAML = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml"
@@ -95,6 +98,14 @@ class Envoy:
         finally:
             connection.close()
 
+    def stat(self, name: str) -> int:
+        """One of Envoy's counters or gauges, such as cluster.segserve.upstream_rq_retry."""
+        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
     def healthy(self, port: int) -> bool:
         """Whether Envoy's health checks let calls reach the replica on `port`."""
         flags = f"segserve::127.0.0.1:{port}::health_flags::"
@@ -151,6 +162,18 @@ def envoy(replicas: list[ServerThread], tmp_path_factory: pytest.TempPathFactory
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def victim() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A replica in a process of its own, so that it can be frozen and killed."""
+    process, target = start_server("--weights", "random", "--no-warmup", "--max-size", "64")
+    try:
+        wait_for_status(target, health_pb2.HealthCheckResponse.SERVING, timeout=120)
+        yield process, int(target.rsplit(":", 1)[1])
+    finally:
+        process.kill()
+        process.wait(10)
 
 
 def call_segment(target: str, count: int) -> None:
@@ -260,3 +283,38 @@ def test_a_browsers_grpc_web_call_gets_segments_answer(envoy: Envoy, replicas: l
     assert web.id == "from-a-browser"
     assert (web.width, web.height, web.mask_png) == (direct.width, direct.height, direct.mask_png)
     assert [(c.index, c.fraction) for c in web.classes] == [(c.index, c.fraction) for c in direct.classes]
+
+
+def test_the_calls_of_a_killed_replica_are_retried_on_the_other(
+    replicas: list[ServerThread], victim: tuple[subprocess.Popen[str], int], tmp_path: Path
+) -> None:
+    survivor = replicas[0]
+    process, victim_port = victim
+    envoy = Envoy(envoy_binary(), tmp_path, [survivor.port, victim_port])
+    try:
+        for port in (survivor.port, victim_port):
+            envoy.wait_until(port, healthy=True)
+        call_segment(envoy.target, 2)  # Envoy holds a connection to each replica
+        before = segment_calls(survivor)
+        # Frozen, the victim still takes its calls in (the kernel reads for it) and answers none: they are in
+        # flight when it is killed, and its socket's reset reaches Envoy before any health check fails.
+        os.kill(process.pid, signal.SIGSTOP)
+        with grpc.insecure_channel(envoy.target, options=NO_PROXY) as channel:
+            stub = pb_grpc.SegmenterStub(channel)
+            calls = [stub.Segment.future(pb.SegmentRequest(id=str(i), image=IMAGE), timeout=60) for i in range(6)]
+            # Settled: the survivor has answered its share and what is left in flight stays so (the victim's).
+            deadline = time.monotonic() + 30
+            seen: list[tuple[float, int]] = []
+            while len(seen) < 2 or seen[-1] != seen[-2] or sum(seen[-1]) != 6:
+                assert time.monotonic() < deadline, f"the calls never settled on the two replicas: {seen}"
+                time.sleep(0.5)
+                seen.append((segment_calls(survivor) - before, envoy.stat("cluster.segserve.upstream_rq_active")))
+            stuck = seen[-1][1]
+            assert stuck >= 1 and envoy.stat("cluster.segserve.upstream_rq_retry") == 0
+            process.kill()
+            answers = [call.result() for call in calls]
+        assert all(answer.mask_png for answer in answers)
+        assert segment_calls(survivor) - before == 6
+        assert envoy.stat("cluster.segserve.upstream_rq_retry") >= stuck
+    finally:
+        envoy.stop()
