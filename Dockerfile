@@ -81,7 +81,10 @@ COPY protos/ /app/protos/
 COPY server/ /app/server/
 COPY client/ /app/client/
 USER 10001:10001
-EXPOSE 50051 9464
+# Every port the server opens by default (server/settings.py): gRPC, HTTP (Open Inference Protocol REST and
+# /v1/segment; SEGSERVE_HTTP_PORT=-1 turns it off) and the Prometheus metrics. All three bind SEGSERVE_HOST,
+# every interface in the image. deploy/k8s's Deployment declares the same three.
+EXPOSE 50051 8000 9464
 # Asks the gRPC health service: exit 0 only when SERVING, which is once the model is loaded and warmed up.
 # On the port the server listens on, SEGSERVE_PORT (several servers on one host network each take their own).
 HEALTHCHECK --interval=10s --timeout=8s --start-period=120s --retries=3 \

@@ -98,7 +98,12 @@ def test_pieces_fit_together() -> None:
     env = env_of(deployment)
     port = int(env["SEGSERVE_PORT"])
     metrics_port = int(env["SEGSERVE_METRICS_PORT"])
-    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"grpc": port, "metrics": metrics_port}
+    http_port = int(env["SEGSERVE_HTTP_PORT"])
+    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {
+        "grpc": port,
+        "http": http_port,
+        "metrics": metrics_port,
+    }
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(metrics_port)
 
@@ -114,6 +119,7 @@ def test_pieces_fit_together() -> None:
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert service["spec"]["ports"][0]["port"] == port
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": port, "http": http_port}
 
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "segserve"}
     assert hpa["spec"]["minReplicas"] >= 2
