@@ -19,6 +19,8 @@ from tests.helpers.known_model import MODEL_NAME, Shape, render_scene
 from tests.helpers.servers import ServerThread
 
 PERF_ANALYZER = perf_analyzer.binary()
+SERVER_STAGES = ("Queue", "Compute Input", "Compute Infer", "Compute Output")
+"""perf_analyzer's CSV columns for the server's side, "Server Queue" and so on."""
 
 
 def input_data_image() -> bytes:
@@ -49,7 +51,14 @@ def test_perf_analyzer_reports_throughput_and_latency(
     assert sorted(row["Concurrency"] for row in rows) == ["1", "2"]
     for row in rows:
         assert float(row["Inferences/Second"]) > 0 and int(row["p99 latency"]) > 0
-    # the server's side of the report comes from ModelStatistics
+        # The server's side, a request's mean in microseconds from ModelStatistics: each compute stage took time,
+        # and all the stages together fit in the client's p99 latency.
+        server_us = {stage: int(row[f"Server {stage}"]) for stage in SERVER_STAGES}
+        assert min(server_us["Compute Input"], server_us["Compute Infer"], server_us["Compute Output"]) > 0, row
+        assert sum(server_us.values()) <= int(row["p99 latency"]), row
+    # Two requests at a time on one model instance: one waits while the other is in the model.
+    (two,) = [row for row in rows if row["Concurrency"] == "2"]
+    assert int(two["Server Queue"]) > 0, two
     assert "Server:" in done.stdout and "compute infer" in done.stdout
 
 
@@ -63,7 +72,9 @@ def test_the_bench_sweep_reads_perf_analyzers_report(known_server: ServerThread,
     assert [(r["protocol"], r["concurrency"]) for r in rows] == [("grpc", 1), ("grpc", 2)]
     for row in rows:
         assert row["throughput"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] < 60_000
-        assert row["server_compute_ms"] > 0  # from ModelStatistics
+        # From ModelStatistics, a request's mean: the model took time, and with the queue fits in the client's p99.
+        assert row["server_compute_ms"] > 0 and row["server_queue_ms"] + row["server_compute_ms"] <= row["p99_ms"], row
+    assert rows[1]["server_queue_ms"] > 0, rows[1]  # at 2, one request waits while the other is in the model
 
 
 @pytest.mark.slow
