@@ -37,6 +37,8 @@ IMAGE = encode(photo_like(48, 40), "PNG")
 HEALTH_WAIT_S = 30.0
 NO_PROXY = [("grpc.enable_http_proxy", 0)]
 
+pytestmark = pytest.mark.slow  # about 20 s: replicas to start, Envoy's health checks every 5 s
+
 
 def envoy_binary() -> Path:
     try:
