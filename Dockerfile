@@ -97,9 +97,13 @@ USER 0
 RUN python /build/docker/requirements.py --only debugpy watchfiles > /build/requirements-debug.txt \
     && pip install -c /build/constraints.txt -r /build/requirements-debug.txt
 USER 10001:10001
-# Inside the container only; docker-compose.debug.yml publishes it on the host's 127.0.0.1 alone.
-EXPOSE 5678
-CMD ["python", "-Xfrozen_modules=off", "-m", "debugpy", "--listen", "0.0.0.0:5678", "-m", "server"]
+# debugpy listens on the container's loopback only, and 5678 is deliberately not EXPOSEd: `docker run -P`
+# publishes every EXPOSEd port on all of the host's interfaces, and on a bridge network anything that
+# reaches the container's address (other containers, the bridge) would reach a 0.0.0.0 listener.
+# Attach from inside the container (VS Code's dev container), or run it on the host's network, where the
+# container's loopback is the host's: docker run --network host -e SEGSERVE_HOST=127.0.0.1 IMAGE
+# (docker-compose.debug.yml does that; docs/debugging.md).
+CMD ["python", "-Xfrozen_modules=off", "-m", "debugpy", "--listen", "127.0.0.1:5678", "-m", "server"]
 
 # ---- server: the production image, and the default target (last stage) ----------------------------------
 FROM runtime AS server

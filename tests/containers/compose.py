@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tests.helpers.container_files import COMPOSE, COMPOSE_DEBUG, REPO
+from tests.helpers.container_files import COMPOSE, COMPOSE_DEBUG, REPO, ResetList
 
 PROJECT_PREFIX = "segserve-test-"
 SERVER_IMAGE = "segserve-test-server:random"
@@ -52,17 +52,6 @@ def docker(*args: str, timeout: float = 120, check: bool = True, **kwargs: Any) 
 
 def image_id(tag: str) -> str:
     return docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
-
-
-class ResetList(list[Any]):
-    """A YAML sequence tagged !reset: Compose drops what earlier files set, instead of adding to it."""
-
-
-def _reset_representer(dumper: yaml.SafeDumper, data: ResetList) -> yaml.Node:
-    return dumper.represent_sequence("!reset", list(data))
-
-
-yaml.SafeDumper.add_representer(ResetList, _reset_representer)
 
 
 @dataclass

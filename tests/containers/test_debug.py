@@ -5,6 +5,7 @@ Each test mounts a copy of the checkout (the `checkout` fixture) and edits only 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,8 +15,10 @@ from client import SegmentClient
 from tests.containers.compose import (
     COMPOSE_DEBUG,
     DEBUG_IMAGE,
+    SERVER_IMAGE,
     ServerPorts,
     Stack,
+    docker,
     free_port,
     image_id,
     loopback_override,
@@ -46,6 +49,19 @@ def debug_stack(
     stack = stacks(override, debug=True, project_dir=checkout, env={"DEBUGPY_LISTEN": f"127.0.0.1:{debug_port}"})
     stack.up("server")
     return stack, ports, debug_port
+
+
+def test_the_built_images_declare_the_servers_ports_and_keep_debugpy_on_loopback(images: dict[str, str]) -> None:
+    """As the engine built them: `docker run -P` publishes ExposedPorts on every host interface."""
+
+    def config(tag: str) -> dict[str, Any]:
+        return json.loads(docker("image", "inspect", "--format", "{{json .Config}}", tag).stdout)
+
+    server, debug = config(SERVER_IMAGE), config(DEBUG_IMAGE)
+    assert set(server["ExposedPorts"]) == {"50051/tcp", "8000/tcp", "9464/tcp"}, server["ExposedPorts"]
+    assert debug["ExposedPorts"] == server["ExposedPorts"], "the debug image adds an exposed port"
+    argv = debug["Cmd"]
+    assert argv[argv.index("--listen") + 1] == "127.0.0.1:5678", argv
 
 
 def test_a_breakpoint_in_decode_image_stops_a_real_request(

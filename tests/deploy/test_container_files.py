@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -32,6 +31,8 @@ from tests.helpers.container_files import (
     bind_mount_of_checkout,
     command_args,
     compose_service,
+    compose_v2,
+    dockerfile_stages,
     interpolate,
     load_jsonc,
     load_yaml,
@@ -66,19 +67,9 @@ def test_the_schema_check_catches_mistakes() -> None:
     assert len(schema_errors(document)) == 2
 
 
-def _compose_v2() -> list[str] | None:
-    for command in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(command[0]) is None:
-            continue
-        probe = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=30)
-        if probe.returncode == 0 and re.search(r"v?2\.\d+", probe.stdout):
-            return command
-    return None
-
-
 @pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_DEBUG]], ids=["base", "debug"])
 def test_docker_compose_config_accepts_the_files(files: list[Path]) -> None:
-    command = _compose_v2()
+    command = compose_v2()
     if command is None:
         pytest.skip("no Docker Compose v2 installed (the schema test above still ran)")
     args = [a for f in files for a in ("-f", str(f))]
@@ -115,8 +106,9 @@ def test_the_debug_overlay_runs_debugpy_on_loopback_with_the_source_mounted() ->
     assert debug["build"]["target"] == "debug"
     argv = command_args(debug["command"])
     assert argv[argv.index("-m") + 1] == "debugpy" and argv[-2:] == ["-m", "server"]
-    assert argv[argv.index("--listen") + 1] == "0.0.0.0:5678"  # inside the container; published below
-    assert debug["ports"] == ["127.0.0.1:5678:5678"], "debugpy is remote code execution: host loopback only"
+    # debugpy is remote code execution: loopback only, on the host's network (test_listening_ports.py).
+    assert argv[argv.index("--listen") + 1] == "127.0.0.1:5678"
+    assert debug["network_mode"] == "host" and debug["ports"] == [], "nothing published on the host's network"
     assert bind_mount_of_checkout(debug) == debug["working_dir"] == "/app"
     assert debug["image"] != compose_service(COMPOSE, "server")["image"], (
         "the debug build must not take the production tag"
@@ -148,21 +140,6 @@ def test_make_debug_listens_on_loopback_only() -> None:
 
 
 # ---- Dockerfile -------------------------------------------------------------------------------------
-
-
-def dockerfile_stages() -> dict[str, list[str]]:
-    """Stage name -> its instructions (continuation lines joined, comments dropped)."""
-    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
-    stages: dict[str, list[str]] = {}
-    current: list[str] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if match := re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE):
-            current = stages.setdefault(match.group(1), [])
-        current.append(line)
-    return stages
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -275,7 +252,7 @@ def test_launch_configurations_agree_with_the_compose_mount() -> None:
     configurations = {c["name"]: c for c in load_jsonc(LAUNCH)["configurations"]}
     attach = configurations["Attach to server (debugpy)"]
     assert (attach["type"], attach["request"]) == ("debugpy", "attach")
-    assert attach["connect"] == {"host": "localhost", "port": 5678}
+    assert attach["connect"] == {"host": "127.0.0.1", "port": 5678}  # where debugpy listens, not ::1
     mount = bind_mount_of_checkout(compose_service(COMPOSE_DEBUG, "server"))
     assert attach["pathMappings"] == [{"localRoot": "${workspaceFolder}", "remoteRoot": mount}]
     assert configurations["Run server"]["module"] == "server"

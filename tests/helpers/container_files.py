@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ def interpolate(value: Any, env: Mapping[str, str]) -> Any:
     if isinstance(value, dict):
         return {key: interpolate(item, env) for key, item in value.items()}
     if isinstance(value, list):
-        return [interpolate(item, env) for item in value]
+        return type(value)(interpolate(item, env) for item in value)  # a ResetList stays one
     if not isinstance(value, str):
         return value
 
@@ -54,8 +56,32 @@ def interpolate(value: Any, env: Mapping[str, str]) -> Any:
     return _VARIABLE.sub(substitute, value)
 
 
+class ResetList(list[Any]):
+    """A YAML sequence tagged !reset: Compose drops what earlier files set, instead of adding to it."""
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """yaml's safe loader plus Compose's !reset tag, so an overlay loads as Compose reads it."""
+
+
+def _reset_constructor(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.SequenceNode):
+        return ResetList(loader.construct_sequence(node, deep=True))
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    return None  # `!reset null`: the key as if no earlier file had set it
+
+
+def _reset_representer(dumper: yaml.SafeDumper, data: ResetList) -> yaml.Node:
+    return dumper.represent_sequence("!reset", list(data))
+
+
+_ComposeLoader.add_constructor("!reset", _reset_constructor)
+yaml.SafeDumper.add_representer(ResetList, _reset_representer)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text())
+    data = yaml.load(path.read_text(), Loader=_ComposeLoader)  # a SafeLoader with one more tag
     assert isinstance(data, dict), f"{path.name} is not a mapping"
     return data
 
@@ -95,3 +121,29 @@ def debug_launch_config() -> dict[str, Any]:
     matches = [c for c in configurations if c.get("name") == "Attach to server (debugpy)"]
     assert len(matches) == 1, "launch.json needs exactly one 'Attach to server (debugpy)'"
     return matches[0]  # type: ignore[no-any-return]
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Stage name -> its instructions (continuation lines joined, comments dropped)."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if match := re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE):
+            current = stages.setdefault(match.group(1), [])
+        current.append(line)
+    return stages
+
+
+def compose_v2() -> list[str] | None:
+    """The command of an installed Docker Compose v2 (the docker CLI's plugin or the standalone binary)."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        probe = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=30)
+        if probe.returncode == 0 and re.search(r"v?2\.\d+", probe.stdout):
+            return command
+    return None
