@@ -96,8 +96,8 @@ class ModelControl(Generic[M]):
     async def _load(self, name: str) -> None:
         async with self._one_at_a_time():
             repository = Path(self.settings.model_repository or "").expanduser()
-            try:
-                config = read_model(repository, name)
+            try:  # on a thread: file I/O and YAML parsing, too slow for the event loop at their bounds
+                config = await asyncio.to_thread(read_model, repository, name)
             except ModelLoadError as exc:
                 raise ModelLoadFailed(f"model {name!r} not loaded: {exc.message}") from None
             registry = self.registry

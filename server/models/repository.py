@@ -12,12 +12,19 @@ A repository holds one folder per model, named as callers name the model:
 Names are checked before they touch the file system, and every file a config names must lie inside the
 repository once symlinks are followed: a caller who may load models can name models, never paths.
 Problems are one sentence naming the file and the field.
+
+Configs and labels files are small and their reading is bounded before it starts: at most MAX_CONFIG_BYTES are
+read, YAML aliases are refused (a few hundred bytes of nested aliases expand to gigabytes: "billion laughs"),
+documents are held to MAX_CONFIG_NODES nodes nested at most MAX_CONFIG_DEPTH deep, and what a message quotes of a
+file's content is cut short (reprlib), the message itself to MAX_MESSAGE_CHARS: a reason is listed in the
+repository index, answered to a load's caller and logged.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -34,7 +41,15 @@ CONFIG_FILES = ("config.yaml", "config.yml", "config.json")
 CONFIG_FIELDS = ("architecture", "weights", "labels", "max_size", "max_batch_size", "max_batch_delay_ms", "instances")
 WEIGHTS_WORDS = ("auto", "pretrained", "random")
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".safetensors")
-MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_BYTES = 64 * 1024
+"""A config or labels file's largest size: a labels file of MAX_CLASSES classes with colours is a few KiB."""
+MAX_CONFIG_NODES = 5_000
+"""Nodes (scalars, lists, mappings) a YAML config or labels file may hold: MAX_CLASSES labels with names and
+[r, g, b] colours take about 2,600."""
+MAX_CONFIG_DEPTH = 16
+"""How deeply a YAML file's lists and mappings may nest (a labels file needs 3)."""
+MAX_MESSAGE_CHARS = 500
+"""The longest a config problem's message gets, whatever it quotes."""
 # Bytes of each architecture's float32 weights at 21 classes (its state_dict, measured): what a pretrained or
 # random model counts against SEGSERVE_MAX_MODEL_WEIGHTS_BYTES; a file counts its own size.
 ARCHITECTURE_WEIGHTS_BYTES = {
@@ -45,7 +60,54 @@ ARCHITECTURE_WEIGHTS_BYTES = {
 
 
 class ModelConfigError(ModelLoadError):
-    """A model's config, labels or weights file is unusable; the message names the file and the field."""
+    """A model's config, labels or weights file is unusable; the message names the file and the field, and is
+    cut to MAX_MESSAGE_CHARS: whatever it quotes, a reason stays one short sentence."""
+
+    def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+        super().__init__(message)
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 60, 60
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 4
+
+
+def _quoted(value: object) -> str:
+    """A value from a file as a message shows it: its repr, cut short without building the whole of it."""
+    return _QUOTE.repr(value)
+
+
+class _RefusedYaml(yaml.YAMLError):  # type: ignore[misc,unused-ignore]  # yaml is untyped
+    """A YAML document over the bounds above; its message is one clause, with the line."""
+
+
+# libyaml's parser and loader where PyYAML has them (its wheels do): the pure-Python ones take several times longer.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_NODE_EVENTS = (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)
+
+
+def _load_yaml(text: str) -> Any:
+    """A YAML document, safely loaded once its events have been checked against the bounds: an alias is
+    refused where it appears, so nothing is ever expanded and no document is bigger than its text, and one
+    of more than MAX_CONFIG_NODES nodes or nested deeper than MAX_CONFIG_DEPTH stops there, before anything
+    is constructed."""
+    nodes = depth = 0
+    for event in yaml.parse(text, Loader=_YAML_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            raise _RefusedYaml(f"line {event.start_mark.line + 1}: YAML aliases (*name) are not accepted")
+        if isinstance(event, _NODE_EVENTS):
+            nodes += 1
+            if nodes > MAX_CONFIG_NODES:
+                raise _RefusedYaml(f"line {event.start_mark.line + 1}: more than {MAX_CONFIG_NODES} values")
+        if isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise _RefusedYaml(f"line {event.start_mark.line + 1}: nested more than {MAX_CONFIG_DEPTH} deep")
+        elif isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent):
+            depth -= 1
+    return yaml.load(text, Loader=_YAML_LOADER)  # a safe loader, checked above
 
 
 @dataclass(frozen=True)
@@ -126,17 +188,25 @@ def _config_file(folder: Path) -> Path:
 
 
 def _read_data(path: Path, what: str) -> Any:
-    """A small JSON or YAML file, by its suffix; any problem is one sentence naming the file."""
+    """A small JSON or YAML file, by its suffix, within the bounds of this module's docstring; any problem is
+    one sentence naming the file. Never more than MAX_CONFIG_BYTES are read, whatever the file's size."""
+    kind = path.suffix.lstrip(".").upper()
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
             raise ModelConfigError(f"{path}: {what} is over {MAX_CONFIG_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        text = raw.decode("utf-8")
+        return json.loads(text) if path.suffix == ".json" else _load_yaml(text)
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelConfigError(f"{path}: {what} cannot be read: {exc}") from None
+    except _RefusedYaml as exc:
+        raise ModelConfigError(f"{path}: {what} is refused: {exc}") from None
+    except RecursionError:
+        raise ModelConfigError(f"{path}: {what} is nested too deeply") from None
     except (ValueError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelConfigError(f"{path}: {what} is not valid {path.suffix.lstrip('.').upper()}: {first}") from None
+        raise ModelConfigError(f"{path}: {what} is not valid {kind}: {first}") from None
 
 
 def read_labels_file(path: Path) -> tuple[Label, ...]:
@@ -154,15 +224,15 @@ def read_labels_file(path: Path) -> tuple[Label, ...]:
         if isinstance(entry, dict):
             unknown = set(entry) - {"name", "color"}
             if unknown:
-                raise ModelConfigError(f"{path}: labels[{index}]: unknown field {sorted(unknown)[0]!r}")
+                raise ModelConfigError(f"{path}: labels[{index}]: unknown field {_quoted(min(unknown, key=str))}")
             name, raw_color = entry.get("name"), entry.get("color")
         else:
             name = entry
         if not isinstance(name, str) or not name.strip():
-            raise ModelConfigError(f"{path}: labels[{index}]: the name must be a non-empty string, got {name!r}")
+            raise ModelConfigError(f"{path}: labels[{index}]: the name must be a non-empty string, got {_quoted(name)}")
         color = parse_color(raw_color) if raw_color is not None else None
         if raw_color is not None and color is None:
-            raise ModelConfigError(f"{path}: labels[{index}].color: {raw_color!r} is not '#rrggbb' or [r, g, b]")
+            raise ModelConfigError(f"{path}: labels[{index}].color: {_quoted(raw_color)} is not '#rrggbb' or [r, g, b]")
         names.append(name.strip())
         colors.append(color)
     if not MIN_CLASSES <= len(names) <= MAX_CLASSES:
@@ -179,7 +249,9 @@ def _number(config: dict[str, Any], field: str, where: Path, kind: type, minimum
         return None
     number = isinstance(value, float | int) and not isinstance(value, bool)
     if not number or (kind is int and isinstance(value, float)) or value < minimum:
-        raise ModelConfigError(f"{where}: {field}: expected a {kind.__name__} of at least {minimum:g}, got {value!r}")
+        raise ModelConfigError(
+            f"{where}: {field}: expected a {kind.__name__} of at least {minimum:g}, got {_quoted(value)}"
+        )
     return value
 
 
@@ -187,14 +259,18 @@ def _weights(folder: Path, repository: Path, value: object, where: Path) -> str:
     if value is None:
         return "auto"
     if not isinstance(value, str) or not value:
-        raise ModelConfigError(f"{where}: weights: expected {', '.join(WEIGHTS_WORDS)} or a file name, got {value!r}")
+        raise ModelConfigError(
+            f"{where}: weights: expected {', '.join(WEIGHTS_WORDS)} or a file name, got {_quoted(value)}"
+        )
     if value in WEIGHTS_WORDS:
         return value
     if Path(value).is_absolute():
-        raise ModelConfigError(f"{where}: weights: {value!r} is an absolute path; name a file in the model's folder")
+        raise ModelConfigError(
+            f"{where}: weights: {_quoted(value)} is an absolute path; name a file in the model's folder"
+        )
     path = _inside(repository, folder / value, f"{where}: weights")
     if path.suffix not in WEIGHTS_SUFFIXES:
-        raise ModelConfigError(f"{where}: weights: {value!r} is not a {', '.join(WEIGHTS_SUFFIXES)} file")
+        raise ModelConfigError(f"{where}: weights: {_quoted(value)} is not a {', '.join(WEIGHTS_SUFFIXES)} file")
     if not path.is_file():
         raise ModelConfigError(f"{where}: weights: no such file {folder / value}")
     return str(path)
@@ -209,12 +285,14 @@ def read_model(repository: Path, name: str) -> ModelConfig:
     config = _read_data(path, "the config")
     if not isinstance(config, dict):
         raise ModelConfigError(f"{path}: expected a mapping of {', '.join(CONFIG_FIELDS)}")
-    unknown = sorted(set(config) - set(CONFIG_FIELDS))
+    unknown = set(config) - set(CONFIG_FIELDS)
     if unknown:
-        raise ModelConfigError(f"{path}: {unknown[0]}: unknown field; the fields are {', '.join(CONFIG_FIELDS)}")
+        field = min(unknown, key=str)
+        shown = field if isinstance(field, str) and len(field) <= 60 else _quoted(field)
+        raise ModelConfigError(f"{path}: {shown}: unknown field; the fields are {', '.join(CONFIG_FIELDS)}")
     architecture = config.get("architecture")
     if architecture not in ARCHITECTURES:
-        raise ModelConfigError(f"{path}: architecture: {architecture!r} is none of {', '.join(ARCHITECTURES)}")
+        raise ModelConfigError(f"{path}: architecture: {_quoted(architecture)} is none of {', '.join(ARCHITECTURES)}")
     labels = make_labels(VOC_CLASSES)
     if config.get("labels") is not None:
         labels_name = config["labels"]
