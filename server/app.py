@@ -18,14 +18,14 @@ from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server.core.pipeline import SegmentationPipeline
+from server.dataplane import DataPlane
 from server.errors import ModelLoadError
 from server.grpc import inference as inference_grpc
 from server.grpc.interceptor import ObservingInterceptor
 from server.grpc.segmenter import SegmenterServicer
-from server.inference.protocol import InferenceModels
 from server.operations.drain import CallTracker
 from server.operations.metrics import Metrics
-from server.rest.app import build_app
+from server.rest.routes import build_app
 from server.rest.server import HttpServer, create_http_server
 from server.settings import Settings
 
@@ -153,12 +153,10 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     metrics.watch(pipeline)
     calls = CallTracker()
     server = grpc.aio.server(options=server_options(settings), interceptors=[ObservingInterceptor(metrics, calls)])
-    pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(pipeline), server)
     control = pipeline.model_control()
-    inference_models = InferenceModels(pipeline, control)
-    inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        inference_grpc.InferenceServicer(inference_models), server
-    )
+    plane = DataPlane(pipeline, control)
+    pb_grpc.add_SegmenterServicer_to_server(SegmenterServicer(plane), server)
+    inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference_grpc.InferenceServicer(plane), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", *SERVED_SERVICES):
@@ -171,7 +169,7 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
-    http = create_http_server(build_app(inference_models, metrics, calls), settings)
+    http = create_http_server(build_app(plane, metrics, calls), settings)
     app = App(server, port, pipeline, health_servicer, metrics, metrics_port, calls, http)
     control.on_change = app.set_model_health
     return app

@@ -23,6 +23,12 @@ class InvalidImage(SegservError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class InvalidRequest(SegservError):
+    """A request that cannot be parsed at all (bytes that are no message of its type, a malformed body)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class InvalidOptions(SegservError):
     """A request option out of its allowed range."""
 

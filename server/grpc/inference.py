@@ -1,29 +1,23 @@
-"""inference.GRPCInferenceService (Open Inference Protocol, with Triton's extensions): thin.
-Messages in (inference_grpc_converters), server.inference.protocol, messages out; errors become statuses here."""
+"""inference.GRPCInferenceService (Open Inference Protocol, with Triton's extensions): thin. Messages in
+(inference_converters), one call of the data plane (server/dataplane/), messages out; errors become statuses
+in server.grpc.calls."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator
-from typing import Any
-
-import grpc
-from google.protobuf.message import DecodeError
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from server.core.model_pipeline import ModelPipeline
-from server.core.stream_window import STREAM_WINDOW
-from server.errors import NotPermitted, NotReady, NotServed, SegservError
+from server.dataplane import DataPlane
+from server.errors import NotServed, SegservError
 from server.grpc import inference_converters as converters
-from server.grpc.calls import call_deadline, guarded, read_message, refuse_new_call
+from server.grpc.calls import call_deadline, guarded, guarded_stream, read_message
 from server.grpc.interceptor import Context
 from server.inference import protocol as inference
-from server.inference.protocol import InferenceModels, note_response
-from server.operations.access import ImageNote, note_image
+from server.inference.protocol import InferResponse
 
-log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _NOT_SERVED = {
@@ -39,17 +33,18 @@ _NOT_SERVED = {
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: InferenceModels) -> None:
-        self.models = models
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.models.ready)
+        return pb.ServerReadyResponse(ready=self.plane.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return await guarded(context, self._model_ready(request.name, request.version))
+        ready = await guarded(context, self._call(self.plane.model_ready, request.name, request.version))
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
@@ -57,24 +52,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        return await guarded(context, self._checked(request.name, request.version, converters.metadata_to_proto))
+        model = await guarded(context, self._call(self.plane.describe, request.name, request.version))
+        return converters.metadata_to_proto(model)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        config = await guarded(context, self._checked(request.name, request.version, converters.config_to_proto))
-        return pb.ModelConfigResponse(config=config)
+        model = await guarded(context, self._call(self.plane.describe, request.name, request.version))
+        return pb.ModelConfigResponse(config=converters.config_to_proto(model))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
-        if not request.name:  # every model
-            reports = self.models.every_statistics_report()
-            return pb.ModelStatisticsResponse(model_stats=[converters.statistics_to_proto(r) for r in reports])
-        stats = await guarded(context, self._checked(request.name, request.version, self._statistics))
-        return pb.ModelStatisticsResponse(model_stats=[stats])
+        reports = await guarded(context, self._call(self.plane.statistics, request.name, request.version))
+        return pb.ModelStatisticsResponse(model_stats=[converters.statistics_to_proto(r) for r in reports])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
-        return converters.index_to_proto(self.models.index(request.ready), self.models.pipeline.draining)
+        return converters.index_to_proto(self.plane.index(request.ready))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await guarded(context, self._infer(request, call_deadline(context)))
+        response = await guarded(context, self._infer(request, call_deadline(context)))
+        return converters.response_to_proto(response)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -82,82 +76,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Each request answered in order; up to a window of them in progress at once, so frames share batches.
         A failed request is answered with its error_message and the stream goes on."""
         deadline = call_deadline(context)
-        pipeline = self.models.pipeline
-        if pipeline.draining:  # refused whole, before any answer, so the client retries it elsewhere
-            await guarded(context, refuse_new_call(pipeline))
-        window = asyncio.Semaphore(min(STREAM_WINDOW, pipeline.settings.max_queue))
-        # Bytes each request counts (then its response, until written), as in SegmentStream.
-        held = pipeline.stream_bytes.stream()
-        pending: asyncio.Queue[tuple[asyncio.Task[pb.ModelStreamInferResponse], list[int]] | None] = asyncio.Queue()
-
-        async def one(
-            request: pb.ModelInferRequest, size: list[int], refusal: SegservError | None
-        ) -> pb.ModelStreamInferResponse:
-            try:
-                if refusal is not None:
-                    raise refusal
-                # A stream open when the drain began is an admitted call: it is served to its end.
-                response = await self._infer(request, deadline, admitted_before_drain=True)
-                answer = pb.ModelStreamInferResponse(infer_response=response)
-            except SegservError as exc:
-                note_image(ImageNote(request.id, code=exc.code.name))
-                answer = pb.ModelStreamInferResponse(error_message=exc.message)
-            except Exception:
-                log.exception("unexpected error in stream request %r", request.id)
-                note_image(ImageNote(request.id, code=grpc.StatusCode.INTERNAL.name))
-                answer = pb.ModelStreamInferResponse(error_message="internal error; see the server log")
-            answer_size = held.response_made(answer.ByteSize())
-            held.add(answer_size)
-            held.remove(size[0])
-            size[0] = answer_size
-            return answer
-
-        async def read_all() -> None:
-            try:
-                while True:
-                    await window.acquire()
-                    await held.wait_for_room()
-                    request = await read_message(context)
-                    if request is None:
-                        window.release()
-                        break
-                    refusal = held.refusal()
-                    size = [0 if refusal else held.in_progress(request.ByteSize())]  # changed by one()
-                    held.add(size[0])
-                    await pending.put((asyncio.create_task(one(request, size, refusal)), size))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read_all())
-        tasks: list[asyncio.Task[Any]] = [reader]
-        try:
-            while (entry := await pending.get()) is not None:
-                task, size = entry
-                tasks.append(task)
-                response = await task
-                tasks.remove(task)
-                yield response
-                held.remove(size[0])
-                size[0] = 0
-                window.release()
-            try:
-                await reader
-            except DecodeError as exc:  # bytes that are no ModelInferRequest: the caller's error, said once
-                error = f"a stream request could not be parsed: {exc}"
-            else:
-                return
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-        finally:
-            for task in tasks:
-                task.cancel()
-            while not pending.empty():
-                if (entry := pending.get_nowait()) is not None:
-                    entry[0].cancel()
-                    tasks.append(entry[0])
-            try:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            finally:
-                held.release()
+        answers: AsyncIterator[pb.ModelStreamInferResponse] = guarded_stream(
+            context, lambda: self.plane.infer_stream(lambda: read_message(context), converters.INFER_STREAM, deadline)
+        )
+        async for answer in answers:
+            yield answer
 
     # ---- not served -----------------------------------------------------------------------
 
@@ -179,25 +102,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await guarded(context, self._unload(request, context))
 
     async def _load(self, request: pb.RepositoryModelLoadRequest, context: Context) -> pb.RepositoryModelLoadResponse:
-        self._check_caller(context)
-        inference.check_control_parameters(request.parameters, ())
-        await self.models.control.load(request.model_name)
+        await self.plane.load(request.model_name, request.parameters, _client_certified(context))
         return pb.RepositoryModelLoadResponse()
 
     async def _unload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        self._check_caller(context)
-        inference.check_control_parameters(request.parameters, inference.UNLOAD_PARAMETERS)
-        await self.models.control.unload(request.model_name)
+        await self.plane.unload(request.model_name, request.parameters, _client_certified(context))
         return pb.RepositoryModelUnloadResponse()
-
-    def _check_caller(self, context: Context) -> None:
-        """Under TLS with client certificates, model control is for callers that presented one. gRPC's handshake
-        already requires it of every caller then; this holds even if that ever changes."""
-        self.models.control.check_enabled()
-        if self.models.pipeline.settings.tls_client_ca and not context.auth_context().get("x509_pem_cert"):
-            raise NotPermitted("loading and unloading models takes a client certificate")
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
         return await self._not_served(context, "SystemSharedMemoryStatus")
@@ -225,22 +137,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- helpers --------------------------------------------------------------------------
 
-    async def _model_ready(self, name: str, version: str) -> pb.ModelReadyResponse:
-        try:
-            model = self.models.known(name, version)
-        except NotReady:  # known, and failed to load
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.models.model_ready(model))
+    @staticmethod
+    async def _call(function: Callable[[str, str], T], name: str, version: str) -> T:
+        return function(name, version)
 
-    def _statistics(self, model: ModelPipeline) -> pb.ModelStatistics:
-        return converters.statistics_to_proto(self.models.statistics_report(model))
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> InferResponse:
+        return await self.plane.infer(converters.request_from_proto(request), deadline)
 
-    async def _checked(self, name: str, version: str, convert: Any) -> Any:
-        return convert(self.models.known(name, version))
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, deadline: float | None, admitted_before_drain: bool = False
-    ) -> pb.ModelInferResponse:
-        response = await self.models.infer(converters.request_from_proto(request), deadline, admitted_before_drain)
-        note_response(request.id, response)
-        return converters.response_to_proto(response)
+def _client_certified(context: Context) -> bool:
+    return bool(context.auth_context().get("x509_pem_cert"))

@@ -7,13 +7,12 @@ from collections.abc import Mapping, Sequence
 from google.protobuf import json_format
 
 from protos.inference import grpc_predict_v2_pb2 as pb
-from server.core.model_pipeline import ModelPipeline
-from server.errors import InvalidTensor
+from server.dataplane import IndexEntry
+from server.errors import InvalidTensor, SegservError
 from server.inference import protocol as inference
 from server.inference import tensors
-from server.inference.protocol import InferRequest, InferResponse, ParameterValue, TensorSpec
+from server.inference.protocol import InferRequest, InferResponse, ModelDescription, ParameterValue, TensorSpec
 from server.inference.tensors import Tensor
-from server.models.registry import ModelEntry
 
 # Which typed-contents list carries each datatype (FP16 and BF16 travel only raw).
 _CONTENTS_FIELD = {
@@ -91,7 +90,7 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def metadata_to_proto(model: ModelPipeline) -> pb.ModelMetadataResponse:
+def metadata_to_proto(model: ModelDescription) -> pb.ModelMetadataResponse:
     return pb.ModelMetadataResponse(
         name=model.name,
         versions=[inference.MODEL_VERSION],
@@ -99,22 +98,21 @@ def metadata_to_proto(model: ModelPipeline) -> pb.ModelMetadataResponse:
         inputs=[_tensor_metadata(spec) for spec in inference.INPUT_SPECS],
         outputs=[_tensor_metadata(spec) for spec in inference.OUTPUT_SPECS],
         parameters={
-            "labels": pb.InferParameter(string_param=inference.labels_json(model)),
+            "labels": pb.InferParameter(string_param=inference.labels_json(model.labels)),
             "extra_outputs": pb.InferParameter(string_param=inference.extra_outputs_json()),
         },
     )
 
 
-def config_to_proto(model: ModelPipeline) -> pb.ModelConfig:
+def config_to_proto(model: ModelDescription) -> pb.ModelConfig:
     """Triton's model configuration: shapes without the batch dimension (max_batch_size > 0)."""
-    settings = model.settings
     return pb.ModelConfig(
         name=model.name,
         platform=inference.PLATFORM,
         backend=inference.PLATFORM,
-        max_batch_size=settings.max_queue,
+        max_batch_size=model.max_batch_size,
         parameters={
-            "labels": pb.ModelParameter(string_value=inference.labels_json(model)),
+            "labels": pb.ModelParameter(string_value=inference.labels_json(model.labels)),
             "extra_outputs": pb.ModelParameter(string_value=inference.extra_outputs_json()),
         },
         input=[
@@ -132,8 +130,8 @@ def config_to_proto(model: ModelPipeline) -> pb.ModelConfig:
             for spec in inference.OUTPUT_SPECS
         ],
         dynamic_batching=pb.ModelDynamicBatching(
-            preferred_batch_size=[settings.max_batch_size],
-            max_queue_delay_microseconds=int(settings.max_batch_delay_ms * 1000),
+            preferred_batch_size=[model.preferred_batch_size],
+            max_queue_delay_microseconds=model.max_queue_delay_us,
         ),
     )
 
@@ -142,16 +140,42 @@ def statistics_to_proto(report: dict[str, object]) -> pb.ModelStatistics:
     return json_format.ParseDict(report, pb.ModelStatistics())
 
 
-def index_to_proto(entries: list[ModelEntry], draining: bool) -> pb.RepositoryIndexResponse:
-    """Draining, every model reads UNAVAILABLE: none takes new requests."""
+def index_to_proto(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
     return pb.RepositoryIndexResponse(
         models=[
-            pb.RepositoryIndexResponse.ModelIndex(
-                name=e.name,
-                version=inference.MODEL_VERSION,
-                state="UNAVAILABLE" if draining else e.state,
-                reason="shutting down" if draining else e.reason,
-            )
+            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
             for e in entries
         ]
     )
+
+
+class InferStreamCodec:
+    """ModelStreamInfer's messages for the data plane's stream engine: a request's error is its answer's
+    error_message, and the stream goes on."""
+
+    @staticmethod
+    def size(message: pb.ModelInferRequest) -> int:
+        return message.ByteSize()
+
+    @staticmethod
+    def request_id(message: pb.ModelInferRequest) -> str:
+        return message.id
+
+    @staticmethod
+    def parse(message: pb.ModelInferRequest) -> InferRequest:
+        return request_from_proto(message)
+
+    @staticmethod
+    def answer(request_id: str, response: InferResponse) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(infer_response=response_to_proto(response))
+
+    @staticmethod
+    def error(request_id: str, error: SegservError) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(error_message=error.message)
+
+    @staticmethod
+    def answer_size(answer: pb.ModelStreamInferResponse) -> int:
+        return answer.ByteSize()
+
+
+INFER_STREAM = InferStreamCodec()

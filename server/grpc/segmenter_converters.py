@@ -1,12 +1,14 @@
-"""Protobuf messages <-> the pipeline's domain objects. The only module that knows both."""
+"""Protobuf messages <-> the data plane's values. The only module that knows both."""
 
 from __future__ import annotations
 
+import grpc
+
 from protos.segserve.v1 import segserve_pb2 as pb
 from server.core.types import SegmentOptions, SegmentResult
+from server.dataplane import ModelEntry, ModelInfo, SegmentCall, UploadChunk
 from server.errors import SegservError
 from server.labels import Label
-from server.models.registry import ModelEntry
 
 
 def options_from_proto(message: pb.SegmentOptions) -> SegmentOptions:
@@ -16,6 +18,12 @@ def options_from_proto(message: pb.SegmentOptions) -> SegmentOptions:
         overlay_opacity=message.overlay_opacity if message.HasField("overlay_opacity") else None,
         model=message.model,
     )
+
+
+def chunk_from_proto(message: pb.ImageChunk) -> UploadChunk:
+    """The chunk's bytes are read once (each read of a bytes field is a fresh copy)."""
+    options = options_from_proto(message.options) if message.HasField("options") else None
+    return UploadChunk(message.data, message.id, options)
 
 
 def result_to_proto(request_id: str, result: SegmentResult) -> pb.SegmentResponse:
@@ -42,7 +50,58 @@ def result_to_proto(request_id: str, result: SegmentResult) -> pb.SegmentRespons
 
 
 def error_to_proto(request_id: str, error: SegservError) -> pb.SegmentResponse:
-    return pb.SegmentResponse(id=request_id, error=pb.Error(code=error.code.value[0], message=error.message))
+    code: grpc.StatusCode = error.code
+    return pb.SegmentResponse(id=request_id, error=pb.Error(code=code.value[0], message=error.message))
+
+
+class SegmentStreamCodec:
+    """SegmentStream's messages for the data plane's stream engine."""
+
+    @staticmethod
+    def size(message: pb.SegmentRequest) -> int:
+        return message.ByteSize()
+
+    @staticmethod
+    def request_id(message: pb.SegmentRequest) -> str:
+        return message.id
+
+    @staticmethod
+    def parse(message: pb.SegmentRequest) -> SegmentCall:
+        return SegmentCall(message.id, message.image, options_from_proto(message.options))
+
+    @staticmethod
+    def answer(request_id: str, result: SegmentResult) -> pb.SegmentResponse:
+        return result_to_proto(request_id, result)
+
+    @staticmethod
+    def error(request_id: str, error: SegservError) -> pb.SegmentResponse:
+        return error_to_proto(request_id, error)
+
+    @staticmethod
+    def answer_size(answer: pb.SegmentResponse) -> int:
+        return answer.ByteSize()
+
+
+SEGMENT_STREAM = SegmentStreamCodec()
+
+
+def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model=info.model,
+        name=info.name,
+        is_default=info.is_default,
+        weights=info.weights,
+        device=info.device,
+        runtime=info.runtime,
+        max_size=info.max_size,
+        max_batch_size=info.max_batch_size,
+        max_batch_delay_ms=info.max_batch_delay_ms,
+        max_queue=info.max_queue,
+        batch_sizes=info.batch_sizes,
+        labels=labels_to_proto(info.labels),
+        weights_are_trained=info.weights_are_trained,
+        resident_bytes=info.resident_bytes,
+    )
 
 
 def labels_to_proto(labels: tuple[Label, ...]) -> list[pb.Label]:

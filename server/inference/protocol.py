@@ -1,5 +1,6 @@
-"""segserve's models in the Open Inference Protocol, transport-free: their tensor contract, metadata,
-configuration and statistics, and inference over the same pipeline and batchers as Segment.
+"""segserve's models in the Open Inference Protocol, as values: their tensor contract, the request and
+response types both doors convert to and from, model metadata and configuration, and the pure steps of an
+inference (which images, which outputs, which options). The data plane (server/dataplane/) runs it.
 
 Inputs: IMAGE (BYTES [N] or [N,1], encoded images) or PIXELS (UINT8 [N,H,W,3], RGB).
 Parameters: max_size, overlay, overlay_opacity.
@@ -8,26 +9,18 @@ Outputs: MASK (UINT8 [N,H,W]), MASK_PNG (BYTES [N]), CLASSES (BYTES [N], JSON), 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Mapping
-from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 
-from server.core.model_pipeline import ModelPipeline
-from server.core.pipeline import SegmentationPipeline
-from server.core.statistics import Duration
 from server.core.types import SegmentOptions, SegmentResult
-from server.errors import InvalidTensor, ModelControlRefused, TooManyImages, UnknownModel
+from server.errors import InvalidTensor, ModelControlRefused
 from server.inference.tensors import BYTES, Tensor
-from server.models.control import ModelControl
-from server.models.registry import ModelEntry
-from server.operations.access import note_result
+from server.labels import Label
 
 MODEL_VERSION = "1"
 PLATFORM = "segserve"
@@ -85,131 +78,25 @@ class InferRequest:
 
 
 @dataclass(frozen=True)
+class ModelDescription:
+    """What ModelMetadata and ModelConfig say of one model, built once by the data plane; each door only
+    serialises it (with the tensor specs above, which are the same for every model)."""
+
+    name: str
+    labels: tuple[Label, ...]
+    max_batch_size: int
+    """Triton's max_batch_size: the most images one request may carry (the admission queue's size)."""
+    preferred_batch_size: int
+    max_queue_delay_us: int
+
+
+@dataclass(frozen=True)
 class InferResponse:
     model_name: str
     model_version: str
     id: str
     outputs: list[Tensor]
     results: list[SegmentResult]
-
-
-class InferenceModels:
-    """The served models as the protocol sees them: each by its name, with its own statistics."""
-
-    def __init__(self, pipeline: SegmentationPipeline, control: ModelControl[ModelPipeline] | None = None) -> None:
-        self.pipeline = pipeline
-        self.control = control or pipeline.model_control()
-
-    @property
-    def ready(self) -> bool:
-        """The server's readiness: started (at least one model loaded) and not draining."""
-        return self.pipeline.ready and not self.pipeline.draining
-
-    def names(self) -> list[str]:
-        return [model.name for model in self.pipeline.models.loaded()]
-
-    def known(self, name: str, version: str = "") -> ModelPipeline:
-        """The model called `name` in any state (metadata and readiness are answered while it loads);
-        NOT_FOUND for a name, or a version, it does not have."""
-        model = self.pipeline.models.find(name) if name else None
-        if model is None:
-            self.pipeline.models.get(name)  # raises: UNAVAILABLE with the reason it failed, or NOT_FOUND
-            raise UnknownModel(f"unknown model {name!r}")
-        if version not in ("", MODEL_VERSION):
-            raise UnknownModel(f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}")
-        return model
-
-    def model_ready(self, model: ModelPipeline) -> bool:
-        return self.ready and model.state == "READY"
-
-    def statistics_report(self, model: ModelPipeline) -> dict[str, Any]:
-        """Triton's ModelStatistics for one model, as the JSON its REST extension answers (the gRPC door
-        parses the same dict into its message). The counts are the model's, by every door, Segment's
-        included (server/core/statistics.py says what each means)."""
-        s = model.statistics
-
-        def duration(d: Duration) -> dict[str, int]:
-            return {"count": d.count, "ns": d.ns}
-
-        return {
-            "name": model.name,
-            "version": MODEL_VERSION,
-            "last_inference": s.last_inference_ms,
-            "inference_count": s.inference_count,
-            "execution_count": s.execution_count,
-            "inference_stats": {
-                "success": duration(s.success),
-                "fail": duration(s.fail),
-                "queue": duration(s.queue),
-                "compute_input": duration(s.compute_input),
-                "compute_infer": duration(s.compute_infer),
-                "compute_output": duration(s.compute_output),
-            },
-            # Decoding and postprocessing run per image, not per batch: a batch's own time is the model's.
-            "batch_stats": [
-                {"batch_size": size, "compute_infer": duration(s.batches[size])} for size in sorted(s.batches)
-            ],
-        }
-
-    def every_statistics_report(self) -> list[dict[str, Any]]:
-        return [self.statistics_report(model) for model in self.pipeline.models.loaded()]
-
-    def index(self, ready_only: bool = False) -> list[ModelEntry]:
-        entries = self.pipeline.models.entries()
-        return [e for e in entries if e.state == "READY"] if ready_only else entries
-
-    # ---- inference ------------------------------------------------------------------------
-
-    async def infer(
-        self, request: InferRequest, deadline: float | None = None, admitted_before_drain: bool = False
-    ) -> InferResponse:
-        model = self.known(request.model_name, request.model_version)
-        started = time.monotonic()
-        try:
-            response = await self._infer(model.name, request, deadline, admitted_before_drain)
-        except BaseException:  # refused before any work, or failed on the way: one failed request
-            model.statistics.failed(time.monotonic() - started)
-            raise
-        model.statistics.succeeded([r.timing for r in response.results], time.monotonic() - started)
-        return response
-
-    async def _infer(
-        self, name: str, request: InferRequest, deadline: float | None, admitted_before_drain: bool
-    ) -> InferResponse:
-        images = images_of(request.inputs)
-        wanted = requested_outputs(request)
-        options = replace(options_of(request.parameters, wanted), model=name)
-        pipeline = self.pipeline
-        pipeline.check_options(options)
-        limit = pipeline.settings.max_queue
-        if len(images) > limit:
-            raise TooManyImages(
-                f"{len(images)} images in one request can never fit the queue of {limit} (SEGSERVE_MAX_QUEUE); "
-                f"send at most {limit} per request"
-            )
-        if len(images) > 1:
-            # Everything the headers can tell is checked before the request takes a place or a batch slot:
-            # an image decoding would refuse, or sizes MASK cannot stack, never let the others reach the model.
-            check_mask_sizes(wanted, await pipeline.image_sizes(images))
-        with ExitStack() as slots:
-            # Held for the whole request: an unload waits for all of its images, never refuses the later ones.
-            model = slots.enter_context(pipeline.models.acquire(name))
-            # All N places or none: a request is admitted whole, like N Segment calls at once.
-            admitted = [
-                slots.enter_context(pipeline.admit(admitted_before_drain=admitted_before_drain)) for _ in images
-            ]
-            tasks = [
-                asyncio.ensure_future(pipeline.segment_image_of_request(model, image, options, deadline, slot))
-                for image, slot in zip(images, admitted, strict=True)
-            ]
-            try:
-                results = await asyncio.gather(*tasks)
-            finally:  # one image failed (or the call was cancelled): the others stop before their places go back
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        outputs = [output_tensor(output, results) for output in wanted]
-        return InferResponse(name, MODEL_VERSION, request.id, outputs, list(results))
 
 
 def images_of(inputs: list[Tensor]) -> list[bytes | np.ndarray]:
@@ -304,12 +191,6 @@ def output_tensor(name: str, results: list[SegmentResult]) -> Tensor:
     return Tensor(CLASSES, BYTES, (n,), [classes_json(r) for r in results])
 
 
-def note_response(request_id: str, response: InferResponse) -> None:
-    """Each image answered, into the current call's record (its log line and the per-stage metrics)."""
-    for result in response.results:
-        note_result(request_id, result)
-
-
 def server_version() -> str:
     try:
         return metadata.version("segserve")
@@ -322,9 +203,9 @@ def classes_json(result: SegmentResult) -> bytes:
     return json.dumps(shares, separators=(",", ":")).encode()
 
 
-def labels_json(model: ModelPipeline) -> str:
+def labels_json(labels: tuple[Label, ...]) -> str:
     """The model's classes as the "labels" parameter of ModelMetadata and ModelConfig carries them."""
-    return json.dumps(labels_list(model), separators=(",", ":"))
+    return json.dumps(labels_list(labels), separators=(",", ":"))
 
 
 def extra_outputs_list() -> list[dict[str, Any]]:
@@ -336,8 +217,8 @@ def extra_outputs_json() -> str:
     return json.dumps(extra_outputs_list(), separators=(",", ":"))
 
 
-def labels_list(model: ModelPipeline) -> list[dict[str, Any]]:
-    return [{"index": label.index, "name": label.name, "color": label.hex_color} for label in model.labels]
+def labels_list(labels: tuple[Label, ...]) -> list[dict[str, Any]]:
+    return [{"index": label.index, "name": label.name, "color": label.hex_color} for label in labels]
 
 
 def check_control_parameters(parameters: Mapping[str, object], allowed: tuple[str, ...]) -> None:

@@ -20,7 +20,7 @@ from server.operations.metrics import Metrics
 log = logging.getLogger("segserve.access")
 
 REQUEST_ID_KEY = "x-request-id"
-SINGLE_IMAGE_METHODS = ("Segment", "SegmentUpload")
+SINGLE_IMAGE_METHODS = ("Segment", "SegmentUpload", "http Segment")
 STREAM_METHODS = ("SegmentStream", "ModelStreamInfer")
 
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from server.core.model_pipeline import ModelPipeline
 from server.core.types import SegmentResult
+from server.dataplane import IndexEntry
 from server.errors import InvalidTensor
 from server.inference import protocol as inference
 from server.inference import tensors
-from server.inference.protocol import InferRequest, InferResponse, ParameterValue
+from server.inference.protocol import InferRequest, InferResponse, ModelDescription, ParameterValue
 from server.inference.tensors import Tensor
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -193,20 +193,19 @@ def _tensor_metadata(specs: Sequence[inference.TensorSpec]) -> list[dict[str, An
     return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
 
-def metadata_to_http(model: ModelPipeline) -> dict[str, Any]:
+def metadata_to_http(model: ModelDescription) -> dict[str, Any]:
     return {
         "name": model.name,
         "versions": [inference.MODEL_VERSION],
         "platform": inference.PLATFORM,
         "inputs": _tensor_metadata(inference.INPUT_SPECS),
         "outputs": _tensor_metadata(inference.OUTPUT_SPECS),
-        "parameters": {"labels": inference.labels_list(model), "extra_outputs": inference.extra_outputs_list()},
+        "parameters": {"labels": inference.labels_list(model.labels), "extra_outputs": inference.extra_outputs_list()},
     }
 
 
-def config_to_http(model: ModelPipeline) -> dict[str, Any]:
+def config_to_http(model: ModelDescription) -> dict[str, Any]:
     """Triton's model configuration in its JSON form (datatypes as TYPE_*; dims without the batch dimension)."""
-    settings = model.settings
 
     def config_type(datatype: str) -> str:
         return "TYPE_STRING" if datatype == tensors.BYTES else f"TYPE_{datatype}"
@@ -215,7 +214,7 @@ def config_to_http(model: ModelPipeline) -> dict[str, Any]:
         "name": model.name,
         "platform": inference.PLATFORM,
         "backend": inference.PLATFORM,
-        "max_batch_size": settings.max_queue,
+        "max_batch_size": model.max_batch_size,
         "input": [
             {"name": s.name, "data_type": config_type(s.datatype), "dims": list(s.shape[1:]), "optional": s.optional}
             for s in inference.INPUT_SPECS
@@ -225,12 +224,12 @@ def config_to_http(model: ModelPipeline) -> dict[str, Any]:
             for s in inference.OUTPUT_SPECS
         ],
         "dynamic_batching": {
-            "preferred_batch_size": [settings.max_batch_size],
-            "max_queue_delay_microseconds": int(settings.max_batch_delay_ms * 1000),
+            "preferred_batch_size": [model.preferred_batch_size],
+            "max_queue_delay_microseconds": model.max_queue_delay_us,
         },
         # Triton's ModelConfig.parameters are strings: the labels as the JSON text of the metadata's list.
         "parameters": {
-            "labels": {"string_value": inference.labels_json(model)},
+            "labels": {"string_value": inference.labels_json(model.labels)},
             "extra_outputs": {"string_value": inference.extra_outputs_json()},
         },
     }
@@ -249,3 +248,14 @@ def segment_result_to_json(result: SegmentResult) -> dict[str, Any]:
         "mask_png": base64.b64encode(result.mask_png).decode(),
         "overlay_png": base64.b64encode(result.overlay_png).decode() if result.overlay_png else None,
     }
+
+
+def index_to_http(entries: list[IndexEntry]) -> list[dict[str, str]]:
+    """The repository index as Triton's REST extension answers it (no reason when there is none)."""
+    index = []
+    for entry in entries:
+        item = {"name": entry.name, "version": entry.version, "state": entry.state}
+        if entry.reason:
+            item["reason"] = entry.reason
+        index.append(item)
+    return index

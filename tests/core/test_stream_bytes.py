@@ -20,7 +20,7 @@ from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 from server.core.stream_bytes import StreamBudget
 from server.inference import tensors
-from server.rest.app import CountedResponses
+from server.rest.middleware import CountedResponses
 from tests.helpers.gate import sample, wait_until
 from tests.helpers.images import encode, photo_like
 from tests.helpers.servers import ServerThread, make_settings
@@ -201,7 +201,7 @@ def test_an_http_response_counts_against_the_budget_while_it_is_being_sent() -> 
                 seen.append(budget.held)
                 await taken.wait()  # the caller is not reading
 
-        counted = CountedResponses(app, budget)  # type: ignore[arg-type]
+        counted = CountedResponses(app, budget.stream)  # type: ignore[arg-type]
         sending = asyncio.create_task(counted({"type": "http"}, None, slow_send))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         seen.append(budget.held)

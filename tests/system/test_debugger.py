@@ -64,7 +64,7 @@ def container_command(debug_port: int, env: dict[str, str]) -> list[str]:
     argv = command_args(service["command"])
     assert argv[0] == "python", argv
     listen = argv.index("--listen")
-    assert argv[listen + 1] == "0.0.0.0:5678", "the debug service should listen on 5678 inside the container"
+    assert argv[listen + 1] == "127.0.0.1:5678", "the debug service should listen on loopback only"
     argv[0] = sys.executable
     argv[listen + 1] = f"127.0.0.1:{debug_port}"  # loopback only here: this is no container
     return argv

@@ -1,0 +1,167 @@
+"""The Open Inference Protocol's models over the pipeline: lookup by name and version, readiness, statistics,
+the repository index and inference, with the same admission, batchers and statistics as Segment. Part of the
+data plane (server/dataplane/plane.py is its one entry point for the doors)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import ExitStack
+from dataclasses import replace
+from typing import Any
+
+from server.core.model_pipeline import ModelPipeline
+from server.core.pipeline import SegmentationPipeline
+from server.core.statistics import Duration
+from server.dataplane.types import IndexEntry
+from server.errors import TooManyImages, UnknownModel
+from server.inference.protocol import (
+    MODEL_VERSION,
+    InferRequest,
+    InferResponse,
+    ModelDescription,
+    check_mask_sizes,
+    images_of,
+    options_of,
+    output_tensor,
+    requested_outputs,
+)
+from server.models.control import ModelControl
+from server.operations.access import note_result
+
+
+class InferenceModels:
+    """The served models as the protocol sees them: each by its name, with its own statistics."""
+
+    def __init__(self, pipeline: SegmentationPipeline, control: ModelControl[ModelPipeline] | None = None) -> None:
+        self.pipeline = pipeline
+        self.control = control or pipeline.model_control()
+
+    @property
+    def ready(self) -> bool:
+        """The server's readiness: started (at least one model loaded) and not draining."""
+        return self.pipeline.ready and not self.pipeline.draining
+
+    def names(self) -> list[str]:
+        return [model.name for model in self.pipeline.models.loaded()]
+
+    def known(self, name: str, version: str = "") -> ModelPipeline:
+        """The model called `name` in any state (metadata and readiness are answered while it loads);
+        NOT_FOUND for a name, or a version, it does not have."""
+        model = self.pipeline.models.find(name) if name else None
+        if model is None:
+            self.pipeline.models.get(name)  # raises: UNAVAILABLE with the reason it failed, or NOT_FOUND
+            raise UnknownModel(f"unknown model {name!r}")
+        if version not in ("", MODEL_VERSION):
+            raise UnknownModel(f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}")
+        return model
+
+    def model_ready(self, model: ModelPipeline) -> bool:
+        return self.ready and model.state == "READY"
+
+    def statistics_report(self, model: ModelPipeline) -> dict[str, Any]:
+        """Triton's ModelStatistics for one model, as the JSON its REST extension answers (the gRPC door
+        parses the same dict into its message). The counts are the model's, by every door, Segment's
+        included (server/core/statistics.py says what each means)."""
+        s = model.statistics
+
+        def duration(d: Duration) -> dict[str, int]:
+            return {"count": d.count, "ns": d.ns}
+
+        return {
+            "name": model.name,
+            "version": MODEL_VERSION,
+            "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count,
+            "execution_count": s.execution_count,
+            "inference_stats": {
+                "success": duration(s.success),
+                "fail": duration(s.fail),
+                "queue": duration(s.queue),
+                "compute_input": duration(s.compute_input),
+                "compute_infer": duration(s.compute_infer),
+                "compute_output": duration(s.compute_output),
+            },
+            # Decoding and postprocessing run per image, not per batch: a batch's own time is the model's.
+            "batch_stats": [
+                {"batch_size": size, "compute_infer": duration(s.batches[size])} for size in sorted(s.batches)
+            ],
+        }
+
+    def every_statistics_report(self) -> list[dict[str, Any]]:
+        return [self.statistics_report(model) for model in self.pipeline.models.loaded()]
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """The repository index; while draining every model reads UNAVAILABLE, "shutting down": none takes
+        new requests, whichever door asks."""
+        entries = self.pipeline.models.entries()
+        if ready_only:
+            entries = [e for e in entries if e.state == "READY"]
+        if self.pipeline.draining:
+            return [IndexEntry(e.name, MODEL_VERSION, "UNAVAILABLE", "shutting down") for e in entries]
+        return [IndexEntry(e.name, MODEL_VERSION, e.state, e.reason) for e in entries]
+
+    def describe(self, model: ModelPipeline) -> ModelDescription:
+        settings = model.settings
+        return ModelDescription(
+            name=model.name,
+            labels=model.labels,
+            max_batch_size=settings.max_queue,
+            preferred_batch_size=settings.max_batch_size,
+            max_queue_delay_us=int(settings.max_batch_delay_ms * 1000),
+        )
+
+    # ---- inference ------------------------------------------------------------------------
+
+    async def infer(
+        self, request: InferRequest, deadline: float | None = None, admitted_before_drain: bool = False
+    ) -> InferResponse:
+        model = self.known(request.model_name, request.model_version)
+        started = time.monotonic()
+        try:
+            response = await self._infer(model.name, request, deadline, admitted_before_drain)
+        except BaseException:  # refused before any work, or failed on the way: one failed request
+            model.statistics.failed(time.monotonic() - started)
+            raise
+        model.statistics.succeeded([r.timing for r in response.results], time.monotonic() - started)
+        for result in response.results:  # each image answered, into the call's access record
+            note_result(request.id, result)
+        return response
+
+    async def _infer(
+        self, name: str, request: InferRequest, deadline: float | None, admitted_before_drain: bool
+    ) -> InferResponse:
+        images = images_of(request.inputs)
+        wanted = requested_outputs(request)
+        options = replace(options_of(request.parameters, wanted), model=name)
+        pipeline = self.pipeline
+        pipeline.check_options(options)
+        limit = pipeline.settings.max_queue
+        if len(images) > limit:
+            raise TooManyImages(
+                f"{len(images)} images in one request can never fit the queue of {limit} (SEGSERVE_MAX_QUEUE); "
+                f"send at most {limit} per request"
+            )
+        if len(images) > 1:
+            # Everything the headers can tell is checked before the request takes a place or a batch slot:
+            # an image decoding would refuse, or sizes MASK cannot stack, never let the others reach the model.
+            check_mask_sizes(wanted, await pipeline.image_sizes(images))
+        with ExitStack() as slots:
+            # Held for the whole request: an unload waits for all of its images, never refuses the later ones.
+            model = slots.enter_context(pipeline.models.acquire(name))
+            # All N places or none: a request is admitted whole, like N Segment calls at once.
+            admitted = [
+                slots.enter_context(pipeline.admit(admitted_before_drain=admitted_before_drain)) for _ in images
+            ]
+            tasks = [
+                asyncio.ensure_future(pipeline.segment_image_of_request(model, image, options, deadline, slot))
+                for image, slot in zip(images, admitted, strict=True)
+            ]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:  # one image failed (or the call was cancelled): the others stop before their places go back
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        outputs = [output_tensor(output, results) for output in wanted]
+        return InferResponse(name, MODEL_VERSION, request.id, outputs, list(results))

@@ -1,0 +1,127 @@
+"""The HTTP door's endpoints: each parses its request (bodies, converters), makes one call of the data plane
+(server/dataplane/) and serialises the answer; errors are mapped in server/rest/routes.py, in one place."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.dataplane import DataPlane
+from server.inference.protocol import EXTENSIONS, server_version
+from server.rest import converters
+from server.rest.bodies import IMAGE_TYPES, JSON_TYPE, MULTIPART_OVERHEAD, multipart_file, read_body, segment_options
+from server.rest.errors import UnsupportedMediaType
+
+INDEX_BODY_LIMIT = 64 * 1024
+
+
+class Endpoints:
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    # ---- health and metadata ------------------------------------------------------------------------------
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": "segserve", "version": server_version(), "extensions": list(EXTENSIONS)})
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ready = self.plane.ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @staticmethod
+    def _named(request: Request) -> tuple[str, str]:
+        return request.path_params["model"], request.path_params.get("version", "")
+
+    async def model_metadata(self, request: Request) -> Response:
+        return JSONResponse(converters.metadata_to_http(self.plane.describe(*self._named(request))))
+
+    async def model_ready(self, request: Request) -> Response:
+        ready = self.plane.model_ready(*self._named(request))
+        return JSONResponse({"name": request.path_params["model"], "ready": ready}, status_code=200 if ready else 503)
+
+    async def model_config(self, request: Request) -> Response:
+        return JSONResponse(converters.config_to_http(self.plane.describe(*self._named(request))))
+
+    async def model_statistics(self, request: Request) -> Response:
+        name, version = self._named(request) if "model" in request.path_params else ("", "")  # /v2/models/stats
+        return JSONResponse({"model_stats": self.plane.statistics(name, version)})
+
+    async def repository_index(self, request: Request) -> Response:
+        body = await read_body(self.plane, request, INDEX_BODY_LIMIT, "a repository index request")
+        parsed = converters.parse_json(body) if body else {}
+        ready_only = isinstance(parsed, dict) and parsed.get("ready") is True
+        return JSONResponse(converters.index_to_http(self.plane.index(ready_only)))
+
+    # ---- model control ------------------------------------------------------------------------------------
+    # Under TLS with client certificates, uvicorn's handshake requires one of every caller (ssl.CERT_REQUIRED).
+
+    async def _control_parameters(self, request: Request) -> dict[str, object]:
+        self.plane.control.check_enabled()  # before reading the body
+        body = await read_body(self.plane, request, INDEX_BODY_LIMIT, "a repository request")
+        parsed = converters.parse_json(body) if body else {}
+        parameters = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
+        if not isinstance(parameters, dict):
+            raise converters.BadBody("the body must be a JSON object, with an optional `parameters` object")
+        return parameters
+
+    async def load_model(self, request: Request) -> Response:
+        await self.plane.load(request.path_params["model"], await self._control_parameters(request))
+        return JSONResponse({})
+
+    async def unload_model(self, request: Request) -> Response:
+        await self.plane.unload(request.path_params["model"], await self._control_parameters(request))
+        return JSONResponse({})
+
+    # ---- inference ----------------------------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        self.plane.describe(*self._named(request))  # the model is known: before reading a byte of the body
+        header = request.headers.get(converters.HEADER_LENGTH)
+        content_type = request.headers.get("content-type", JSON_TYPE).split(";")[0].strip().lower()
+        if header is None and content_type not in (JSON_TYPE, ""):
+            raise UnsupportedMediaType(
+                f"Content-Type {content_type[:64]} is not taken here: send {JSON_TYPE}, or the binary tensor "
+                "extension with Inference-Header-Content-Length"
+            )
+        header_length = None
+        if header is not None:
+            if not (header.isascii() and header.isdigit()):
+                raise converters.BadBody(f"Inference-Header-Content-Length must be a byte count, got {header[:32]!r}")
+            header_length = int(header)
+        what = "an infer request (SEGSERVE_MAX_MESSAGE_BYTES)"
+        body = await read_body(self.plane, request, self.plane.max_message_bytes, what)
+        name, version = self._named(request)
+        infer_request, binary = converters.request_from_http(
+            name, version, body, header_length, self.plane.max_image_bytes
+        )
+        del body
+        response = await self.plane.infer(infer_request)
+        content, json_length = converters.response_to_http(response, binary)
+        if json_length is None:
+            return Response(content, media_type=JSON_TYPE)
+        headers = {"Inference-Header-Content-Length": str(json_length)}
+        return Response(content, media_type="application/octet-stream", headers=headers)
+
+    async def segment(self, request: Request) -> Response:
+        options = segment_options(request)
+        self.plane.check_options(options)
+        content_type = request.headers.get("content-type", "application/octet-stream").lower()
+        limit = self.plane.max_image_bytes
+        if content_type.startswith("multipart/form-data"):
+            what = "an image upload (SEGSERVE_MAX_IMAGE_BYTES)"
+            body = await read_body(self.plane, request, limit + MULTIPART_OVERHEAD, what)
+            image = await multipart_file(request, body)
+        elif content_type.startswith(IMAGE_TYPES):
+            image = await read_body(self.plane, request, limit, "an image (SEGSERVE_MAX_IMAGE_BYTES)")
+        else:
+            raise UnsupportedMediaType(
+                f"Content-Type {content_type.split(';')[0][:64]} is not an image: send the image as the body "
+                "(image/* or application/octet-stream) or as a multipart file"
+            )
+        result = await self.plane.segment("", image, options, None)
+        if JSON_TYPE in request.headers.get("accept", ""):
+            return JSONResponse(converters.segment_result_to_json(result))
+        return Response(result.mask_png, media_type="image/png")

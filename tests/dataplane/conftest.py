@@ -1,0 +1,1 @@
+"""Fixtures only; what they are built from lives in tests/helpers/."""
