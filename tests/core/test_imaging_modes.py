@@ -26,7 +26,7 @@ from server.core.imaging import Limits, _tiles, decode_image, let_pillow_accept,
 
 ROOT = Path(__file__).resolve().parents[2]
 SIDE = 4000
-LIMITS = Limits(max_bytes=1 << 30, max_pixels=SIDE * SIDE)
+LIMITS = Limits(max_bytes=1 << 30, max_pixels=50_000_000)  # the default pixel limit
 MIB = 1024 * 1024
 # Decoder buffers, the tiles' temporaries and the interpreter's own growth while decoding.
 ALLOWANCE = 16 * MIB

@@ -33,8 +33,8 @@ MOBILENET = "deeplabv3_mobilenet_v3_large"
 
 
 def alias_bomb(levels: int = 8, fan: int = 9) -> str:
-    """Issue 40's config: under 600 bytes whose `architecture` expands to fan**levels strings (43 million:
-    a 300 MB message when quoted whole)."""
+    """Issue 40's kind of config: under 600 bytes whose `architecture` expands to fan**levels strings (9**8, 43
+    million: hundreds of megabytes when quoted whole)."""
     lines = ["architecture:", "  - &l0 [" + ", ".join(['"lol"'] * fan) + "]"]
     lines += [f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * fan) + "]" for i in range(1, levels)]
     return "\n".join(lines) + "\n"
