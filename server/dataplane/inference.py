@@ -14,7 +14,7 @@ from server.core.model_pipeline import ModelPipeline
 from server.core.pipeline import SegmentationPipeline
 from server.core.statistics import Duration
 from server.dataplane.types import IndexEntry
-from server.errors import TooManyImages, UnknownModel
+from server.errors import UnknownModel
 from server.inference.protocol import (
     MODEL_VERSION,
     InferRequest,
@@ -131,17 +131,12 @@ class InferenceModels:
     async def _infer(
         self, name: str, request: InferRequest, deadline: float | None, admitted_before_drain: bool
     ) -> InferResponse:
-        images = images_of(request.inputs)
+        pipeline = self.pipeline
+        # The batch size and shape against the queue limit before one image is built (images_of says why).
+        images = images_of(request.inputs, pipeline.settings.max_queue)
         wanted = requested_outputs(request)
         options = replace(options_of(request.parameters, wanted), model=name)
-        pipeline = self.pipeline
         pipeline.check_options(options)
-        limit = pipeline.settings.max_queue
-        if len(images) > limit:
-            raise TooManyImages(
-                f"{len(images)} images in one request can never fit the queue of {limit} (SEGSERVE_MAX_QUEUE); "
-                f"send at most {limit} per request"
-            )
         if len(images) > 1:
             # Everything the headers can tell is checked before the request takes a place or a batch slot:
             # an image decoding would refuse, or sizes MASK cannot stack, never let the others reach the model.

@@ -12,7 +12,7 @@ from server.errors import InvalidTensor, SegservError
 from server.inference import protocol as inference
 from server.inference import tensors
 from server.inference.protocol import InferRequest, InferResponse, ModelDescription, ParameterValue, TensorSpec
-from server.inference.tensors import Tensor
+from server.inference.tensors import Contents, InputTensor
 
 # Which typed-contents list carries each datatype (FP16 and BF16 travel only raw).
 _CONTENTS_FIELD = {
@@ -58,18 +58,21 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def _input_from_proto(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
-    name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
+def _input_from_proto(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> InputTensor:
+    """One input, its contents left undecoded: the data plane checks its shape against the server's limits
+    before any element is built (protocol.images_of)."""
+    name, datatype = tensor.name, tensor.datatype
+    shape = tensors.check_shape(name, tensor.shape)
     tensors.check_datatype(name, datatype)
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidTensor(f"{name}: send contents or raw_input_contents, not both")
-        return Tensor(name, datatype, shape, tensors.from_raw(name, datatype, shape, raw))
+        return InputTensor(name, datatype, shape, Contents(raw=raw))
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidTensor(f"{name}: {datatype} travels only in raw_input_contents")
     values: Sequence[object] = getattr(tensor.contents, field)
-    return Tensor(name, datatype, shape, tensors.from_list(name, datatype, shape, list(values)))
+    return InputTensor(name, datatype, shape, Contents(values=values))
 
 
 def response_to_proto(response: InferResponse) -> pb.ModelInferResponse:

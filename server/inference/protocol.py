@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from server.core.types import SegmentOptions, SegmentResult
-from server.errors import InvalidTensor, ModelControlRefused
-from server.inference.tensors import BYTES, Tensor
+from server.errors import InvalidTensor, ModelControlRefused, TooManyImages
+from server.inference import tensors
+from server.inference.tensors import BYTES, InputTensor, Tensor
 from server.labels import Label
 
 MODEL_VERSION = "1"
@@ -70,7 +71,8 @@ class InferRequest:
     model_name: str
     model_version: str
     id: str
-    inputs: list[Tensor]
+    inputs: list[InputTensor]
+    """As the door parsed them, contents not yet decoded: images_of checks them against the limits first."""
     outputs: list[str] = field(default_factory=list)
     """Requested output names; empty: MASK_PNG, CLASSES, MASK when the images share a size, and
     OVERLAY_PNG when the overlay parameter asks."""
@@ -99,8 +101,15 @@ class InferResponse:
     results: list[SegmentResult]
 
 
-def images_of(inputs: list[Tensor]) -> list[bytes | np.ndarray]:
-    """The request's images: the elements of IMAGE, or the frames of PIXELS."""
+def images_of(inputs: list[InputTensor], max_images: int) -> list[bytes | np.ndarray]:
+    """The request's images: the elements of IMAGE, or the frames of PIXELS; at most `max_images` of them
+    (SEGSERVE_MAX_QUEUE, Triton's max_batch_size).
+
+    Both doors' requests come here undecoded, and everything a shape can say is checked from the shape
+    alone, with Python ints, before any element, array or image is built: a zero-sized image (INVALID_ARGUMENT
+    whatever N is), the batch size N (a PIXELS tensor [N,1,1,3] or an IMAGE [N] declares N images in a few
+    bytes, and each would cost the server an object), then the elements against the bytes actually sent
+    (tensors.decode). So a refusal costs what the request's bytes cost, never what its shape declares."""
     names = [tensor.name for tensor in inputs]
     unknown = [name for name in names if name not in (IMAGE, PIXELS)]
     if unknown:
@@ -108,23 +117,35 @@ def images_of(inputs: list[Tensor]) -> list[bytes | np.ndarray]:
     if len(inputs) != 1:
         raise InvalidTensor(f"send exactly one input, IMAGE or PIXELS; got {len(inputs)} ({', '.join(names)})")
     tensor = inputs[0]
+    shape = tensors.check_shape(tensor.name, tensor.shape)
     if tensor.name == IMAGE:
         if tensor.datatype != BYTES:
             raise InvalidTensor(f"IMAGE must be BYTES, got {tensor.datatype}")
-        if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
-            raise InvalidTensor(f"IMAGE must have shape [N] or [N,1], got {list(tensor.shape)}")
-        assert isinstance(tensor.data, list)
-        images: list[bytes | np.ndarray] = list(tensor.data)
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise InvalidTensor(f"IMAGE must have shape [N] or [N,1], got {list(shape)}")
     else:
         if tensor.datatype != "UINT8":
             raise InvalidTensor(f"PIXELS must be UINT8, got {tensor.datatype}")
-        if len(tensor.shape) != 4 or tensor.shape[3] != 3:
-            raise InvalidTensor(f"PIXELS must have shape [N,H,W,3] (RGB), got {list(tensor.shape)}")
-        assert isinstance(tensor.data, np.ndarray)
-        images = list(tensor.data.reshape(tensor.shape))
-    if not images:
+        if len(shape) != 4 or shape[3] != 3:
+            raise InvalidTensor(f"PIXELS must have shape [N,H,W,3] (RGB), got {list(shape)}")
+        if 0 in shape[1:3]:  # malformed whatever N is, so INVALID_ARGUMENT before the batch size is judged
+            raise InvalidTensor(
+                f"PIXELS of shape {list(shape)} hold images of {shape[2]}x{shape[1]} pixels; "
+                "each side must be at least 1"
+            )
+    count = shape[0]
+    if count == 0:
         raise InvalidTensor(f"{tensor.name} holds no images (N is 0)")
-    return images
+    if count > max_images:
+        raise TooManyImages(
+            f"{count} images in one request can never fit the queue of {max_images} (SEGSERVE_MAX_QUEUE); "
+            f"send at most {max_images} per request"
+        )
+    data = tensors.decode(tensor)
+    if isinstance(data, list):
+        return list(data)
+    # Every dimension is now at least 1 and their product is the number of elements received: a safe reshape.
+    return list(data.reshape(shape))
 
 
 def requested_outputs(request: InferRequest) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,15 +46,53 @@ class Tensor:
     data: TensorData
 
 
+@dataclass(frozen=True)
+class Contents:
+    """An input tensor's elements as its request carried them, not yet decoded: `raw` bytes (gRPC's
+    raw_input_contents, HTTP's binary extension), or else a list of `values` (typed protobuf contents, JSON
+    data already flattened), each passed through `element` first when the door has its own element encoding
+    (JSON's base64 BYTES). Undecoded, so that a request's batch size and shape are checked against the
+    server's limits (protocol.images_of) before one element object, numpy array or image is built: a shape
+    costs nothing to send, its elements cost what the server builds for them."""
+
+    raw: bytes | memoryview | None = None
+    values: Sequence[object] = ()
+    element: Callable[[object], object] | None = None
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """An input of a request as a door parsed it: name, datatype and shape checked (check_datatype,
+    check_shape), its contents decoded only by decode()."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    contents: Contents
+
+
 MAX_RANK = 8
+MAX_DIMENSION = 2**63 - 1
+"""The protocol's shapes are int64 (gRPC's shape field, Triton's); JSON can say more, and numpy takes no more."""
+
+
+def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape as a tuple of Python ints, refused (InvalidTensor) when it has more than MAX_RANK
+    dimensions (checked before the dimensions are copied), one outside int64 or a negative one. Every
+    count made from it is Python int arithmetic, which cannot overflow."""
+    if len(shape) > MAX_RANK:
+        raise InvalidTensor(f"{name}: shape has {len(shape)} dimensions; at most {MAX_RANK}")
+    dims = tuple(int(dim) for dim in shape)
+    if any(not -MAX_DIMENSION - 1 <= dim <= MAX_DIMENSION for dim in dims):  # before quoting: JSON has no bound
+        raise InvalidTensor(f"{name}: a dimension of its shape is outside int64, the protocol's shape type")
+    if any(dim < 0 for dim in dims):
+        raise InvalidTensor(f"{name}: shape {list(dims)} has a negative dimension")
+    return dims
 
 
 def element_count(name: str, shape: Sequence[int]) -> int:
-    if len(shape) > MAX_RANK:
-        raise InvalidTensor(f"{name}: shape has {len(shape)} dimensions; at most {MAX_RANK}")
-    if any(dim < 0 for dim in shape):
-        raise InvalidTensor(f"{name}: shape {list(shape)} has a negative dimension")
-    return math.prod(shape)
+    """The shape's element count (check_shape's refusals first)."""
+    return math.prod(check_shape(name, shape))
 
 
 def check_datatype(name: str, datatype: str) -> None:
@@ -117,9 +155,26 @@ def from_list(name: str, datatype: str, shape: Sequence[int], values: Sequence[o
             info = np.iinfo(dtype.type)  # type: ignore[type-var]  # an integer dtype, checked above
             if array.dtype.kind == "f" or array.min() < info.min or array.max() > info.max:
                 raise ValueError(f"values outside {datatype}")
-        return array.astype(dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
+        with np.errstate(over="raise", invalid="raise"):  # 1e300 as FP16: refused, not a warning and an inf
+            return array.astype(dtype)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise InvalidTensor(f"{name}: values are not {datatype}: {exc}") from None
+
+
+def decode(tensor: InputTensor) -> TensorData:
+    """An input's elements, decoded: their number checked against its shape (raw bytes: their length, with
+    Python ints) before any numpy array or element object is built. Called once the shape has passed the
+    server's limits."""
+    name, datatype, shape, contents = tensor.name, tensor.datatype, tensor.shape, tensor.contents
+    if contents.raw is not None:
+        return from_raw(name, datatype, shape, contents.raw)
+    check_datatype(name, datatype)
+    count = element_count(name, shape)
+    values = contents.values
+    if len(values) != count:
+        raise InvalidTensor(f"{name}: {len(values)} values do not match shape {list(shape)} ({count} expected)")
+    transform = contents.element
+    return from_list(name, datatype, shape, [transform(v) for v in values] if transform else list(values))
 
 
 def to_raw(data: TensorData) -> bytes:

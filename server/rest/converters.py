@@ -15,6 +15,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -86,8 +87,7 @@ def _base64(name: str, text: object, limit: int) -> bytes:
 def _shape(name: str, value: object) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
         raise InvalidTensor(f"{name}: shape must be a list of integers")
-    tensors.element_count(name, value)  # rank and signs checked before the data is looked at
-    return tuple(value)
+    return tensors.check_shape(name, value)  # rank, int64 range and signs, before the data is looked at
 
 
 def request_from_http(
@@ -116,17 +116,18 @@ def request_from_http(
         tensors.check_datatype(name, datatype)
         input_parameters = _parameters(tensor.get("parameters"), name)
         size = input_parameters.get("binary_data_size")
+        # Contents left undecoded (base64 included): the data plane checks the shape against the server's
+        # limits before any element is built (protocol.images_of).
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise BadBody(f"{name}: binary_data_size {size!r} runs past the body's binary part")
-            data = tensors.from_raw(name, datatype, shape, binary[offset : offset + size])
+            contents = tensors.Contents(raw=binary[offset : offset + size])
             offset += size
         else:
             values = _flatten(name, tensor.get("data"), len(shape))
-            if datatype == tensors.BYTES:
-                values = [_base64(name, v, max_element_bytes) for v in values]
-            data = tensors.from_list(name, datatype, shape, values)
-        inputs.append(Tensor(name, datatype, shape, data))
+            element = partial(_base64, name, limit=max_element_bytes) if datatype == tensors.BYTES else None
+            contents = tensors.Contents(values=values, element=element)
+        inputs.append(tensors.InputTensor(name, datatype, shape, contents))
     if offset != len(binary):
         raise BadBody(f"{len(binary) - offset} bytes after the binary tensors belong to no input")
     binary_outputs: set[str] = set()
