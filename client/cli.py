@@ -17,6 +17,7 @@ from client.errors import SegmentError
 from client.results import SegmentationResult
 from client.security import tls_credentials
 from client.sync import SegmentClient
+from client.tracing import command_span
 from client.video_command import add_parser as add_video_parser
 from client.video_command import cmd_segment_video
 
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tls or args.ca_file or args.cert:
             credentials = tls_credentials(args.ca_file, args.cert, args.key)
         timeout = args.timeout or DEFAULT_TIMEOUT_S
-        with SegmentClient(args.target, timeout=timeout, credentials=credentials) as client:
+        with command_span(args.command), SegmentClient(args.target, timeout=timeout, credentials=credentials) as client:
             return command(client, args)
     except SegmentError as exc:
         where = f" ({exc.image_id})" if exc.image_id else ""

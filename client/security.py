@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from client.channel import channel_options
+from client.tracing import trace_metadata
 
 REQUEST_ID_KEY = "x-request-id"
 
@@ -43,5 +44,6 @@ def open_aio_channel(target: str, credentials: grpc.ChannelCredentials | None = 
 
 
 def request_metadata(request_id: str | None = None) -> tuple[tuple[str, str], ...]:
-    """The caller's request id (a fresh one when None), which the server writes in its log line for the call."""
-    return ((REQUEST_ID_KEY, request_id or uuid.uuid4().hex),)
+    """The caller's request id (a fresh one when None), which the server writes in its log line for the call,
+    and the caller's current trace (W3C traceparent, client/tracing.py), which a traced server continues."""
+    return ((REQUEST_ID_KEY, request_id or uuid.uuid4().hex), *trace_metadata())

@@ -23,6 +23,7 @@ from server.errors import ModelLoadError
 from server.grpc import inference as inference_grpc
 from server.grpc.interceptor import ObservingInterceptor
 from server.grpc.segmenter import SegmenterServicer
+from server.operations import tracing
 from server.operations.drain import CallTracker
 from server.operations.metrics import Metrics
 from server.rest.routes import build_app
@@ -176,7 +177,21 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
 
 
 async def serve(settings: Settings) -> int:
-    """Runs until SIGINT or SIGTERM; returns the process exit code."""
+    """Runs until SIGINT or SIGTERM; returns the process exit code. Tracing is set up from the OTEL_ environment
+    first (server/operations/tracing.py), since the doors and models ask whether it is on when they are built;
+    the spans still buffered are exported at the end."""
+    try:
+        tracing.configure()
+    except tracing.TracingSettingsError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    try:
+        return await _serve(settings)
+    finally:
+        tracing.shutdown()
+
+
+async def _serve(settings: Settings) -> int:
     app = await create_app(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,6 +12,10 @@ Rules, all in `_next_batch`:
 - An exception from the model reaches every caller in that batch.
 - With a BatchSizer, "full" means the size it finds cheapest per image for that shape
   (server/core/batch_sizing.py), so a device that gains nothing from batches is not made to wait for them.
+- With a tracer (tracing on), each item's wait is a "queue" span and each batch one "batch" span (its size and
+  `span_attributes` as attributes) holding the "model" span of the runtime's call: the batch is a child of its
+  oldest item's span and links to every item's queue span, and each queue span links back to the batch, so
+  every caller that shared it finds it from its own trace. Without one, none of that work is done.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, Tracer
+from opentelemetry.util.types import AttributeValue
 
 from server.core.batch_sizing import BatchSizer
 from server.core.thread_names import MODEL, naming
@@ -50,6 +59,15 @@ class _Pending(Generic[In, Out]):
     future: asyncio.Future[BatchResult[Out]]
     deadline: float | None
     enqueued: float = field(default_factory=time.monotonic)
+    queue_span: Span | None = None
+    """Its wait, ended when its batch starts (tracing on only)."""
+    parent: otel_context.Context | None = None
+    """The context it was submitted in: a batch is a child of its oldest item's (tracing on only)."""
+
+    def end_queue_span(self, why: str) -> None:
+        if self.queue_span is not None:
+            self.queue_span.set_attribute("segserve.dropped", why)
+            self.queue_span.end()
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -73,6 +91,8 @@ class Batcher(Generic[In, Out]):
         sizer: BatchSizer | None = None,
         instances: int = 1,
         on_batch: Callable[[int, float], None] | None = None,
+        tracer: Tracer | None = None,
+        span_attributes: dict[str, AttributeValue] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._shape_of = shape_of
@@ -82,6 +102,9 @@ class Batcher(Generic[In, Out]):
         self.instances = instances
         self._on_batch = on_batch
         """Told of each batch the model ran: its size and the seconds it took (the model's statistics)."""
+        self._tracer = tracer
+        """None when tracing is off: no span work at all."""
+        self._span_attributes = span_attributes or {}
         self._executor = executor or ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix="model", initializer=naming(MODEL)
         )
@@ -109,7 +132,11 @@ class Batcher(Generic[In, Out]):
         """Queue one item and wait for its output. `deadline` is a time.monotonic() value."""
         self._ensure_started()
         future: asyncio.Future[BatchResult[Out]] = asyncio.get_running_loop().create_future()
-        self._groups.setdefault(self._shape_of(item), deque()).append(_Pending(item, future, deadline))
+        pending = _Pending(item, future, deadline)
+        if self._tracer is not None:
+            pending.parent = otel_context.get_current()
+            pending.queue_span = self._tracer.start_span("queue")
+        self._groups.setdefault(self._shape_of(item), deque()).append(pending)
         self._wake()
         return await future
 
@@ -177,9 +204,11 @@ class Batcher(Generic[In, Out]):
             alive: deque[_Pending[In, Out]] = deque()
             for pending in self._groups[shape]:
                 if pending.future.done():  # the caller cancelled
+                    pending.end_queue_span("cancelled")
                     continue
                 if pending.expired(now):
                     pending.future.set_exception(RequestExpired("deadline passed while waiting for the model"))
+                    pending.end_queue_span("deadline")
                     continue
                 alive.append(pending)
             if alive:
@@ -188,10 +217,43 @@ class Batcher(Generic[In, Out]):
                 del self._groups[shape]
 
     async def _dispatch(self, batch: list[_Pending[In, Out]], shape: Hashable) -> None:
+        if self._tracer is not None:
+            await self._traced_dispatch(self._tracer, batch, shape)
+        else:
+            await self._run(batch, shape, self._run_batch)
+
+    async def _traced_dispatch(self, tracer: Tracer, batch: list[_Pending[In, Out]], shape: Hashable) -> None:
+        """_dispatch with the batch's span, the runtime's call in a "model" span inside it, the items' queue
+        spans ended as the batch starts and linked to it."""
+        links = [Link(p.queue_span.get_span_context()) for p in batch if p.queue_span is not None]
+        attributes: dict[str, AttributeValue] = {"segserve.batch.size": len(batch), **self._span_attributes}
+        with tracer.start_as_current_span("batch", batch[0].parent, links=links, attributes=attributes) as span:
+            for pending in batch:
+                if pending.queue_span is not None:
+                    pending.queue_span.add_link(span.get_span_context())
+                    pending.queue_span.set_attribute("segserve.batch.size", len(batch))
+                    pending.queue_span.end()
+            batch_context = otel_context.get_current()
+
+            def run_batch(items: list[In]) -> Sequence[Out]:
+                token = otel_context.attach(batch_context)  # on the model's thread: "model" is the batch's child
+                try:
+                    with tracer.start_as_current_span("model", attributes=self._span_attributes):
+                        return self._run_batch(items)
+                finally:
+                    otel_context.detach(token)
+
+            if not await self._run(batch, shape, run_batch):
+                span.set_status(trace.StatusCode.ERROR, "the model failed")
+
+    async def _run(
+        self, batch: list[_Pending[In, Out]], shape: Hashable, run_batch: Callable[[list[In]], Sequence[Out]]
+    ) -> bool:
+        """Runs one batch and answers its callers; False when the model failed."""
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+            outputs = await loop.run_in_executor(self._executor, run_batch, [p.item for p in batch])
             if len(outputs) != len(batch):
                 raise RuntimeError(f"model returned {len(outputs)} outputs for a batch of {len(batch)}")
         except Exception as exc:
@@ -199,7 +261,7 @@ class Batcher(Generic[In, Out]):
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
-            return
+            return False
         inference_s = time.monotonic() - started
         inference_ms = inference_s * 1000
         if self.sizer is not None:
@@ -211,6 +273,7 @@ class Batcher(Generic[In, Out]):
             if not pending.future.done():
                 queue_ms = (started - pending.enqueued) * 1000
                 pending.future.set_result(BatchResult(output, len(batch), queue_ms, inference_ms))
+        return True
 
     async def close(self) -> None:
         """Stops batching and waits, off the event loop, until the model's threads have ended: what they held

@@ -3,11 +3,17 @@
 decode + resize (worker pool) -> this model's batcher -> its runtime (one thread per instance)
 -> upsample + PNG (worker pool). Each model has its own batcher, so batches never mix models. The runtime
 is built by the factory it is handed (server.runtimes.factory.create_runtime unless a test gives another).
+
+Spans (OpenTelemetry's API only; tracing is set up by server/operations/tracing.py): each image is a
+"segment image" span holding "decode and resize", the batcher's "queue" and "batch", and "postprocess"
+(and "overlay"); a start is "start model" with "build runtime" (its phases as events) and "warm up". Whether
+tracing is on is asked once, when the model is built: off, the request path does no span work at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -15,9 +21,11 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 from PIL import Image
 
 from server.core.allocator import give_back_freed_memory
@@ -59,6 +67,24 @@ RuntimeFactory = Callable[[Settings, tuple[Label, ...]], Runtime]
 
 def _shape_of(array: np.ndarray) -> tuple[int, ...]:
     return tuple(array.shape)
+
+
+def tracer_if_on() -> trace.Tracer | None:
+    """The core's tracer when an SDK tracer provider is set; None when only the API's no-op is there (tracing
+    off), so that the request path skips span work altogether instead of making no-op spans."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    return provider.get_tracer("segserve.core")
+
+
+def _span(
+    tracer: trace.Tracer | None, name: str, **attributes: AttributeValue
+) -> contextlib.AbstractContextManager[Any]:
+    """A span current for the block, or nothing when tracing is off."""
+    if tracer is None:
+        return contextlib.nullcontext()
+    return tracer.start_as_current_span(name, attributes=attributes)
 
 
 @dataclass(frozen=True)
@@ -123,10 +149,15 @@ class ModelPipeline:
         """Requests, images and batches, as Triton's statistics extension counts them (every door's)."""
         self._batch_counts: list[int] | None = None
         """The batches it served, kept once it is closed."""
+        self._tracer = tracer_if_on()
+        self._load_span: trace.Span | None = None
 
     def _note_phase(self, phase: str) -> None:
-        """What the load is doing, as the reason of a model LOADING (set from the load's thread)."""
+        """What the load is doing, as the reason of a model LOADING (set from the load's thread), and an event
+        of its span."""
         self.reason = phase
+        if self._load_span is not None:
+            self._load_span.add_event(phase)
 
     def _build_runtime(self) -> Runtime:
         with progress.reporting_to(self._note_phase), os_thread_named(RUNTIME):
@@ -134,13 +165,22 @@ class ModelPipeline:
 
     async def start(self) -> None:
         """Load the model (unless one was given) and warm it up, off the event loop. Raises ModelLoadError."""
+        with _span(self._tracer, "start model", **{"segserve.model": self.name}):
+            await self._start()
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         loader = self._loader or self.workers.pool
         self.reason = "starting"
         before = await loop.run_in_executor(loader, _settled_resident_bytes)
         try:
             if self.runtime is None:
-                self.runtime = await loop.run_in_executor(loader, self._build_runtime)
+                with _span(self._tracer, "build runtime") as span:
+                    self._load_span = span
+                    try:
+                        self.runtime = await loop.run_in_executor(loader, self._build_runtime)
+                    finally:
+                        self._load_span = None
             runtime = self.runtime
             self._batcher = Batcher(
                 runtime.predict,
@@ -150,10 +190,13 @@ class ModelPipeline:
                 sizer=BatchSizer(self.settings.max_batch_size) if self.settings.adaptive_batching else None,
                 instances=self.settings.model_instances,
                 on_batch=self.statistics.executed,
+                tracer=self._tracer,
+                span_attributes={"segserve.model": self.name, "segserve.runtime": runtime.description},
             )
             if self.settings.warmup:
                 self.reason = "warming up"
-                await loop.run_in_executor(loader, self._warm_up)
+                with _span(self._tracer, "warm up"):
+                    await loop.run_in_executor(loader, self._warm_up)
         except ModelLoadError as exc:
             self.state, self.reason = "UNAVAILABLE", exc.message
             if not self.config.source:
@@ -231,12 +274,29 @@ class ModelPipeline:
     # ---- the request path -----------------------------------------------------------------
 
     async def segment(self, data: bytes | np.ndarray, options: SegmentOptions, deadline: float | None) -> SegmentResult:
+        if self._tracer is None:
+            return await self._segment(data, options, deadline)
+        with self._tracer.start_as_current_span("segment image", attributes={"segserve.model": self.name}) as span:
+            result = await self._segment(data, options, deadline)
+            span.set_attributes(
+                {
+                    "segserve.image.width": result.width,
+                    "segserve.image.height": result.height,
+                    "segserve.batch.size": result.timing.batch_size,
+                }
+            )
+            return result
+
+    async def _segment(
+        self, data: bytes | np.ndarray, options: SegmentOptions, deadline: float | None
+    ) -> SegmentResult:
         assert self._batcher is not None
+        tracer = self._tracer
         max_size = self.effective_max_size(options)
         opacity = overlay_opacity(options)
         limits = self.workers.limits
         started = time.monotonic()
-        with self._batcher.expecting():
+        with self._batcher.expecting(), _span(tracer, "decode and resize"):
             # Never the full-size image here: it would sit in the batcher's queue for the whole wait
             # (150 MB at the pixel limit); overlays decode it again after the model (_render_overlay).
             if isinstance(data, np.ndarray):
@@ -247,15 +307,17 @@ class ModelPipeline:
         preprocessed = time.monotonic()
         batch = await self._batcher.submit(model_input, deadline)
         inferred = time.monotonic()
-        mask_png, classes, label_map = await self._in_pool(
-            self._postprocess, batch.output, decoded.original_size, options
-        )
+        with _span(tracer, "postprocess"):
+            mask_png, classes, label_map = await self._in_pool(
+                self._postprocess, batch.output, decoded.original_size, options
+            )
         overlay_png = None
         if options.overlay:
-            overlay_png = await asyncio.get_running_loop().run_in_executor(
-                self.workers.overlay_pool,
-                partial(self._render_overlay, batch.output, decoded.original_size, data, opacity),
-            )
+            with _span(tracer, "overlay"):
+                overlay_png = await asyncio.get_running_loop().run_in_executor(
+                    self.workers.overlay_pool,
+                    partial(self._render_overlay, batch.output, decoded.original_size, data, opacity),
+                )
         finished = time.monotonic()
         timing = Timing(
             preprocess_ms=(preprocessed - started) * 1000,

@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from opentelemetry.trace import Tracer
 
 from server.core.admission import AdmissionSlot
 from server.core.allocator import give_back_freed_memory
@@ -37,6 +38,7 @@ from server.inference.protocol import check_control_parameters as check_paramete
 from server.models.control import ModelControl
 from server.models.registry import ModelEntry
 from server.operations.access import ImageNote, note_image, note_result
+from server.operations.tracing import tracer_if_on
 
 log = logging.getLogger(__name__)
 
@@ -370,4 +372,18 @@ class DataPlane:
                 note_image(ImageNote(request_id, code=grpc.StatusCode.INTERNAL.name))
                 return codec.error(request_id, SegservError("internal error; see the server log"))
 
-        return serve_stream(window, read, codec.size, answer, codec.answer_size)
+        tracer = tracer_if_on("segserve.dataplane")  # asked once a stream; None (no span work) when tracing is off
+        step = answer if tracer is None else _traced_item(tracer, answer, codec.request_id)
+        return serve_stream(window, read, codec.size, step, codec.answer_size)
+
+
+def _traced_item(
+    tracer: Tracer, answer: Callable[[Place[A], M, BaseException | None], Awaitable[A]], request_id: Callable[[M], str]
+) -> Callable[[Place[A], M, BaseException | None], Awaitable[A]]:
+    """A stream's item inside its own "stream item" span, a child of the stream's call."""
+
+    async def traced(place: Place[A], message: M, refusal: BaseException | None) -> A:
+        with tracer.start_as_current_span("stream item", attributes={"segserve.request_id": request_id(message)}):
+            return await answer(place, message, refusal)
+
+    return traced

@@ -16,6 +16,7 @@ from server.grpc.calls import call_deadline, guarded, guarded_stream, read_messa
 from server.grpc.interceptor import Context
 from server.inference import protocol as inference
 from server.inference.protocol import InferResponse
+from server.operations.tracing import trace_settings
 
 T = TypeVar("T")
 
@@ -27,7 +28,6 @@ _NOT_SERVED = {
     "CudaSharedMemoryStatus": "segserve takes tensors in the request only; it has no CUDA shared memory",
     "CudaSharedMemoryRegister": "segserve takes tensors in the request only; it has no CUDA shared memory",
     "CudaSharedMemoryUnregister": "segserve takes tensors in the request only; it has no CUDA shared memory",
-    "TraceSetting": "segserve has no request tracing; its per-call log line carries x-request-id",
     "LogSettings": "segserve's log level is set at start-up (SEGSERVE_LOG_LEVEL)",
 }
 
@@ -129,8 +129,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
         return await self._not_served(context, "CudaSharedMemoryUnregister")
 
-    async def TraceSetting(self, request: Any, context: Context) -> Any:
-        return await self._not_served(context, "TraceSetting")
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Context) -> pb.TraceSettingResponse:
+        """Triton's trace settings mapped onto OpenTelemetry (server/operations/tracing.py): a setting with no
+        values goes back to its value at start-up; an empty request reads them."""
+        update = {key: list(setting.value) for key, setting in request.settings.items()}
+        settings = await guarded(context, _trace_settings(update, request.model_name))
+        return pb.TraceSettingResponse(
+            settings={key: pb.TraceSettingResponse.SettingValue(value=values) for key, values in settings.items()}
+        )
 
     async def LogSettings(self, request: Any, context: Context) -> Any:
         return await self._not_served(context, "LogSettings")
@@ -147,3 +153,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 def _client_certified(context: Context) -> bool:
     return bool(context.auth_context().get("x509_pem_cert"))
+
+
+async def _trace_settings(update: dict[str, list[str]], model: str) -> dict[str, list[str]]:
+    """trace_settings as an awaitable for `guarded`, which answers its refusals with their status."""
+    return trace_settings(update, model)

@@ -3,19 +3,27 @@ the call's status.
 
 It wraps each handler, so it sees the call from arrival to answer, its status (OK, aborted, cancelled by
 the caller, past its deadline) and the request id from the caller's `x-request-id` metadata (one is made up
-when absent, and sent back in the trailing metadata). It also counts segserve's own calls for the drain.
+when absent, and sent back in the trailing metadata). It also counts segserve's own calls for the drain, and,
+with tracing on (server/operations/tracing.py), opens each call's span: the caller's trace continued from its
+`traceparent` metadata, current while the handler runs (so the data plane's and the core's spans are its
+children, and the access line carries its ids).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 
+from server.operations import tracing
 from server.operations.access import REQUEST_ID_KEY, STREAM_METHODS, record_call, start_record
 from server.operations.drain import CallTracker
 from server.operations.metrics import Metrics
@@ -24,6 +32,8 @@ _PROTOCOL_OF_SERVICE = {"/segserve.": "segmenter-grpc", "/inference.": "inferenc
 # Health watches stay open as long as a client's channel does; a drain must not wait for them.
 _NOT_DRAINED = ("/grpc.health.", "/grpc.reflection.")
 DEADLINE_SLACK_S = 0.25
+# The codes OpenTelemetry's conventions count as the server's failure (the others are the caller's doing).
+_SERVER_ERRORS = ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -46,8 +56,11 @@ def _code_name(code: object) -> str:
 class _Call:
     """One call being observed: started on arrival, finished with its status."""
 
-    def __init__(self, metrics: Metrics, method: str, context: Context, calls: CallTracker | None) -> None:
+    def __init__(
+        self, metrics: Metrics, method: str, context: Context, calls: CallTracker | None, traced: bool = False
+    ) -> None:
         self.metrics = metrics
+        self.traced = traced
         self.calls = calls if not method.startswith(_NOT_DRAINED) else None
         self.method = method
         self.short = method.rsplit("/", 1)[-1]
@@ -90,6 +103,12 @@ class _Call:
         protocol = next((p for prefix, p in _PROTOCOL_OF_SERVICE.items() if self.method.startswith(prefix)), None)
         # Segmenter calls and inference calls get the log line; health probes, metadata and reflection do not.
         logged = protocol == "segmenter-grpc" or self.short in STREAM_METHODS or self.short == "ModelInfer"
+        if self.traced:
+            span = trace.get_current_span()
+            span.set_attribute("segserve.request_id", self.record.request_id)
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[self.code].value[0])
+            if self.code in _SERVER_ERRORS:
+                span.set_status(StatusCode.ERROR, self.code)
         record_call(self.metrics, protocol or "other-grpc", self.short, self.code, elapsed, self.record, logged)
 
 
@@ -97,6 +116,24 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     def __init__(self, metrics: Metrics, calls: CallTracker | None = None) -> None:
         self.metrics = metrics
         self.calls = calls
+        self.tracer = tracing.tracer_if_on("segserve.grpc")
+        """None when tracing is off: then no span, and no look at the caller's trace context."""
+
+    def _span(self, method: str, context: Context) -> AbstractContextManager[Any]:
+        """The call's span (kind SERVER, named service/method as OpenTelemetry's RPC conventions name it), in the
+        caller's trace when its metadata carries one; none for health and reflection, nor when tracing is off."""
+        if self.tracer is None or method.startswith(_NOT_DRAINED):
+            return contextlib.nullcontext()
+        carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        service, _, name = method.lstrip("/").partition("/")
+        return self.tracer.start_as_current_span(
+            method.lstrip("/"),
+            context=tracing.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            record_exception=False,  # an abort is an answer, not an exception; the status says how it ended
+            set_status_on_exception=False,
+        )
 
     async def intercept_service(
         self,
@@ -134,8 +171,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         )
 
     def _wrap_coroutine(self, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        traced = self.tracer is not None
+
         async def observed(request: Any, context: Context) -> Any:
-            with _Call(self.metrics, method, context, self.calls):
+            with self._span(method, context), _Call(self.metrics, method, context, self.calls, traced):
                 return await behaviour(request, context)
 
         return observed
@@ -149,8 +188,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         as CANCELLED here, rather than as an error logged with a traceback inside gRPC, and (3) the
         handler's cleanup runs at once, not whenever its generator is collected."""
 
+        traced = self.tracer is not None
+
         async def observed(request: Any, context: Context) -> None:
-            with _Call(self.metrics, method, context, self.calls):
+            with self._span(method, context), _Call(self.metrics, method, context, self.calls, traced):
                 responses = behaviour(request, context)
                 try:
                     async for response in responses:

@@ -26,12 +26,16 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from opentelemetry import trace
+
 from server.errors import ModelControlRefused, ModelLoadError, ModelLoadFailed, UnknownModel
 from server.models.registry import ModelRegistry, ServedModel
 from server.models.repository import ModelConfig, check_name, read_model
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+# A load is seconds of work, rare: the API's tracer (a no-op while tracing is off) costs nothing worth a check.
+tracer = trace.get_tracer(__name__)
 
 
 class LoadableModel(ServedModel, Protocol):
@@ -94,10 +98,17 @@ class ModelControl(Generic[M]):
         return name in self._loads
 
     async def _load(self, name: str) -> None:
+        # In the trace of the call that asked for it (the task is made in its context): waiting for the
+        # changes before it, reading its config, then the model's start with its phases.
+        with tracer.start_as_current_span("load model", attributes={"segserve.model": name}):
+            await self._load_in_span(name)
+
+    async def _load_in_span(self, name: str) -> None:
         async with self._one_at_a_time():
             repository = Path(self.settings.model_repository or "").expanduser()
             try:  # on a thread: file I/O and YAML parsing, too slow for the event loop at their bounds
-                config = await asyncio.to_thread(read_model, repository, name)
+                with tracer.start_as_current_span("read config"):
+                    config = await asyncio.to_thread(read_model, repository, name)
             except ModelLoadError as exc:
                 raise ModelLoadFailed(f"model {name!r} not loaded: {exc.message}") from None
             registry = self.registry

@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.dataplane import DataPlane
 from server.inference.protocol import EXTENSIONS, server_version
+from server.operations.tracing import trace_settings
 from server.rest import converters
 from server.rest.bodies import IMAGE_TYPES, JSON_TYPE, MULTIPART_OVERHEAD, multipart_file, read_body, segment_options
 from server.rest.errors import UnsupportedMediaType
@@ -125,3 +126,29 @@ class Endpoints:
         if JSON_TYPE in request.headers.get("accept", ""):
             return JSONResponse(converters.segment_result_to_json(result))
         return Response(result.mask_png, media_type="image/png")
+
+    # ---- Triton's trace extension -------------------------------------------------------------------------
+
+    async def trace_setting(self, request: Request) -> Response:
+        """GET answers the trace settings, POST changes them first (server/operations/tracing.py says which
+        are taken). Values as Triton's HTTP API writes them: trace_level a list, the others one string each;
+        null sets a setting back to its value at start-up."""
+        update: dict[str, list[str]] | None = None
+        if request.method == "POST":
+            body = await read_body(self.plane, request, INDEX_BODY_LIMIT, "a trace setting request")
+            parsed = converters.parse_json(body) if body else {}
+            if not isinstance(parsed, dict):
+                raise converters.BadBody("the body must be a JSON object of trace settings")
+            update = {key: _setting_values(key, value) for key, value in parsed.items()}
+        settings = trace_settings(update, request.path_params.get("model", ""))
+        return JSONResponse({k: v if k == "trace_level" else v[0] for k, v in settings.items()})
+
+
+def _setting_values(key: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return [str(value)]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise converters.BadBody(f"trace setting {key[:64]!r}: a string, a list of strings or null")

@@ -1,6 +1,7 @@
 """The HTTP front door (Starlette): the Open Inference Protocol's REST routes under /v2, and POST /v1/segment
 for curl. Each route is an endpoint (server/rest/endpoints.py) wrapped once here for what every call shares:
-the error mapping (server/rest/errors.py), the access record, metrics and log line, and the drain's count."""
+the error mapping (server/rest/errors.py), the access record, metrics and log line, the drain's count and, with
+tracing on (server/operations/tracing.py), the call's span in the caller's trace (its `traceparent` header)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -20,6 +22,7 @@ from server.errors import SegservError
 from server.operations.access import REQUEST_ID_KEY, record_call, start_record
 from server.operations.drain import CallTracker
 from server.operations.metrics import Metrics
+from server.operations.tracing import extract, tracer_if_on
 from server.rest.endpoints import Endpoints
 from server.rest.errors import CODE_OF_STATUS, error_response, http_status
 from server.rest.middleware import CountedResponses, TrailingSlashes
@@ -58,7 +61,11 @@ class RestApp:
             *[(p + "/stats", "GET", "ModelStatistics", e.model_statistics) for p in (m, v)],
             *[(p + "/infer", "POST", "ModelInfer", e.infer) for p in (m, v)],
             ("/v1/segment", "POST", "Segment", e.segment),
+            *[("/v2/trace/setting", verb, "TraceSetting", e.trace_setting) for verb in ("GET", "POST")],
+            *[(m + "/trace/setting", verb, "TraceSetting", e.trace_setting) for verb in ("GET", "POST")],
         ]
+        self.tracer = tracer_if_on("segserve.rest")
+        """None when tracing is off: then no span, and no look at the caller's trace context."""
         self.app = Starlette(
             routes=[
                 Route(path, self._observed(name, path, handler), methods=[verb]) for path, verb, name, handler in routes
@@ -95,7 +102,28 @@ class RestApp:
                 record_call(self.metrics, protocol, f"http {name}", code, time.monotonic() - started, record, logged)
             return response
 
-        return observed
+        return observed if self.tracer is None else self._traced(self.tracer, name, path, observed)
+
+    @staticmethod
+    def _traced(tracer: Tracer, name: str, path: str, observed: Handler) -> Handler:
+        """`observed` inside the call's span (kind SERVER, "VERB /route" as OpenTelemetry's HTTP conventions name
+        it), continuing the caller's trace; current while the endpoint runs and while the access line is written."""
+
+        async def traced(request: Request) -> Response:
+            with tracer.start_as_current_span(
+                f"{request.method} {path}",
+                context=extract(request.headers),
+                kind=SpanKind.SERVER,
+                attributes={"http.request.method": request.method, "http.route": path, "segserve.call": name},
+            ) as span:
+                response = await observed(request)
+                span.set_attribute("http.response.status_code", response.status_code)
+                span.set_attribute("segserve.request_id", response.headers.get(REQUEST_ID_KEY, ""))
+                if response.status_code >= 500:
+                    span.set_status(StatusCode.ERROR)
+                return response
+
+        return traced
 
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
