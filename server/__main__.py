@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
 from server.app import serve
-from server.settings import Settings, settings_from_args, validation_problems
-
-
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+from server.operations.logs import configure_logging
+from server.settings import settings_from_args, validation_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"segserve: invalid settings: {validation_problems(exc)}", file=sys.stderr)
         return 2
-    _configure_logging(settings)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.reload:
         from server.reload import run_with_reload
 

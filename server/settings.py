@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ModelName = Literal["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101"]
 RuntimeName = Literal["auto", "torch", "onnxruntime", "openvino"]
 Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+LogFormat = Literal["text", "json"]
 
 MIN_MAX_SIZE = 16
 
@@ -149,6 +150,11 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run the model once per expected shape before reporting SERVING.")
     grace_period_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: LogFormat = Field(
+        "text",
+        description="text (one readable line per record) or json (one JSON object per line: time, level, logger, "
+        "message, trace_id and span_id inside a traced call, and the access line's fields as fields).",
+    )
     max_connection_age_s: float = Field(
         300.0,
         ge=0,

@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from server.core.types import SegmentResult
+from server.operations.logs import FIELDS
 from server.operations.metrics import Metrics
 
 log = logging.getLogger("segserve.access")
@@ -100,7 +101,9 @@ def record_call(
         if models:
             line.update(models=models)
     line.update(ms=round(elapsed * 1000, 1), status=code)
-    log.info("%s", json.dumps(line))
+    # Text: the fields as one JSON string; SEGSERVE_LOG_FORMAT=json: the fields of the line itself (logs.py).
+    fields = {"message": f"{method} {code}", **line}
+    log.info("%s", json.dumps(line), extra={FIELDS: fields})
 
 
 def start_record(request_id: str) -> CallRecord:
