@@ -1,9 +1,10 @@
-"""The asyncio client: the same calls as SegmentClient, awaitable."""
+"""The asyncio client: SegmentClient's calls, awaitable, with the same parameters and the same meaning."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
@@ -12,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import DEFAULT_TARGET
-from client.errors import SegmentError, health_of_refused_check
+from client.errors import SegmentError, health_of_refused_check, not_serving_in_time, segment_errors
 from client.frames import (
     DEFAULT_FRAME_FORMAT,
     DEFAULT_WINDOW,
@@ -23,16 +24,19 @@ from client.frames import (
     frame_source,
 )
 from client.messages import (
+    HEALTH_POLL_S,
     PROGRESS_POLL_S,
     UPLOAD_THRESHOLD,
     ImageInput,
     Options,
+    health_check_timeout,
     load_deadline,
     load_phase,
     single_call,
     stream_requests,
 )
 from client.results import SegmentationResult, failed_result, unreadable_result
+from client.resume import DEFAULT_RESUMES, AsyncResumableRequests, Resumes, time_left
 from client.security import open_aio_channel, request_metadata
 from protos.inference import grpc_predict_v2_pb2 as inference_pb
 from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
@@ -41,7 +45,24 @@ from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
 
 
 class AsyncSegmentClient:
-    """`async with AsyncSegmentClient(target) as client: result = await client.segment(path)`."""
+    """Talks to a segserve server from asyncio code. Use as an async context manager, or await close().
+
+    >>> async with AsyncSegmentClient("localhost:50051") as client:
+    ...     result = await client.segment("photo.jpg", overlay=True)
+    ...     async for frame in client.segment_video("clip.mp4"):
+    ...         frame.mask
+
+    Every call takes SegmentClient's parameters, with its defaults and its meaning: the same timeouts, the
+    same upload threshold, lost streams resumed as SegmentClient's are (`stream_resumes`, client/resume.py),
+    the same SegmentError for a failed call. tests/client/ runs SegmentClient's tests against both.
+    Where it differs, on purpose, because it is asyncio:
+    - `channel` is a grpc.aio.Channel (a grpc.Channel cannot serve awaitable calls), created on the event
+      loop that uses the client; the client closes it on close(), as SegmentClient closes its own.
+    - close() is awaited; the client is an async context manager.
+    - segment_many, segment_video and segment_frames are async iterators, and the streams read, decode and
+      encode their images and frames in a worker thread, so the event loop stays free (SegmentClient does
+      that on gRPC's sending thread).
+    """
 
     def __init__(
         self,
@@ -49,12 +70,17 @@ class AsyncSegmentClient:
         *,
         timeout: float | None = 60.0,
         upload_threshold: int = UPLOAD_THRESHOLD,
+        channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        stream_resumes: int = DEFAULT_RESUMES,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        # A stream whose replica is lost (UNAVAILABLE) is resumed on a new call this many times in a row
+        # (client/resume.py); 0: the stream fails as gRPC ends it.
+        self.stream_resumes = stream_resumes
         self.upload_threshold = upload_threshold
-        self._channel = open_aio_channel(target, credentials)
+        self._channel = channel or open_aio_channel(target, credentials)
         self._stub = pb_grpc.SegmenterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._inference = inference_pb_grpc.GRPCInferenceServiceStub(self._channel)
@@ -71,13 +97,12 @@ class AsyncSegmentClient:
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> SegmentationResult:
+        """Segment one image (bytes, a path or a PIL image); large ones go through SegmentUpload."""
         call = single_call(image, Options(max_size, overlay, overlay_opacity, model), image_id, self.upload_threshold)
         method: Any = self._stub.SegmentUpload if call.upload else self._stub.Segment
         timeout = self.timeout if timeout is None else timeout
-        try:
+        with segment_errors(call.image_id):
             response = await method(call.request, timeout=timeout, metadata=request_metadata(request_id))
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc, call.image_id) from None
         return SegmentationResult.from_proto(response)
 
     async def segment_many(
@@ -91,20 +116,40 @@ class AsyncSegmentClient:
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[SegmentationResult]:
-        """As SegmentClient.segment_many: results in arrival order, failures as results with `error`."""
+        """As SegmentClient.segment_many: results in arrival order over one SegmentStream (resumed on another
+        replica when its own is lost), failures as results with `error`, large images uploaded after it."""
         options = Options(max_size, overlay, overlay_opacity, model)
         timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         deferred: list[tuple[str, bytes | OSError]] = []
-        call = self._stub.SegmentStream(
-            stream_requests(images, options, self.upload_threshold, deferred),
-            timeout=timeout,
-            metadata=request_metadata(request_id),
-        )
+        source = stream_requests(images, options, self.upload_threshold, deferred)
+
+        async def pull() -> pb.SegmentRequest | None:
+            request = await asyncio.to_thread(next, source, None)  # reads and encodes off the event loop
+            if request is None:
+                raise StopAsyncIteration
+            return request
+
+        requests = AsyncResumableRequests(pull)
+        resumes = Resumes(self.stream_resumes)
         try:
-            async for response in call:
-                yield SegmentationResult.from_proto(response)
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
+            while True:
+                call = self._stub.SegmentStream(
+                    requests.attempt(), timeout=time_left(deadline), metadata=request_metadata(request_id)
+                )
+                try:
+                    async for response in call:
+                        requests.answered(response.id)
+                        resumes.answer()
+                        yield SegmentationResult.from_proto(response)
+                    break
+                except grpc.RpcError as exc:
+                    # The replica was lost mid-stream: what it had not answered goes to another one.
+                    await asyncio.sleep(resumes.after(exc))  # or SegmentError, when the stream is not resumed
+                finally:
+                    call.cancel()  # a no-op once the call ended; ends it when the caller stops early
+        finally:
+            requests.close()
         for image_id, item in deferred:
             if isinstance(item, OSError):
                 yield unreadable_result(image_id, item)
@@ -134,50 +179,67 @@ class AsyncSegmentClient:
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[FrameResult]:
-        """As SegmentClient.segment_video: one FrameResult per frame, in frame order, over one stream.
+        """As SegmentClient.segment_video: one FrameResult per frame, in frame order, over one SegmentStream
+        (resumed on another replica when its own is lost), at most `window` frames held at a time.
 
         Reading, decoding and encoding frames run in a worker thread, so the event loop stays free.
         """
         window_ = FrameWindow(window, every, Options(max_size, model=model), frame_format)
         source = frame_source(path_or_frames)
+        deadline = None if timeout is None else time.monotonic() + timeout
         changed = asyncio.Condition()
         failures: list[BaseException] = []  # of the call: end at once
         source_failures: list[BaseException] = []  # of the frames: raised after the frames already sent
-        # Written to as frames come, so the sender can wait for room in the window (the stubs' types
-        # only know the request-iterator form).
-        open_stream: Any = self._stub.SegmentStream
-        call = open_stream(timeout=timeout, metadata=request_metadata(request_id))
 
         def next_request(frames: Iterator[tuple[int, Any]]) -> tuple[int, Any, pb.SegmentRequest | None] | None:
             item = next(frames, None)
             return None if item is None else (*item, window_.request_for(*item))
 
-        async def send() -> None:
+        async def pull() -> pb.SegmentRequest | None:
+            # After room() said yes: one frame taken from the source and held; its request if it is sent.
             try:
-                while (item := await asyncio.to_thread(next_request, source)) is not None:
-                    index, frame, request = item
-                    async with changed:
-                        await changed.wait_for(lambda: not window_.full)
-                        window_.hold(index, frame)
-                        changed.notify_all()
-                    if request is not None:
-                        await call.write(request)
-                await call.done_writing()
-            except (grpc.RpcError, asyncio.InvalidStateError):
-                pass  # the call ended; receive() reports why
+                item = await asyncio.to_thread(next_request, source)
             except Exception as exc:
                 source_failures.append(exc)
-                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                    await call.done_writing()
+                raise StopAsyncIteration from None
+            if item is None:
+                raise StopAsyncIteration
+            index, frame, request = item
+            async with changed:
+                window_.hold(index, frame)
+                changed.notify_all()
+            return request
 
-        async def receive() -> None:
+        async def room(stale: Callable[[], bool]) -> bool:
+            # Waits while the window is full; a stale call's sender (the stream was resumed) gives up.
+            async with changed:
+                await changed.wait_for(lambda: not window_.full or stale())
+            return not stale()
+
+        requests = AsyncResumableRequests(pull, room)
+        calls: list[Any] = []
+
+        async def read_answers() -> None:
+            resumes = Resumes(self.stream_resumes)
             try:
-                async for response in call:
+                while True:
+                    call = self._stub.SegmentStream(
+                        requests.attempt(), timeout=time_left(deadline), metadata=request_metadata(request_id)
+                    )
+                    calls.append(call)
                     async with changed:
-                        window_.answer(response)
-                        changed.notify_all()
-            except grpc.RpcError as exc:
-                failures.append(SegmentError.from_rpc_error(exc))
+                        changed.notify_all()  # wakes the stale call's sender, if any
+                    try:
+                        async for response in call:
+                            async with changed:
+                                window_.answer(response)
+                                requests.answered(response.id)
+                                changed.notify_all()
+                            resumes.answer()
+                        return
+                    except grpc.RpcError as exc:
+                        # The replica was lost mid-stream: the unanswered frames go to another one.
+                        await asyncio.sleep(resumes.after(exc))  # or SegmentError, when the stream is not resumed
             except SegmentError as exc:
                 failures.append(exc)
             finally:
@@ -185,7 +247,9 @@ class AsyncSegmentClient:
                     window_.answers_done = True
                     changed.notify_all()
 
-        tasks = [asyncio.create_task(send()), asyncio.create_task(receive())]
+        # A reader of its own, which also opens the calls: with `every` > 1, frames become ready when taken
+        # from the source, with no answer to wake a caller that waits on the stream.
+        reader = asyncio.create_task(read_answers())
         try:
             while True:
                 async with changed:
@@ -196,14 +260,15 @@ class AsyncSegmentClient:
                     yield result
                 if not ready and (window_.answers_done or failures):
                     break
-            await asyncio.gather(*tasks)
+            await reader
             if failures or source_failures:
                 raise (failures or source_failures)[0]
             window_.check_complete()
         finally:
-            call.cancel()
-            for task in tasks:
-                task.cancel()
+            for call in calls:
+                call.cancel()
+            reader.cancel()
+            requests.close()
             # A worker thread may still be inside next(source); then the generator closes when collected.
             with contextlib.suppress(ValueError):
                 source.close()
@@ -215,17 +280,13 @@ class AsyncSegmentClient:
 
     async def model_info(self, timeout: float | None = None, model: str = "") -> pb.ModelInfo:
         """The model `model` (empty: the server's default) and its labels."""
-        try:
+        with segment_errors():
             return await self._stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
 
     async def list_models(self, timeout: float | None = None) -> list[pb.ModelStatus]:
         """Every model the server is configured with: name, architecture, state (READY...), is_default."""
-        try:
+        with segment_errors():
             return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)).models)
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
 
     async def load_model(
         self, model: str, timeout: float | None = None, on_progress: Callable[[str], None] | None = None
@@ -235,7 +296,7 @@ class AsyncSegmentClient:
         (None: the client's timeout; math.inf: as long as it takes), and `on_progress(phase)` is called each
         time what the load is doing changes."""
         request = inference_pb.RepositoryModelLoadRequest(model_name=model)
-        try:
+        with segment_errors():
             call = self._inference.RepositoryModelLoad(request, timeout=load_deadline(timeout, self.timeout))
             loading = asyncio.ensure_future(call)
             shown = ""
@@ -246,8 +307,6 @@ class AsyncSegmentClient:
                     on_progress(phase)
                     shown = phase
             await loading
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
 
     async def _load_phase(self, model: str) -> str:
         try:
@@ -258,17 +317,30 @@ class AsyncSegmentClient:
     async def unload_model(self, model: str, timeout: float | None = None) -> None:
         """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""
         request = inference_pb.RepositoryModelUnloadRequest(model_name=model)
-        try:
+        with segment_errors():
             await self._inference.RepositoryModelUnload(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """ "SERVING", "NOT_SERVING", ... ; raises SegmentError when the server cannot be reached."""
         try:
             response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
             return health_of_refused_check(exc)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    async def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Waits until the health service says SERVING; raises SegmentError (DEADLINE_EXCEEDED) on timeout."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = await self.health(timeout=health_check_timeout(deadline))
+                if last == "SERVING":
+                    return
+            except SegmentError as exc:
+                last = str(exc)
+            await asyncio.sleep(HEALTH_POLL_S)
+        raise not_serving_in_time(self.target, timeout, last)
 
     async def close(self) -> None:
         await self._channel.close(None)

@@ -1,11 +1,19 @@
-"""The client's one error type: a failed call with its gRPC status and the server's message."""
+"""The client's one error type: a failed call with its gRPC status and the server's message; and the one place
+where both clients turn a failed call (grpc.RpcError, or grpc.aio's AioRpcError) into it: `segment_errors`."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 
 UNHEALTHY_MARK = "backend unhealthy"
 NOT_SERVING_PREFIX = "no replica is serving: each says NOT_SERVING"
+LOST_STATUS_MESSAGE = (
+    "the stream ended while a request was being sent, and grpc.aio lost the status it ended with "
+    "(grpc/grpc#36066); most often its replica was lost"
+)
 
 
 class SegmentError(Exception):
@@ -20,12 +28,14 @@ class SegmentError(Exception):
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError, image_id: str = "") -> SegmentError:
-        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        code = status_code(error)
         details = (error.details() if hasattr(error, "details") else str(error)) or ""
+        if status_lost(error):
+            details = f"{LOST_STATUS_MESSAGE} ({details})"
         if code == grpc.StatusCode.UNAVAILABLE and UNHEALTHY_MARK in details:
             # gRPC's own words when client-side health checking found every replica NOT_SERVING.
             details = f"{NOT_SERVING_PREFIX} (still loading its model, or shutting down); {details}"
-        return cls(code or grpc.StatusCode.UNKNOWN, details, image_id)
+        return cls(code, details, image_id)
 
     @property
     def not_serving(self) -> bool:
@@ -38,6 +48,13 @@ class SegmentError(Exception):
         return cls(code, message, image_id)
 
 
+def not_serving_in_time(target: str, timeout: float, last: str) -> SegmentError:
+    """What wait_until_serving raises when `timeout` passed without SERVING: `last`, the last answer or error."""
+    return SegmentError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, f"server at {target} not serving after {timeout:.0f}s ({last})"
+    )
+
+
 def health_of_refused_check(exc: grpc.RpcError) -> str:
     """A failed health check: "NOT_SERVING" when the channel's own health watch heard that (so it sends the
     server nothing, the check included); otherwise the SegmentError, raised."""
@@ -45,3 +62,34 @@ def health_of_refused_check(exc: grpc.RpcError) -> str:
     if error.not_serving:
         return "NOT_SERVING"
     raise error from None
+
+
+def status_code(error: grpc.RpcError) -> grpc.StatusCode:
+    """The status a failed call ended with. grpc.aio's errors are no grpc.Call, so this asks for `code()`
+    rather than the type; an RpcError without one (raised by hand) is UNKNOWN."""
+    code = getattr(error, "code", None)
+    found = code() if callable(code) else None
+    return found if isinstance(found, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def status_lost(error: grpc.RpcError) -> bool:
+    """grpc.aio's INTERNAL "Internal error from Core" for a request written as the call ended: a write that
+    fails after the server's status arrived replaces that status (grpc/grpc#36066, open in grpcio 1.85.1),
+    so the call's own code and details are gone. A stream cut while its requests are still going out (a lost
+    replica) often ends so. The sync API keeps the server's status."""
+    debug = getattr(error, "debug_error_string", None)
+    return status_code(error) == grpc.StatusCode.INTERNAL and callable(debug) and "SendMessageOperation" in str(debug())
+
+
+@contextmanager
+def segment_errors(image_id: str = "") -> Iterator[None]:
+    """A failed call inside the block raises SegmentError (about `image_id`, when one image's) instead of
+    the RpcError, with gRPC's traceback left out: callers catch one type whichever client they use.
+
+    Works around an awaited call too (`with segment_errors(): await stub.Segment(...)`): the error is raised
+    where the call is awaited, inside the block.
+    """
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise SegmentError.from_rpc_error(exc, image_id) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike[str], Image.Im
 
 # How often a load's waiter reads ListModels for the load's phase.
 PROGRESS_POLL_S = 1.0
+# wait_until_serving: the pause between health checks, and the most one check may take (a server that
+# does not answer is asked again rather than waited for until the deadline).
+HEALTH_POLL_S = 0.2
+HEALTH_CHECK_MAX_S = 2.0
 
 # Above this an image goes through SegmentUpload in chunks: below the server's unary message limit.
 UPLOAD_THRESHOLD = 2 * 1024 * 1024
@@ -100,6 +105,11 @@ def single_call(image: ImageInput, options: Options, image_id: str | None, uploa
     if len(data) > upload_threshold:
         return SingleCall(image_id, True, upload_chunks(image_id, data, options))
     return SingleCall(image_id, False, segment_request(image_id, data, options))
+
+
+def health_check_timeout(deadline: float) -> float:
+    """The timeout of wait_until_serving's next health check, before `deadline` (monotonic)."""
+    return max(0.1, min(HEALTH_CHECK_MAX_S, deadline - time.monotonic()))
 
 
 def load_deadline(timeout: float | None, default: float | None) -> float | None:

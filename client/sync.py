@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import DEFAULT_TARGET
-from client.errors import SegmentError, health_of_refused_check
+from client.errors import SegmentError, health_of_refused_check, not_serving_in_time, segment_errors
 from client.frames import (
     DEFAULT_FRAME_FORMAT,
     DEFAULT_WINDOW,
@@ -23,29 +23,24 @@ from client.frames import (
     frame_source,
 )
 from client.messages import (
+    HEALTH_POLL_S,
     PROGRESS_POLL_S,
     UPLOAD_THRESHOLD,
     ImageInput,
     Options,
+    health_check_timeout,
     load_deadline,
     load_phase,
     single_call,
     stream_requests,
 )
 from client.results import SegmentationResult, failed_result, unreadable_result
-from client.resume import DEFAULT_RESUMES, ResumableRequests, backoff, resumable
+from client.resume import DEFAULT_RESUMES, ResumableRequests, Resumes, time_left
 from client.security import open_channel, request_metadata
 from protos.inference import grpc_predict_v2_pb2 as inference_pb
 from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-
-"""How often load_model reads a load's progress while it waits."""
-
-
-def _left(deadline: float | None) -> float | None:
-    """The time left until `deadline` (monotonic), for the next call of a resumed stream; None: no limit."""
-    return None if deadline is None else max(0.001, deadline - time.monotonic())
 
 
 class SegmentClient:
@@ -93,10 +88,8 @@ class SegmentClient:
         call = single_call(image, Options(max_size, overlay, overlay_opacity, model), image_id, self.upload_threshold)
         method: Any = self._stub.SegmentUpload if call.upload else self._stub.Segment
         timeout = self.timeout if timeout is None else timeout
-        try:
+        with segment_errors(call.image_id):
             response = method(call.request, timeout=timeout, metadata=request_metadata(request_id))
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc, call.image_id) from None
         return SegmentationResult.from_proto(response)
 
     def segment_many(
@@ -122,23 +115,20 @@ class SegmentClient:
         deferred: list[tuple[str, bytes | OSError]] = []
         source = stream_requests(images, options, self.upload_threshold, deferred)
         requests = ResumableRequests(lambda: next(source))
-        resumes = 0
+        resumes = Resumes(self.stream_resumes)
         while True:
             call = self._stub.SegmentStream(
-                requests.attempt(), timeout=_left(deadline), metadata=request_metadata(request_id)
+                requests.attempt(), timeout=time_left(deadline), metadata=request_metadata(request_id)
             )
             try:
                 for response in call:
                     requests.answered(response.id)
-                    resumes = 0
+                    resumes.answer()
                     yield SegmentationResult.from_proto(response)
                 break
             except grpc.RpcError as exc:
                 # The replica was lost mid-stream: what it had not answered goes to another one.
-                if not resumable(exc, resumes, self.stream_resumes):
-                    raise SegmentError.from_rpc_error(exc) from None
-                time.sleep(backoff(resumes))
-                resumes += 1
+                time.sleep(resumes.after(exc))  # or SegmentError, when the stream is not resumed
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the call ended; ends it when the caller stops early
         for image_id, item in deferred:
@@ -221,7 +211,7 @@ class SegmentClient:
 
         def new_call() -> Any:
             call = self._stub.SegmentStream(
-                requests.attempt(), timeout=_left(deadline), metadata=request_metadata(request_id)
+                requests.attempt(), timeout=time_left(deadline), metadata=request_metadata(request_id)
             )
             calls.append(call)
             with changed:
@@ -229,7 +219,7 @@ class SegmentClient:
             return call
 
         def read_answers() -> None:
-            resumes = 0
+            resumes = Resumes(self.stream_resumes)
             try:
                 while True:
                     call = new_call()
@@ -239,17 +229,13 @@ class SegmentClient:
                                 window_.answer(response)
                                 requests.answered(response.id)
                                 changed.notify_all()
-                            resumes = 0
+                            resumes.answer()
                         return
                     except grpc.RpcError as exc:
                         if stopped.is_set():
                             return
                         # The replica was lost mid-stream: the unanswered frames go to another one.
-                        if not resumable(exc, resumes, self.stream_resumes):
-                            failures.append(SegmentError.from_rpc_error(exc))
-                            return
-                        time.sleep(backoff(resumes))
-                        resumes += 1
+                        time.sleep(resumes.after(exc))  # or SegmentError, when the stream is not resumed
             except SegmentError as exc:
                 failures.append(exc)
             finally:
@@ -289,17 +275,13 @@ class SegmentClient:
 
     def model_info(self, timeout: float | None = None, model: str = "") -> pb.ModelInfo:
         """The model `model` (empty: the server's default) and its labels."""
-        try:
+        with segment_errors():
             return self._stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
 
     def list_models(self, timeout: float | None = None) -> list[pb.ModelStatus]:
         """Every model the server is configured with: name, architecture, state (READY...), is_default."""
-        try:
+        with segment_errors():
             return list((self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)).models)
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
 
     def load_model(
         self, model: str, timeout: float | None = None, on_progress: Callable[[str], None] | None = None
@@ -312,7 +294,7 @@ class SegmentClient:
         list_models() shows how it ends. `on_progress(phase)` is called with what the load is doing ("measuring
         runtimes: ...", "warming up") each time that changes, read from ListModels every PROGRESS_POLL_S."""
         request = inference_pb.RepositoryModelLoadRequest(model_name=model)
-        try:
+        with segment_errors():
             call = self._inference.RepositoryModelLoad.future(request, timeout=load_deadline(timeout, self.timeout))
             ended = threading.Event()
             call.add_done_callback(lambda _: ended.set())
@@ -323,8 +305,6 @@ class SegmentClient:
                     on_progress(phase)
                     shown = phase
             call.result()
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
 
     def _load_phase(self, model: str) -> str:
         """What the load of `model` is doing, as ListModels says; empty when it cannot tell."""
@@ -336,10 +316,8 @@ class SegmentClient:
     def unload_model(self, model: str, timeout: float | None = None) -> None:
         """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""
         request = inference_pb.RepositoryModelUnloadRequest(model_name=model)
-        try:
+        with segment_errors():
             self._inference.RepositoryModelUnload(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise SegmentError.from_rpc_error(exc) from None
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """ "SERVING", "NOT_SERVING", ... ; raises SegmentError when the server cannot be reached."""
@@ -355,15 +333,13 @@ class SegmentClient:
         last = "no answer"
         while time.monotonic() < deadline:
             try:
-                last = self.health(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                last = self.health(timeout=health_check_timeout(deadline))
                 if last == "SERVING":
                     return
             except SegmentError as exc:
                 last = str(exc)
-            time.sleep(0.2)
-        raise SegmentError(
-            grpc.StatusCode.DEADLINE_EXCEEDED, f"server at {self.target} not serving after {timeout:.0f}s ({last})"
-        )
+            time.sleep(HEALTH_POLL_S)
+        raise not_serving_in_time(self.target, timeout, last)
 
     def close(self) -> None:
         self._channel.close()
