@@ -1,7 +1,8 @@
 """Video over SegmentStream: the library (sync and asyncio) and `python -m client segment-video`.
 
 Masks are judged with the known-answer model: a red disc ("person", class 15) moves across the clip, and
-each frame's mask must find it where it was drawn.
+each frame's mask must find it where it was drawn. The library's tests take `connect_client` and run with
+each client; test_asyncio_twin also drives AsyncSegmentClient from asyncio itself, with no adapter between.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from client import AsyncSegmentClient, SegmentClient
+from client import AsyncSegmentClient
 from client.frames import FrameResult
 from client.video import probe, read_frames
 from tests.helpers.known_model import CLASS_OF, SHAPE_FLOOR, iou
@@ -68,9 +70,11 @@ def mixed_shapes() -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 @pytest.mark.slow
-def test_segment_video_yields_every_frame_in_order_and_the_masks_follow_the_disc(known_server, clip):
+def test_segment_video_yields_every_frame_in_order_and_the_masks_follow_the_disc(
+    connect_client: Callable[..., Any], known_server, clip
+):
     path, truths = clip
-    with SegmentClient(known_server.target) as client:
+    with connect_client(known_server.target) as client:
         results = list(client.segment_video(path, window=4))
     assert [r.index for r in results] == list(range(FRAMES))
     assert all(r.ok and not r.reused for r in results)
@@ -97,9 +101,11 @@ def test_asyncio_twin_gives_the_same_frames_in_order(known_server, clip):
 
 
 @pytest.mark.slow
-def test_answers_that_arrive_out_of_order_are_handed_back_in_frame_order(known_server):
+def test_answers_that_arrive_out_of_order_are_handed_back_in_frame_order(
+    connect_client: Callable[..., Any], known_server
+):
     frames, truths = mixed_shapes()
-    with SegmentClient(known_server.target) as client:
+    with connect_client(known_server.target) as client:
         results = list(client.segment_frames(frames, window=8))
     assert [r.index for r in results] == list(range(16))
     assert [r.mask.shape for r in results] == [t.shape for t in truths]
@@ -107,7 +113,7 @@ def test_answers_that_arrive_out_of_order_are_handed_back_in_frame_order(known_s
 
 
 @pytest.mark.slow
-def test_segment_frames_holds_at_most_a_window_of_frames(known_server):
+def test_segment_frames_holds_at_most_a_window_of_frames(connect_client: Callable[..., Any], known_server):
     frames, truths = shapes_frames(40, 160, 120)
     window = 3
     pulled = 0
@@ -119,7 +125,7 @@ def test_segment_frames_holds_at_most_a_window_of_frames(known_server):
             yield Image.fromarray(frame) if i % 2 else frame  # PIL images and arrays alike
 
     seen = []
-    with SegmentClient(known_server.target) as client:
+    with connect_client(known_server.target) as client:
         for result in client.segment_frames(source(), window=window):
             # Handed back: result.index + 1, plus up to window - 1 popped with it and not yet yielded; then at
             # most `window` held and one taken from the source, waiting for room. Unbounded, it would be 40.
@@ -130,9 +136,9 @@ def test_segment_frames_holds_at_most_a_window_of_frames(known_server):
 
 
 @pytest.mark.slow
-def test_every_k_sends_one_frame_in_k_and_reuses_its_mask(known_server):
+def test_every_k_sends_one_frame_in_k_and_reuses_its_mask(connect_client: Callable[..., Any], known_server):
     frames, _ = shapes_frames(10, 160, 120)
-    with SegmentClient(known_server.target) as client:
+    with connect_client(known_server.target) as client:
         before = sum((i + 1) * n for i, n in enumerate(client.model_info().batch_sizes))
         results = list(client.segment_frames(frames, every=3))
         after = sum((i + 1) * n for i, n in enumerate(client.model_info().batch_sizes))
@@ -236,12 +242,8 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_playable_shorter_clip(known_server, t
     assert probe(out).rate == Fraction(25)
 
 
-def test_frames_the_server_refuses_come_back_in_order_with_their_error(server, tmp_path):
-    frames, _ = shapes_frames(6, 64, 48)
-    with SegmentClient(server.target) as client:
-        results = list(client.segment_frames(frames, max_size=5, window=2))  # sizes 1-15 are refused
-    assert [r.index for r in results] == list(range(6))
-    assert all(r.error is not None and r.error.code.name == "INVALID_ARGUMENT" for r in results)
+def test_cli_frames_the_server_refuses_are_written_unsegmented_and_counted(server, tmp_path):
+    """The library's side of it: tests/client/test_library.py, with each client."""
     path = tmp_path / "small.mp4"
     write_shapes_clip(path, 6, 64, 48)
     done = run_cli(
