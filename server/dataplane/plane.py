@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -211,6 +212,17 @@ class DataPlane:
                 return b"".join(received)
             finally:
                 received.clear()
+
+    _parsing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+    """One thread for every door's parsing, shared by the process's data planes (made on first use)."""
+
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)` off the event loop, for a door's parsing of a big body: JSON of megabytes took 0.1 s
+        and more of the loop per body, and gRPC health waited meanwhile. One body at a time, on one thread:
+        json.loads holds the GIL for a whole body in one C call, so the loop (and gRPC's threads, which need the
+        GIL to hand it a call) can wait for that call to end; two parsed at once made them wait for both in
+        turn, and parsing is no faster on more threads while it holds the GIL."""
+        return await asyncio.get_running_loop().run_in_executor(self._parsing, work, *args)
 
     def segment_stream(
         self,

@@ -14,6 +14,9 @@ from server.rest.bodies import IMAGE_TYPES, JSON_TYPE, MULTIPART_OVERHEAD, multi
 from server.rest.errors import UnsupportedMediaType
 
 INDEX_BODY_LIMIT = 64 * 1024
+PARSE_ON_LOOP_BYTES = 64 * 1024
+"""JSON up to this size is parsed on the event loop (well under a millisecond); bigger goes to a worker
+(DataPlane.off_loop). Repository and control bodies stay under INDEX_BODY_LIMIT, so they parse in place."""
 
 
 class Endpoints:
@@ -95,8 +98,10 @@ class Endpoints:
         what = "an infer request (SEGSERVE_MAX_MESSAGE_BYTES)"
         body = await read_body(self.plane, request, self.plane.max_message_bytes, what)
         name, version = self._named(request)
-        infer_request, binary = converters.request_from_http(
-            name, version, body, header_length, self.plane.max_image_bytes
+        parse, args = converters.request_from_http, (name, version, body, header_length, self.plane.max_image_bytes)
+        json_bytes = len(body) if header_length is None else header_length  # what takes time is JSON's
+        infer_request, binary = (
+            await self.plane.off_loop(parse, *args) if json_bytes > PARSE_ON_LOOP_BYTES else parse(*args)
         )
         del body
         response = await self.plane.infer(infer_request)
