@@ -32,6 +32,19 @@ class Settings(BaseSettings):
         description="HTTP port: Open Inference Protocol REST (/v2) and POST /v1/segment, on the gRPC bind "
         "address and TLS settings (0 picks a free one, -1 turns it off).",
     )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest an HTTP connection (the HTTP and metrics ports) may take to send a request's head "
+        "(request line and headers; under TLS, the handshake too), from its connection or, between requests, "
+        "from the head's first byte; then it is answered 408 and closed, so slow senders cannot hold sockets.",
+    )
+    http_max_connections: int = Field(
+        512,
+        ge=1,
+        description="HTTP connections open at once on the HTTP port; a connection beyond it is answered 503 and "
+        "closed at once, so that HTTP callers never take every file descriptor from gRPC.",
+    )
     model: ModelName = Field(
         "deeplabv3_mobilenet_v3_large",
         description="DeepLabV3 variant to serve when neither model_repository nor models is set.",

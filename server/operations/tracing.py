@@ -221,8 +221,8 @@ def trace_settings(update: Mapping[str, Sequence[str]] | None = None, model: str
     has no equivalent of, FAILED_PRECONDITION for turning tracing on in a server started without an exporter."""
     if model:
         raise NotServed(
-            f"trace settings of one model ({model[:64]!r}) are not supported: segserve's sampling is the "
-            "server's; use /v2/trace/setting"
+            f"trace settings of one model ({model[:64]!r}) are not supported: segserve samples for the whole "
+            "server; change the server's trace settings instead"
         )
     for key, values in (update or {}).items():
         _apply(key, list(values))

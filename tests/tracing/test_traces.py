@@ -17,8 +17,10 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import tritonclient.http
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
+from tritonclient.utils import InferenceServerException
 
 from client import SegmentClient
 from protos.inference import grpc_predict_v2_pb2 as inference_pb
@@ -279,6 +281,11 @@ def test_trace_settings_over_both_doors(traced: Server, caller: trace.Tracer, im
     assert answer.status_code == 501 and "trace file" in answer.json()["error"]
     back = httpx.post(f"{traced.http}/v2/trace/setting", json={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
     assert back.json()["trace_level"] == ["TIMESTAMPS"] and back.json()["trace_rate"] == "1"
+    triton = tritonclient.http.InferenceServerClient(traced.http.removeprefix("http://"))
+    assert triton.update_trace_settings(settings={"trace_rate": "10"})["trace_rate"] == "10"  # Triton's own client
+    assert triton.update_trace_settings(settings={"trace_rate": None})["trace_rate"] == "1"  # back to the start's
+    with pytest.raises(InferenceServerException, match="whole server"):
+        triton.update_trace_settings(model_name=MODEL_NAME, settings={"trace_rate": "2"})
     with caller.start_as_current_span("on again") as span, SegmentClient(traced.target, timeout=60) as client:
         client.segment(image)
     _door(traced, span, "segserve.v1.Segmenter/Segment")  # exported after what the call while off would have been
