@@ -37,7 +37,7 @@ from client.messages import (
 )
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.resume import DEFAULT_RESUMES, AsyncResumableRequests, Resumes, time_left
-from client.security import open_aio_channel, request_metadata
+from client.security import control_metadata, open_aio_channel, request_metadata
 from protos.inference import grpc_predict_v2_pb2 as inference_pb
 from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
@@ -289,15 +289,21 @@ class AsyncSegmentClient:
             return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)).models)
 
     async def load_model(
-        self, model: str, timeout: float | None = None, on_progress: Callable[[str], None] | None = None
+        self,
+        model: str,
+        timeout: float | None = None,
+        on_progress: Callable[[str], None] | None = None,
+        control_token: str | None = None,
     ) -> None:
         """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL,
         and wait for the outcome, as SegmentClient.load_model does: `timeout` bounds the wait, not the load
-        (None: the client's timeout; math.inf: as long as it takes), and `on_progress(phase)` is called each
-        time what the load is doing changes."""
+        (None: the client's timeout; math.inf: as long as it takes), `on_progress(phase)` is called each
+        time what the load is doing changes, and `control_token` is sent as SegmentClient's is."""
         request = inference_pb.RepositoryModelLoadRequest(model_name=model)
         with segment_errors():
-            call = self._inference.RepositoryModelLoad(request, timeout=load_deadline(timeout, self.timeout))
+            call = self._inference.RepositoryModelLoad(
+                request, timeout=load_deadline(timeout, self.timeout), metadata=control_metadata(control_token)
+            )
             loading = asyncio.ensure_future(call)
             shown = ""
             while on_progress is not None and not loading.done():
@@ -314,11 +320,14 @@ class AsyncSegmentClient:
         except SegmentError:
             return ""
 
-    async def unload_model(self, model: str, timeout: float | None = None) -> None:
-        """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""
+    async def unload_model(self, model: str, timeout: float | None = None, control_token: str | None = None) -> None:
+        """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE).
+        `control_token`: as for load_model."""
         request = inference_pb.RepositoryModelUnloadRequest(model_name=model)
         with segment_errors():
-            await self._inference.RepositoryModelUnload(request, timeout=timeout or self.timeout)
+            await self._inference.RepositoryModelUnload(
+                request, timeout=timeout or self.timeout, metadata=control_metadata(control_token)
+            )
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """ "SERVING", "NOT_SERVING", ... ; raises SegmentError when the server cannot be reached."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -47,3 +49,26 @@ def request_metadata(request_id: str | None = None) -> tuple[tuple[str, str], ..
     """The caller's request id (a fresh one when None), which the server writes in its log line for the call,
     and the caller's current trace (W3C traceparent, client/tracing.py), which a traced server continues."""
     return ((REQUEST_ID_KEY, request_id or uuid.uuid4().hex), *trace_metadata())
+
+
+def control_token(token: str | None = None) -> str | None:
+    """The model-control token to send with load and unload: `token`, else SEGSERVE_CONTROL_TOKEN, else the file
+    a server on this host writes for this user (SEGSERVE_CONTROL_TOKEN_FILE, or the server's default place:
+    segserve-<uid>/control-token in the system's temporary folder). None when there is none."""
+    if token:
+        return token
+    if os.environ.get("SEGSERVE_CONTROL_TOKEN"):
+        return os.environ["SEGSERVE_CONTROL_TOKEN"]
+    named = os.environ.get("SEGSERVE_CONTROL_TOKEN_FILE")
+    path = Path(named) if named else Path(tempfile.gettempdir()) / f"segserve-{os.getuid()}" / "control-token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def control_metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer TOKEN` for a model-control call, with the request id; no token: the request id only
+    (the server then answers UNAUTHENTICATED, saying where to find the token)."""
+    found = control_token(token)
+    return (*request_metadata(), *((("authorization", f"Bearer {found}"),) if found else ()))

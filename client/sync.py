@@ -36,7 +36,7 @@ from client.messages import (
 )
 from client.results import SegmentationResult, failed_result, unreadable_result
 from client.resume import DEFAULT_RESUMES, ResumableRequests, Resumes, time_left
-from client.security import open_channel, request_metadata
+from client.security import control_metadata, open_channel, request_metadata
 from protos.inference import grpc_predict_v2_pb2 as inference_pb
 from protos.inference import grpc_predict_v2_pb2_grpc as inference_pb_grpc
 from protos.segserve.v1 import segserve_pb2 as pb
@@ -284,7 +284,11 @@ class SegmentClient:
             return list((self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)).models)
 
     def load_model(
-        self, model: str, timeout: float | None = None, on_progress: Callable[[str], None] | None = None
+        self,
+        model: str,
+        timeout: float | None = None,
+        on_progress: Callable[[str], None] | None = None,
+        control_token: str | None = None,
     ) -> None:
         """Load (or reload, without a gap) the repository's model `model` on a server with SEGSERVE_MODEL_CONTROL,
         and wait for the outcome: returns once it serves, raises SegmentError with the reason it failed.
@@ -292,10 +296,14 @@ class SegmentClient:
         `timeout` bounds the wait, not the load (None: the client's timeout; math.inf: as long as the load
         takes). A load is the server's job: one this wait gives up on (DEADLINE_EXCEEDED) goes on there, and
         list_models() shows how it ends. `on_progress(phase)` is called with what the load is doing ("measuring
-        runtimes: ...", "warming up") each time that changes, read from ListModels every PROGRESS_POLL_S."""
+        runtimes: ...", "warming up") each time that changes, read from ListModels every PROGRESS_POLL_S.
+        `control_token`: the server's model-control token (None: SEGSERVE_CONTROL_TOKEN, or the token file a
+        server on this host wrote for this user; client.security.control_token says where)."""
         request = inference_pb.RepositoryModelLoadRequest(model_name=model)
         with segment_errors():
-            call = self._inference.RepositoryModelLoad.future(request, timeout=load_deadline(timeout, self.timeout))
+            call = self._inference.RepositoryModelLoad.future(
+                request, timeout=load_deadline(timeout, self.timeout), metadata=control_metadata(control_token)
+            )
             ended = threading.Event()
             call.add_done_callback(lambda _: ended.set())
             shown = ""
@@ -313,11 +321,14 @@ class SegmentClient:
         except SegmentError:
             return ""
 
-    def unload_model(self, model: str, timeout: float | None = None) -> None:
-        """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE)."""
+    def unload_model(self, model: str, timeout: float | None = None, control_token: str | None = None) -> None:
+        """Unload `model` once the requests it has are answered; new ones are refused (UNAVAILABLE).
+        `control_token`: as for load_model."""
         request = inference_pb.RepositoryModelUnloadRequest(model_name=model)
         with segment_errors():
-            self._inference.RepositoryModelUnload(request, timeout=timeout or self.timeout)
+            self._inference.RepositoryModelUnload(
+                request, timeout=timeout or self.timeout, metadata=control_metadata(control_token)
+            )
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """ "SERVING", "NOT_SERVING", ... ; raises SegmentError when the server cannot be reached."""

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?!/)[^\s'\"`,;()\[\]{}<>]+")
+
+
+def without_server_paths(text: str) -> str:
+    """`text` as a caller may read it: each absolute path on the server becomes its last component, or its
+    last two for a deeper one ('.../MODEL/config.yaml'), so answers and metrics never show where the server
+    keeps its files (its log keeps them whole). Relative paths and media types are left alone."""
+
+    def short(match: re.Match[str]) -> str:
+        parts = [part for part in match.group(0).split("/") if part]
+        return ".../" + "/".join(parts[-2:] if len(parts) > 2 else parts[-1:])
+
+    return _ABSOLUTE_PATH.sub(short, text)
 
 
 class SegservError(Exception):
@@ -105,6 +121,12 @@ class ModelControlRefused(SegservError):
     """Loading or unloading at run time is off (SEGSERVE_MODEL_CONTROL), or asked in a way segserve refuses."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(SegservError):
+    """A model-control call without the control token, or with another one (SEGSERVE_CONTROL_TOKEN)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class NotPermitted(SegservError):

@@ -15,7 +15,7 @@ from client import SegmentClient
 from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
 from tests.helpers.certs import make_certs
 from tests.helpers.images import encode, photo_like
-from tests.helpers.servers import ServerThread, known_settings, make_settings
+from tests.helpers.servers import CONTROL_TOKEN, ServerThread, known_settings, make_settings
 
 # known_model_plugin holds the `known_weights` fixture too: the model is trained before the first test needs it.
 pytest_plugins = ["tests.helpers.no_skips", "tests.helpers.known_model_plugin"]
@@ -23,6 +23,10 @@ pytest_plugins = ["tests.helpers.no_skips", "tests.helpers.known_model_plugin"]
 # Servers the tests start (in-process or `python -m server`) take a free HTTP port, never the default 8000,
 # which a developer's own server may hold and several test servers would compete for.
 os.environ.setdefault("SEGSERVE_HTTP_PORT", "0")
+# Model control takes a token (server/dataplane/control_token.py). The tests' servers and clients share one, as an
+# operator's do through SEGSERVE_CONTROL_TOKEN; tests of the token itself (tests/models/test_control_token.py)
+# set their own. Raw HTTP and tritonclient calls send CONTROL_HEADERS.
+os.environ.setdefault("SEGSERVE_CONTROL_TOKEN", CONTROL_TOKEN)
 
 
 @pytest.fixture(scope="session")

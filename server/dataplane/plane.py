@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -23,6 +24,7 @@ from server.core.model_pipeline import ModelPipeline
 from server.core.pipeline import SegmentationPipeline
 from server.core.stream_window import STREAM_WINDOW, Place, StreamWindow, serve_stream
 from server.core.types import SegmentOptions, SegmentResult
+from server.dataplane.control_token import check_token, control_token
 from server.dataplane.inference import InferenceModels
 from server.dataplane.types import ByteHold, IndexEntry, ModelInfo, SegmentCall, UploadChunk
 from server.errors import (
@@ -33,6 +35,7 @@ from server.errors import (
     NotReady,
     SegservError,
     UploadStalled,
+    without_server_paths,
 )
 from server.inference.protocol import UNLOAD_PARAMETERS, InferRequest, InferResponse, ModelDescription
 from server.inference.protocol import check_control_parameters as check_parameters
@@ -76,6 +79,8 @@ class DataPlane:
         self.pipeline = pipeline
         self._inference = InferenceModels(pipeline, control)
         self.control = self._inference.control
+        # While model control is on, its calls (and the repository index) take a token (control_token.py).
+        self._control_token = control_token(pipeline.settings) if self.control.enabled else None
 
     # ---- readiness and the drain ------------------------------------------------------------
 
@@ -243,7 +248,8 @@ class DataPlane:
     # ---- the model repository and the Segmenter's model calls -------------------------------
 
     def list_models(self) -> list[ModelEntry]:
-        return self.pipeline.models.entries()
+        """Every model with its state; reasons as a caller may read them (no server paths)."""
+        return [replace(e, reason=without_server_paths(e.reason)) for e in self.pipeline.models.entries()]
 
     def model_info(self, name: str) -> ModelInfo:
         """A model's settings, runtime and labels; while the server starts, the default model's settings
@@ -266,7 +272,7 @@ class DataPlane:
             model=model.config.architecture,
             name=model.name,
             is_default=model.name == pipeline.models.default_name,
-            weights=runtime.facts.weights_description if runtime else "loading",
+            weights=without_server_paths(runtime.facts.weights_description) if runtime else "loading",
             device=runtime.device_name if runtime else "loading",
             runtime=runtime.description if runtime else "loading",
             max_size=s.max_size,
@@ -279,8 +285,12 @@ class DataPlane:
             resident_bytes=model.resident_bytes,
         )
 
-    def index(self, ready_only: bool = False) -> list[IndexEntry]:
-        return self._inference.index(ready_only)
+    def index(self, ready_only: bool = False, authorization: str | None = None) -> list[IndexEntry]:
+        """The repository index (Triton's model-repository group): while model control is on, for callers with
+        the control token only. Reasons as a caller may read them (no server paths)."""
+        if self._control_token is not None:
+            check_token(self._control_token, authorization)
+        return [replace(e, reason=without_server_paths(e.reason)) for e in self._inference.index(ready_only)]
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -299,20 +309,30 @@ class DataPlane:
             return self._inference.every_statistics_report()
         return [self._inference.statistics_report(self._inference.known(name, version))]
 
-    async def load(self, name: str, parameters: Mapping[str, object], client_certified: bool = True) -> None:
-        self._check_control(client_certified)
+    async def load(
+        self, name: str, parameters: Mapping[str, object], authorization: str | None, client_certified: bool = True
+    ) -> None:
+        """Loads (or reloads) a repository model: with model control on, the control token, and under TLS with
+        client certificates, a certified caller."""
+        self.check_control(authorization, client_certified)
         check_parameters(parameters, ())
         await self.control.load(name)
 
-    async def unload(self, name: str, parameters: Mapping[str, object], client_certified: bool = True) -> None:
-        self._check_control(client_certified)
+    async def unload(
+        self, name: str, parameters: Mapping[str, object], authorization: str | None, client_certified: bool = True
+    ) -> None:
+        self.check_control(authorization, client_certified)
         check_parameters(parameters, UNLOAD_PARAMETERS)
         await self.control.unload(name)
 
-    def _check_control(self, client_certified: bool) -> None:
-        """Under TLS with client certificates, model control is for callers that presented one. The handshake
-        already requires it of every caller then; this holds even if that ever changes."""
+    def check_control(self, authorization: str | None, client_certified: bool = True) -> None:
+        """Refuses a model-control call: model control off (FAILED_PRECONDITION), no or another control token
+        (UNAUTHENTICATED), or under TLS with client certificates a caller without one (PERMISSION_DENIED; the
+        handshake already requires it of every caller then: this holds even if that ever changes). Doors call
+        it before reading a request body."""
         self.control.check_enabled()
+        assert self._control_token is not None  # made whenever control is enabled
+        check_token(self._control_token, authorization)
         if self.pipeline.settings.tls_client_ca and not client_certified:
             raise NotPermitted("loading and unloading models takes a client certificate")
 
@@ -378,7 +398,7 @@ class DataPlane:
                 return codec.answer(request_id, await work(place, codec.parse(message)))
             except SegservError as exc:
                 note_image(ImageNote(request_id, code=exc.code.name))
-                return codec.error(request_id, exc)
+                return codec.error(request_id, SegservError(without_server_paths(exc.message), exc.code))
             except Exception:
                 log.exception("unexpected error in stream item %r", request_id)
                 note_image(ImageNote(request_id, code=grpc.StatusCode.INTERNAL.name))

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.errors import InvalidRequest, SegservError
+from server.errors import InvalidRequest, SegservError, without_server_paths
 from server.grpc.interceptor import Context
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def call_deadline(context: Context) -> float | None:
 
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, SegservError):
-        return error.code, error.message
+        return error.code, without_server_paths(error.message)
     log.error("unexpected error", exc_info=error)
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
@@ -80,6 +80,14 @@ async def guarded_stream(
         if stream is not None:
             await stream.aclose()
     await _abort(context, code, message)
+
+
+def authorization(context: Context) -> str | None:
+    """The caller's `authorization` metadata (the model-control token), None when it sent none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
 
 
 async def read_message(context: Context) -> Any:

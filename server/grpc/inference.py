@@ -12,7 +12,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server.dataplane import DataPlane
 from server.errors import NotServed, SegservError
 from server.grpc import inference_converters as converters
-from server.grpc.calls import call_deadline, guarded, guarded_stream, read_message
+from server.grpc.calls import authorization, call_deadline, guarded, guarded_stream, read_message
 from server.grpc.interceptor import Context
 from server.inference import protocol as inference
 from server.inference.protocol import InferResponse
@@ -64,7 +64,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[converters.statistics_to_proto(r) for r in reports])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
-        return converters.index_to_proto(self.plane.index(request.ready))
+        index = await guarded(context, self._call(self.plane.index, request.ready, authorization(context)))
+        return converters.index_to_proto(index)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         response = await guarded(context, self._infer(request, call_deadline(context)))
@@ -102,13 +103,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await guarded(context, self._unload(request, context))
 
     async def _load(self, request: pb.RepositoryModelLoadRequest, context: Context) -> pb.RepositoryModelLoadResponse:
-        await self.plane.load(request.model_name, request.parameters, _client_certified(context))
+        await self.plane.load(
+            request.model_name, request.parameters, authorization(context), _client_certified(context)
+        )
         return pb.RepositoryModelLoadResponse()
 
     async def _unload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.plane.unload(request.model_name, request.parameters, _client_certified(context))
+        await self.plane.unload(
+            request.model_name, request.parameters, authorization(context), _client_certified(context)
+        )
         return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
@@ -144,8 +149,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ---- helpers --------------------------------------------------------------------------
 
     @staticmethod
-    async def _call(function: Callable[[str, str], T], name: str, version: str) -> T:
-        return function(name, version)
+    async def _call(function: Callable[..., T], *args: Any) -> T:
+        """A data-plane call that answers at once, as an awaitable for `guarded`."""
+        return function(*args)
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> InferResponse:
         return await self.plane.infer(converters.request_from_proto(request), deadline)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml  # type: ignore[import-untyped,unused-ignore]  # no stubs installed
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ModelLoadError, UnknownModel
 from server.labels import MAX_CLASSES, MIN_CLASSES, VOC_CLASSES, Label, labels_with_colors, make_labels, parse_color
@@ -39,6 +40,7 @@ ARCHITECTURES: tuple[str, ...] = get_args(ModelName)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 CONFIG_FILES = ("config.yaml", "config.yml", "config.json")
 CONFIG_FIELDS = ("architecture", "weights", "labels", "max_size", "max_batch_size", "max_batch_delay_ms", "instances")
+"""ModelFile's fields, in the order problems are reported."""
 WEIGHTS_WORDS = ("auto", "pretrained", "random")
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".safetensors")
 MAX_CONFIG_BYTES = 64 * 1024
@@ -243,16 +245,47 @@ def read_labels_file(path: Path) -> tuple[Label, ...]:
         raise ModelConfigError(f"{path}: labels: {exc}") from None
 
 
-def _number(config: dict[str, Any], field: str, where: Path, kind: type, minimum: float) -> Any:
+class ModelFile(BaseModel):
+    """A model's config file (config.yaml or config.json) as pydantic parses it: unknown fields refused, numbers
+    of the right kind and range (a bool is no number, a float no int). Paths are checked afterwards, against the
+    repository (read_model); problems become one sentence naming the file and the field (_problem)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    architecture: ModelName
+    weights: str | None = None
+    """auto, pretrained, random, or a file in the model's folder."""
+    labels: str | None = None
+    """A JSON or YAML file in the model's folder (read_labels_file); unset: the 21 VOC classes."""
+    max_size: int | None = Field(None, ge=MIN_MAX_SIZE)
+    max_batch_size: int | None = Field(None, ge=1)
+    max_batch_delay_ms: float | None = Field(None, ge=0)
+    instances: int | None = Field(None, ge=1)
+    """SEGSERVE_MODEL_INSTANCES for this model alone (Triton's instance_group count)."""
+
+
+_KINDS = {"max_size": "int", "max_batch_size": "int", "max_batch_delay_ms": "float", "instances": "int"}
+
+
+def _problem(path: Path, config: dict[Any, Any], errors: list[Any]) -> str:
+    """The first of pydantic's errors as the one sentence a caller reads: unknown fields first, then the
+    fields in CONFIG_FIELDS order."""
+    unknown = [e["loc"][0] for e in errors if e["type"] in ("extra_forbidden", "invalid_key")]
+    if unknown:
+        field = min(unknown, key=str)
+        shown = field if isinstance(field, str) and len(field) <= 60 else _quoted(field)
+        return f"{path}: {shown}: unknown field; the fields are {', '.join(CONFIG_FIELDS)}"
+    by_field = {e["loc"][0]: e for e in errors if e["loc"]}
+    field = min(by_field, key=lambda f: CONFIG_FIELDS.index(f) if f in CONFIG_FIELDS else len(CONFIG_FIELDS))
     value = config.get(field)
-    if value is None:
-        return None
-    number = isinstance(value, float | int) and not isinstance(value, bool)
-    if not number or (kind is int and isinstance(value, float)) or value < minimum:
-        raise ModelConfigError(
-            f"{where}: {field}: expected a {kind.__name__} of at least {minimum:g}, got {_quoted(value)}"
-        )
-    return value
+    if field == "architecture":
+        return f"{path}: architecture: {_quoted(value)} is none of {', '.join(ARCHITECTURES)}"
+    if field == "weights":
+        return f"{path}: weights: expected {', '.join(WEIGHTS_WORDS)} or a file name, got {_quoted(value)}"
+    if field == "labels":
+        return f"{path}: labels: name a JSON or YAML file in the model's folder"
+    minimum = ModelFile.model_fields[field].metadata[0].ge
+    return f"{path}: {field}: expected a {_KINDS[field]} of at least {minimum:g}, got {_quoted(value)}"
 
 
 def _weights(folder: Path, repository: Path, value: object, where: Path) -> str:
@@ -285,24 +318,19 @@ def read_model(repository: Path, name: str) -> ModelConfig:
     config = _read_data(path, "the config")
     if not isinstance(config, dict):
         raise ModelConfigError(f"{path}: expected a mapping of {', '.join(CONFIG_FIELDS)}")
-    unknown = set(config) - set(CONFIG_FIELDS)
-    if unknown:
-        field = min(unknown, key=str)
-        shown = field if isinstance(field, str) and len(field) <= 60 else _quoted(field)
-        raise ModelConfigError(f"{path}: {shown}: unknown field; the fields are {', '.join(CONFIG_FIELDS)}")
-    architecture = config.get("architecture")
-    if architecture not in ARCHITECTURES:
-        raise ModelConfigError(f"{path}: architecture: {_quoted(architecture)} is none of {', '.join(ARCHITECTURES)}")
+    try:
+        parsed = ModelFile.model_validate(config)
+    except ValidationError as exc:
+        raise ModelConfigError(_problem(path, config, exc.errors())) from None
     labels = make_labels(VOC_CLASSES)
-    if config.get("labels") is not None:
-        labels_name = config["labels"]
-        if not isinstance(labels_name, str) or Path(labels_name).is_absolute():
+    if parsed.labels is not None:
+        if Path(parsed.labels).is_absolute():
             raise ModelConfigError(f"{path}: labels: name a JSON or YAML file in the model's folder")
-        labels_path = _inside(repository, folder / labels_name, f"{path}: labels")
+        labels_path = _inside(repository, folder / parsed.labels, f"{path}: labels")
         if not labels_path.is_file():
-            raise ModelConfigError(f"{path}: labels: no such file {folder / labels_name}")
+            raise ModelConfigError(f"{path}: labels: no such file {folder / parsed.labels}")
         labels = read_labels_file(labels_path)
-    weights = _weights(folder, repository, config.get("weights"), path)
+    weights = _weights(folder, repository, parsed.weights, path)
     if weights in ("pretrained", "auto") and len(labels) != len(VOC_CLASSES):
         raise ModelConfigError(
             f"{path}: weights: the pretrained weights know {len(VOC_CLASSES)} classes and the labels name "
@@ -310,13 +338,13 @@ def read_model(repository: Path, name: str) -> ModelConfig:
         )
     return ModelConfig(
         name=name,
-        architecture=str(architecture),
+        architecture=parsed.architecture,
         weights=weights,
         labels=labels,
-        max_size=_number(config, "max_size", path, int, MIN_MAX_SIZE),
-        max_batch_size=_number(config, "max_batch_size", path, int, 1),
-        max_batch_delay_ms=_number(config, "max_batch_delay_ms", path, float, 0),
-        instances=_number(config, "instances", path, int, 1),
+        max_size=parsed.max_size,
+        max_batch_size=parsed.max_batch_size,
+        max_batch_delay_ms=parsed.max_batch_delay_ms,
+        instances=parsed.instances,
         source=str(path),
     )
 

@@ -54,16 +54,18 @@ class Endpoints:
         return JSONResponse({"model_stats": self.plane.statistics(name, version)})
 
     async def repository_index(self, request: Request) -> Response:
+        self.plane.index(False, request.headers.get("authorization"))  # the token, before reading the body
         body = await read_body(self.plane, request, INDEX_BODY_LIMIT, "a repository index request")
         parsed = converters.parse_json(body) if body else {}
         ready_only = isinstance(parsed, dict) and parsed.get("ready") is True
-        return JSONResponse(converters.index_to_http(self.plane.index(ready_only)))
+        index = self.plane.index(ready_only, request.headers.get("authorization"))
+        return JSONResponse(converters.index_to_http(index))
 
     # ---- model control ------------------------------------------------------------------------------------
     # Under TLS with client certificates, uvicorn's handshake requires one of every caller (ssl.CERT_REQUIRED).
 
     async def _control_parameters(self, request: Request) -> dict[str, object]:
-        self.plane.control.check_enabled()  # before reading the body
+        self.plane.check_control(request.headers.get("authorization"))  # before reading the body
         body = await read_body(self.plane, request, INDEX_BODY_LIMIT, "a repository request")
         parsed = converters.parse_json(body) if body else {}
         parameters = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
@@ -72,11 +74,13 @@ class Endpoints:
         return parameters
 
     async def load_model(self, request: Request) -> Response:
-        await self.plane.load(request.path_params["model"], await self._control_parameters(request))
+        parameters = await self._control_parameters(request)
+        await self.plane.load(request.path_params["model"], parameters, request.headers.get("authorization"))
         return JSONResponse({})
 
     async def unload_model(self, request: Request) -> Response:
-        await self.plane.unload(request.path_params["model"], await self._control_parameters(request))
+        parameters = await self._control_parameters(request)
+        await self.plane.unload(request.path_params["model"], parameters, request.headers.get("authorization"))
         return JSONResponse({})
 
     # ---- inference ----------------------------------------------------------------------------------------

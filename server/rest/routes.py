@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.dataplane import DataPlane
-from server.errors import SegservError
+from server.errors import SegservError, without_server_paths
 from server.operations.access import REQUEST_ID_KEY, record_call, start_record
 from server.operations.drain import CallTracker
 from server.operations.metrics import Metrics
@@ -89,7 +90,9 @@ class RestApp:
                 response = await handler(request)
                 code = "OK"
             except SegservError as exc:
-                response, code = error_response(http_status(exc), exc.message), exc.code.name
+                response, code = error_response(http_status(exc), without_server_paths(exc.message)), exc.code.name
+                if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="segserve model control"'  # RFC 6750
             except Exception:
                 log.exception("unexpected error in %s", path)
                 response, code = error_response(500, "internal error; see the server log"), "INTERNAL"

@@ -17,6 +17,9 @@ from server.settings import Settings
 from tests.helpers import known_model
 
 TEST_MAX_SIZE = 64
+CONTROL_TOKEN = "segserve-tests-control-token"
+"""The model-control token of the tests' servers (tests/conftest.py sets SEGSERVE_CONTROL_TOKEN to it)."""
+CONTROL_HEADERS = {"authorization": f"Bearer {CONTROL_TOKEN}"}
 
 
 class ServerThread:

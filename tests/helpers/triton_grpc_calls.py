@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import queue
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
+
+# The token the tests' servers take (tests/conftest.py sets it; this child inherits the environment).
+CONTROL_HEADERS = {"authorization": f"Bearer {os.environ.get('SEGSERVE_CONTROL_TOKEN', '')}"}
 
 
 def _npy(array: np.ndarray) -> str:
@@ -72,7 +76,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         out["server_metadata"] = client.get_server_metadata(as_json=True)
         out["metadata"] = client.get_model_metadata(model, as_json=True)
         out["config"] = client.get_model_config(model, as_json=True)
-        out["index"] = client.get_model_repository_index(as_json=True)
+        out["index"] = client.get_model_repository_index(as_json=True, headers=CONTROL_HEADERS)
         wanted = _outputs("MASK", "MASK_PNG", "CLASSES")
         out["infer"] = _result(client.infer(model, [_image_input(images[:1])], outputs=wanted))
         out["infer_n1"] = _result(client.infer(model, [_image_input(images[:1], [1, 1])], outputs=wanted))

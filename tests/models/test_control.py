@@ -40,7 +40,7 @@ from tests.helpers.gate import Gate
 from tests.helpers.images import encode
 from tests.helpers.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, render_scene
 from tests.helpers.model_repository import COLOURS_CLASS_OF, build_repository, write_config
-from tests.helpers.servers import ServerThread, known_settings, make_settings
+from tests.helpers.servers import CONTROL_HEADERS, ServerThread, known_settings, make_settings
 from tests.helpers.triton_child import run_in_child
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,9 +143,13 @@ def test_a_model_is_loaded_served_and_unloaded_without_a_restart(
     assert done.returncode == 0 and done.stdout.strip() == "late: unloaded", done.stderr
     # Over HTTP too.
     base = f"http://127.0.0.1:{controlled.app.http_port}"
-    assert httpx.post(f"{base}/v2/repository/models/late/load", timeout=240).status_code == 200
+    assert httpx.post(f"{base}/v2/repository/models/late/load", headers=CONTROL_HEADERS, timeout=240).status_code == 200
     assert httpx.get(f"{base}/v2/models/late/ready", timeout=30).json()["ready"] is True
-    unload = httpx.post(f"{base}/v2/repository/models/late/unload", json={"parameters": {"unload_dependents": False}})
+    unload = httpx.post(
+        f"{base}/v2/repository/models/late/unload",
+        json={"parameters": {"unload_dependents": False}},
+        headers=CONTROL_HEADERS,
+    )
     assert unload.status_code == 200
     assert httpx.get(f"{base}/v2/models/late/ready", timeout=30).status_code == 503
 
@@ -335,9 +339,9 @@ def test_tritonclient_loads_and_unloads_under_load_with_nothing_lost(
             job = {"target": controlled.target, "load": ["tri", "colours"], "unload": ["tri"]}
             done = run_in_child("tests.helpers.triton_model_control", job, timeout=600)
             http = httpclient.InferenceServerClient(f"127.0.0.1:{controlled.app.http_port}")
-            http.load_model("tri")
+            http.load_model("tri", headers=CONTROL_HEADERS)
             ready_over_http = http.is_model_ready("tri")
-            http.unload_model("tri")
+            http.unload_model("tri", headers=CONTROL_HEADERS)
             not_ready_over_http = http.is_model_ready("tri")
             http.close()
         finally:

@@ -34,7 +34,7 @@ from server.labels import voc_color
 from tests.helpers.images import encode
 from tests.helpers.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, render_scene
 from tests.helpers.model_repository import COLOURS_CLASS_OF, COLOURS_LABELS, build_repository, write_config
-from tests.helpers.servers import ServerThread, known_settings, make_settings
+from tests.helpers.servers import CONTROL_HEADERS, ServerThread, known_settings, make_settings
 from tests.helpers.triton_child import run_in_child
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,7 +246,9 @@ def test_a_broken_model_folder_leaves_the_others_serving_and_says_why(
             "SERVING",
             "NOT_SERVING",
         ]
-        index = ipb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(ipb.RepositoryIndexRequest(), timeout=10)
+        index = ipb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
+            ipb.RepositoryIndexRequest(), timeout=10, metadata=tuple(CONTROL_HEADERS.items())
+        )
         assert {(m.name, m.state) for m in index.models} == {
             ("broken", "UNAVAILABLE"),
             ("colours", "READY"),

@@ -15,9 +15,11 @@ import yaml
 from server.errors import ModelLoadError, UnknownModel
 from server.labels import VOC_CLASSES, voc_color
 from server.models.repository import (
+    CONFIG_FIELDS,
     BrokenModel,
     ModelConfig,
     ModelConfigError,
+    ModelFile,
     check_name,
     configured_models,
     parse_models_line,
@@ -102,6 +104,12 @@ def test_a_bad_labels_file_is_one_sentence_naming_it_and_the_field(
         ({"architecture": MOBILENET, "max_size": 4}, "config.yaml: max_size: expected a int of at least 16"),
         ({"architecture": MOBILENET, "batching": 4}, "config.yaml: batching: unknown field"),
         ({"architecture": MOBILENET, "instances": 0}, "config.yaml: instances: expected a int of at least 1"),
+        ({"architecture": MOBILENET, "max_batch_size": 2.0}, "config.yaml: max_batch_size: expected a int of at"),
+        ({"architecture": MOBILENET, "max_batch_delay_ms": True}, "max_batch_delay_ms: expected a float of at least 0"),
+        ({"architecture": MOBILENET, "weights": 5}, "config.yaml: weights: expected auto, pretrained, random or a"),
+        ({"architecture": MOBILENET, "labels": ["a"]}, "config.yaml: labels: name a JSON or YAML file"),
+        ({"max_size": 4, "batching": 1}, "config.yaml: batching: unknown field"),  # unknown fields first
+        ({"max_size": 4}, "config.yaml: architecture: None is none of"),  # then in CONFIG_FIELDS order
         ({"architecture": MOBILENET, "weights": "/etc/passwd"}, "config.yaml: weights: '/etc/passwd' is an absolute"),
         ({"architecture": MOBILENET, "weights": "missing.pt"}, "config.yaml: weights: no such file"),
         ({"architecture": MOBILENET, "weights": "../../outside.pt"}, "weights leads outside the model repository"),
@@ -118,6 +126,13 @@ def test_a_broken_config_is_one_sentence_naming_the_file_and_the_field(
     with pytest.raises(ModelConfigError) as refused:
         read_model(repository, "m")
     assert problem in refused.value.message and "\n" not in refused.value.message
+
+
+def test_the_config_fields_are_the_pydantic_model_s_and_numbers_keep_their_kind(tmp_path: Path) -> None:
+    assert tuple(ModelFile.model_fields) == CONFIG_FIELDS
+    write_config(tmp_path / "m", architecture=MOBILENET, weights="random", max_batch_delay_ms=5, instances=2)
+    config = read_model(tmp_path, "m")
+    assert config.max_batch_delay_ms == 5.0 and config.instances == 2 and config.max_size is None
 
 
 def test_a_broken_model_folder_is_listed_as_broken_beside_the_good_ones(tmp_path: Path) -> None:
