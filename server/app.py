@@ -25,7 +25,7 @@ from server.grpc.interceptor import ObservingInterceptor
 from server.grpc.segmenter import SegmenterServicer
 from server.operations import tracing
 from server.operations.drain import CallTracker
-from server.operations.metrics import Metrics
+from server.operations.metrics import Metrics, tls_context
 from server.rest.routes import build_app
 from server.rest.server import HttpServer, create_http_server
 from server.settings import Settings
@@ -61,6 +61,8 @@ class App:
     async def start(self) -> None:
         """Starts answering at once (health NOT_SERVING), then loads and warms the model, then SERVING."""
         await self.server.start()
+        if self.metrics is not None:
+            await self.metrics.start()
         if self.http is not None:
             await self.http.start()
         log.info("listening on port %d; loading model", self.port)
@@ -169,7 +171,8 @@ async def create_app(settings: Settings, pipeline: SegmentationPipeline | None =
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    metrics_port = metrics.serve(settings.host, settings.metrics_port)
+    metrics_tls = tls_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    metrics_port = metrics.serve(settings.host, settings.metrics_port, metrics_tls, settings.http_header_timeout_s)
     http = create_http_server(build_app(plane, metrics, calls), settings)
     app = App(server, port, pipeline, health_servicer, metrics, metrics_port, calls, http)
     control.on_change = app.set_model_health
