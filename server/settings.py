@@ -69,6 +69,17 @@ class Settings(BaseSettings):
         description="Load, reload and unload repository models at run time (the inference protocol's "
         "RepositoryModelLoad/Unload; python -m client load/unload). Off: those calls are refused.",
     )
+    control_token: str | None = Field(
+        None,
+        description="The token model control takes while it is on: load, unload and the repository index must "
+        "send 'authorization: Bearer TOKEN' (gRPC metadata or HTTP header). Unset: one is made at start and "
+        "written to control_token_file.",
+    )
+    control_token_file: str | None = Field(
+        None,
+        description="Where a made control token is kept (mode 0600; a later start reuses it); python -m client "
+        "reads it from there too. Unset: segserve-<uid>/control-token in the system's temporary folder.",
+    )
     max_models: int = Field(
         0, ge=0, description="Most models loaded at once (0: no limit); a load past it is refused (RESOURCE_EXHAUSTED)."
     )

@@ -31,6 +31,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.errors import without_server_paths
+
 if TYPE_CHECKING:
     from server.core.pipeline import SegmentationPipeline
 
@@ -146,7 +148,7 @@ class PipelineCollector(Collector):
                 [
                     model.name,
                     model.config.architecture,
-                    runtime.facts.weights_description if runtime else "loading",
+                    without_server_paths(runtime.facts.weights_description) if runtime else "loading",
                     runtime.device_name if runtime else "loading",
                     runtime.description if runtime else "loading",
                     str(s.max_size),
