@@ -23,6 +23,7 @@ from server.errors import ModelLoadError
 from server.grpc import inference as inference_grpc
 from server.grpc.interceptor import ObservingInterceptor
 from server.grpc.segmenter import SegmenterServicer
+from server.models.registry import ModelState
 from server.operations import tracing
 from server.operations.drain import CallTracker
 from server.operations.metrics import Metrics, tls_context
@@ -72,7 +73,7 @@ class App:
 
     async def set_model_health(self) -> None:
         for entry in self.pipeline.models.entries():
-            serving = entry.state == "READY" and not self.pipeline.draining
+            serving = entry.state == ModelState.READY and not self.pipeline.draining
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             await self.health.set(MODEL_HEALTH_PREFIX + entry.name, status)
 

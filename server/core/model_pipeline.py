@@ -48,6 +48,7 @@ from server.core.thread_names import RUNTIME, os_thread_named
 from server.core.types import SegmentOptions, SegmentResult, Timing
 from server.errors import InvalidOptions, ModelLoadError
 from server.labels import Label, palette_of
+from server.models.registry import ModelState
 from server.models.repository import ModelConfig
 from server.runtimes import progress
 from server.runtimes.base import Runtime
@@ -138,7 +139,7 @@ class ModelPipeline:
         self.labels: tuple[Label, ...] = config.labels
         self.palette = palette_of(config.labels)
         self._batcher: Batcher[np.ndarray, np.ndarray] | None = None
-        self.state = "LOADING"
+        self.state = ModelState.LOADING
         self.reason = ""
         self.in_flight = 0
         """Requests that named this model and are not answered yet (an unload waits for them)."""
@@ -198,7 +199,7 @@ class ModelPipeline:
                 with _span(self._tracer, "warm up"):
                     await loop.run_in_executor(loader, self._warm_up)
         except ModelLoadError as exc:
-            self.state, self.reason = "UNAVAILABLE", exc.message
+            self.state, self.reason = ModelState.UNAVAILABLE, exc.message
             if not self.config.source:
                 raise
             # One sentence naming the file and the field the problem came from.
@@ -206,7 +207,7 @@ class ModelPipeline:
             self.reason = f"{self.config.where('weights') if about_weights else self.config.source}: {exc.message}"
             raise ModelLoadError(self.reason) from exc
         self.resident_bytes = max(0, await loop.run_in_executor(loader, _settled_resident_bytes) - before)
-        self.state, self.reason = "READY", ""
+        self.state, self.reason = ModelState.READY, ""
         log.info(
             "model %s (%s) ready on %s with %s (weights: %s; %d classes; %.0f MiB resident)",
             self.name,
@@ -244,7 +245,7 @@ class ModelPipeline:
         """Stops its batcher and lets go of its runtime, then hands the freed memory back to the system: glibc
         keeps what a runtime's arenas and graph freed for reuse, and without a trim the process stayed 31-51 MiB
         above its size before the model until some later large free happened to trim it."""
-        self.state = "UNAVAILABLE"
+        self.state = ModelState.UNAVAILABLE
         if self._batcher is not None:
             await self._batcher.close()
             self._batch_counts = list(self._batcher.batch_size_counts)

@@ -5,7 +5,7 @@ server.core.types and server.inference, and its own converters, and nothing else
 
 from server.dataplane.plane import DataPlane, StreamCodec
 from server.dataplane.types import ByteHold, IndexEntry, ModelInfo, SegmentCall, UploadChunk
-from server.models.registry import ModelEntry
+from server.models.registry import ModelEntry, ModelState
 
 __all__ = [
     "ByteHold",
@@ -13,6 +13,7 @@ __all__ = [
     "IndexEntry",
     "ModelEntry",
     "ModelInfo",
+    "ModelState",
     "SegmentCall",
     "StreamCodec",
     "UploadChunk",

@@ -27,6 +27,7 @@ from server.inference.protocol import (
     requested_outputs,
 )
 from server.models.control import ModelControl
+from server.models.registry import ModelState
 from server.operations.access import note_result
 
 
@@ -57,7 +58,7 @@ class InferenceModels:
         return model
 
     def model_ready(self, model: ModelPipeline) -> bool:
-        return self.ready and model.state == "READY"
+        return self.ready and model.state == ModelState.READY
 
     def statistics_report(self, model: ModelPipeline) -> dict[str, Any]:
         """Triton's ModelStatistics for one model, as the JSON its REST extension answers (the gRPC door
@@ -96,9 +97,9 @@ class InferenceModels:
         new requests, whichever door asks."""
         entries = self.pipeline.models.entries()
         if ready_only:
-            entries = [e for e in entries if e.state == "READY"]
+            entries = [e for e in entries if e.state == ModelState.READY]
         if self.pipeline.draining:
-            return [IndexEntry(e.name, MODEL_VERSION, "UNAVAILABLE", "shutting down") for e in entries]
+            return [IndexEntry(e.name, MODEL_VERSION, ModelState.UNAVAILABLE, "shutting down") for e in entries]
         return [IndexEntry(e.name, MODEL_VERSION, e.state, e.reason) for e in entries]
 
     def describe(self, model: ModelPipeline) -> ModelDescription:

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from server.core.types import SegmentOptions
 from server.labels import Label
+from server.models.registry import ModelState
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class IndexEntry:
 
     name: str
     version: str
-    state: str
+    state: ModelState
     reason: str
 
 

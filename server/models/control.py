@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from opentelemetry import trace
 
 from server.errors import ModelControlRefused, ModelLoadError, ModelLoadFailed, UnknownModel
-from server.models.registry import ModelRegistry, ServedModel
+from server.models.registry import ModelRegistry, ModelState, ServedModel
 from server.models.repository import ModelConfig, check_name, read_model
 from server.settings import Settings
 
@@ -113,7 +113,7 @@ class ModelControl(Generic[M]):
                 raise ModelLoadFailed(f"model {name!r} not loaded: {exc.message}") from None
             registry = self.registry
             current = registry.named(name)
-            serving = current if current is not None and current.state == "READY" else None
+            serving = current if current is not None and current.state == ModelState.READY else None
             registry.check_room(config, self.settings, replacing=current)
             model = self._new_model(config)
             if serving is None:
@@ -173,14 +173,14 @@ class ModelControl(Generic[M]):
         async with self._one_at_a_time():
             registry = self.registry
             model = registry.named(name)
-            if model is None or model.state == "UNAVAILABLE":
+            if model is None or model.state == ModelState.UNAVAILABLE:
                 if model is not None or registry.is_listed(name):
                     registry.add_broken(name, "unloaded")
                     await self._changed()
                     return
                 registry.get(name)  # raises NOT_FOUND with the names there are
                 raise UnknownModel(f"unknown model {name!r}")
-            model.state = "UNLOADING"
+            model.state = ModelState.UNLOADING
             await self._changed()
             log.info("unloading model %s: %d requests to finish", name, model.in_flight)
             await self._retire(model)

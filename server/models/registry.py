@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
 from server.errors import NotReady, TooManyModels, UnknownModel
@@ -23,13 +24,22 @@ log = logging.getLogger(__name__)
 FIRST_LOADED = "the first model that loaded"
 
 
+class ModelState(StrEnum):
+    """A model's state, with Triton's names (its repository index and ModelReady say these words). A StrEnum:
+    each is its own name as text, so the doors send it as the string the protocols carry."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
 class ServedModel(Protocol):
     """What the registry needs of a model."""
 
     name: str
     config: ModelConfig
-    state: str
-    """READY, LOADING, UNLOADING or UNAVAILABLE (Triton's names)."""
+    state: ModelState
     reason: str
     in_flight: int
     """Requests that named this model and are not answered yet."""
@@ -46,8 +56,7 @@ class ModelEntry:
     """One line of the repository index."""
 
     name: str
-    state: str
-    """READY, LOADING, UNLOADING or UNAVAILABLE (Triton's names)."""
+    state: ModelState
     reason: str
     architecture: str
     is_default: bool
@@ -109,7 +118,7 @@ class ModelRegistry(Generic[M]):
         return list(self._models.values())
 
     def ready_names(self) -> list[str]:
-        return [name for name, model in self._models.items() if model.state == "READY"]
+        return [name for name, model in self._models.items() if model.state == ModelState.READY]
 
     def entries(self) -> list[ModelEntry]:
         def why(name: str) -> str:
@@ -126,7 +135,7 @@ class ModelRegistry(Generic[M]):
             for name, model in self._models.items()
         ]
         entries += [
-            ModelEntry(name, "UNAVAILABLE", reason, "", name == self.default_name, why(name))
+            ModelEntry(name, ModelState.UNAVAILABLE, reason, "", name == self.default_name, why(name))
             for name, reason in self._broken.items()
         ]
         return sorted(entries, key=lambda entry: entry.name)
@@ -135,7 +144,9 @@ class ModelRegistry(Generic[M]):
         """Refuses (RESOURCE_EXHAUSTED, with the figures) a model that would pass SEGSERVE_MAX_MODELS or
         SEGSERVE_MAX_MODEL_WEIGHTS_BYTES. A model being reloaded makes room for its new version: for the moment
         of the swap both are in memory, which the byte limit leaves out."""
-        others = [m for m in self._models.values() if m is not replacing and m.state in ("READY", "LOADING")]
+        others = [
+            m for m in self._models.values() if m is not replacing and m.state in (ModelState.READY, ModelState.LOADING)
+        ]
         if settings.max_models and len(others) + 1 > settings.max_models:
             raise TooManyModels(
                 f"cannot load {config.name!r}: {len(others)} models are loaded and SEGSERVE_MAX_MODELS="
@@ -156,12 +167,12 @@ class ModelRegistry(Generic[M]):
         if not wanted:
             raise NotReady("no model has loaded yet")
         model = self._models.get(wanted)
-        if model is not None and model.state == "READY":
+        if model is not None and model.state == ModelState.READY:
             return model
         if model is not None:
-            if model.state == "LOADING":
+            if model.state == ModelState.LOADING:
                 raise NotReady(f"model {wanted!r} is still loading" + (f" ({model.reason})" if model.reason else ""))
-            if model.state == "UNLOADING":
+            if model.state == ModelState.UNLOADING:
                 raise NotReady(f"model {wanted!r} is being unloaded")
             raise NotReady(f"model {wanted!r} is not loaded: {model.reason or 'unloaded'}")
         if wanted in self._broken:

@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 from server.errors import without_server_paths
+from server.models.registry import ModelState
 
 if TYPE_CHECKING:
     from server.core.pipeline import SegmentationPipeline
@@ -155,7 +156,7 @@ class PipelineCollector(Collector):
                     str(s.max_batch_size),
                     model.state,
                 ],
-                1.0 if model.state == "READY" else 0.0,
+                1.0 if model.state == ModelState.READY else 0.0,
             )
             resident.add_metric([model.name], float(model.resident_bytes))
             in_flight.add_metric([model.name], float(model.in_flight))

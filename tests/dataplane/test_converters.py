@@ -10,7 +10,7 @@ from google.protobuf import json_format
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from server.core.types import SegmentOptions
-from server.dataplane import IndexEntry, ModelInfo
+from server.dataplane import IndexEntry, ModelInfo, ModelState
 from server.grpc import inference_converters as grpc_converters
 from server.grpc import segmenter_converters
 from server.inference.protocol import ModelDescription
@@ -44,7 +44,10 @@ def test_config_is_the_same_over_both_doors() -> None:
 
 
 def test_the_index_is_the_same_over_both_doors() -> None:
-    entries = [IndexEntry("a", "1", "READY", ""), IndexEntry("b", "1", "UNAVAILABLE", "shutting down")]
+    entries = [
+        IndexEntry("a", "1", ModelState.READY, ""),
+        IndexEntry("b", "1", ModelState.UNAVAILABLE, "shutting down"),
+    ]
     over_grpc = [json_format.MessageToDict(m) for m in grpc_converters.index_to_proto(entries).models]
     assert over_grpc == rest_converters.index_to_http(entries)  # no reason where there is none, on both
 
