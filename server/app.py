@@ -115,10 +115,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
     if settings.http2_window_bytes > 0:
         # What a call's caller sends before the server reads it sits in gRPC's receive buffers, counted
-        # nowhere. With BDP probing on, gRPC sizes every call's window at max(4 MiB, the measured
-        # bandwidth-delay product) while its memory pressure is low: on a fast host a stream whose server
-        # had stopped reading took in all 200 of its requests, and 48 uploads could park 4 MiB or more
-        # each. A fixed window keeps that to this many bytes per call.
+        # nowhere. With BDP probing on, gRPC grows every call's window to megabytes while its memory
+        # pressure is low, so a stalled stream takes in all of its requests and each slow upload parks
+        # megabytes (docs/operations.md, 'Where a stalled stream's memory went'). A fixed window keeps
+        # that to this many bytes per call.
         options += [
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", settings.http2_window_bytes),

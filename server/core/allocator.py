@@ -2,9 +2,9 @@
 
 glibc keeps what Python frees in its arenas for reuse, and raises its mmap threshold after a large free,
 so the megabyte chunks of later uploads come from the arenas too, and what an upload held stays resident
-after it ends. malloc_trim(0) returns the free pages of every arena, not only the top of the heap: after
-the hostile scenario's warm-up, RSS at rest was 910-951 MiB with it against 1000-1032 MiB without
-(docs/operations.md). It takes well under a millisecond, and is rate-limited here so a flood of refused
+after it ends. malloc_trim(0) returns the free pages of every arena, not only the top of the heap, so RSS at
+rest after the hostile scenario is lower with it (docs/operations.md, 'Where a stalled stream's memory
+went'). It takes well under a millisecond, and is rate-limited here so a flood of refused
 uploads does not call it thousands of times a second.
 """
 

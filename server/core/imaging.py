@@ -203,8 +203,8 @@ def decode_image(data: bytes, max_side: int, limits: Limits, keep_full: bool = F
         if not keep_full and image.format == "JPEG" and target != image.size:
             image.draft("RGB", target)
         image.load()
-        # Only when there is something to undo: without an orientation, exif_transpose returns a copy
-        # (0.4 ms of a 640x480 photo's 6 ms of decoding) of the same pixels.
+        # Only when there is something to undo: without an orientation, exif_transpose returns a copy of the
+        # same pixels, a noticeable share of decoding (docs/performance.md, 'Served against the model alone').
         if _orientation(image) not in (0, 1):
             image = ImageOps.exif_transpose(image) or image
         rgb = to_rgb(image)

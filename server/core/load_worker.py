@@ -2,7 +2,7 @@
 and timing of every candidate runtime, warm-up), off the request path and at a lower CPU priority.
 
 Off the request path: before it, a run-time load ran on the decode/encode pool every request shares, so while a
-cold load exported and measured (60-200 s on 2 cores) it held one of that pool's threads, and requests queued
+cold load exported and measured (minutes on a small CPU) it held one of that pool's threads, and requests queued
 behind it. Here it has a thread of its own, and the pool is the requests' alone.
 
 Lower priority: on Linux a thread's nice value is its own, and threads it starts inherit it. Each load job runs

@@ -1,11 +1,11 @@
 """The full-size mask's palette PNG, written straight from the model-size label map.
 
-Upsampling a 512x384 label map to 12 megapixels and handing that to a PNG encoder costs about 60 ms, and
-nearly all of it is repetition: nearest-neighbour upsampling repeats each row about 8 times and each
-column as often. So each distinct row is expanded once and deflated; each run of repeated rows is
-written with PNG's Up filter, which turns it into zeros, and that run's deflate bytes are computed once per
-run length and reused. The pixels are exactly those of upsample_labels (tests/test_postprocess_speed_paths
-compares them); only the compressed bytes differ.
+Upsampling a model-size label map to a 12-megapixel photo's size and handing that to a PNG encoder is expensive
+(docs/performance.md, 'Figures behind the code's comments'), and nearly all of it is repetition: nearest-neighbour
+upsampling repeats each row about 8 times and each column as often. So each distinct row is expanded once and
+deflated; each run of repeated rows is written with PNG's Up filter, which turns it into zeros, and that run's
+deflate bytes are computed once per run length and reused. The pixels are exactly those of upsample_labels
+(tests/test_postprocess_speed_paths compares them); only the compressed bytes differ.
 """
 
 from __future__ import annotations
@@ -89,16 +89,16 @@ def encode_upsampled_mask_png(label_map: np.ndarray, size: tuple[int, int], pale
 
 
 UPSAMPLE_FROM = 3
-"""Row repetition from which the direct path is cheaper (measured: at 2x Pillow's path still wins, 2.9 vs
-3.7 ms for 1024x768; at 3x 4.3 vs 6.5 ms; at 8x 9 vs 38 ms)."""
+"""Row repetition from which the direct path is cheaper; below it Pillow's path wins (docs/performance.md,
+'Figures behind the code's comments')."""
 
 
 def mask_png_and_shares(
     label_map: np.ndarray, size: tuple[int, int], palette: bytes, labels: tuple[Label, ...]
 ) -> tuple[bytes, list[ClassShare]]:
     """The palette PNG of `label_map` at `size` and its class shares, by whichever path is cheaper for this
-    much upsampling. Where the full-size mask is made anyway, its histogram gives the shares (0.2 ms for
-    640x480, against 1.4 ms for the weighted count of the small map, which needs no full-size mask)."""
+    much upsampling. Where the full-size mask is made anyway, its histogram gives the shares, cheaper than the
+    weighted count of the small map, which is for when no full-size mask is made."""
     if size[1] >= UPSAMPLE_FROM * label_map.shape[0]:
         return encode_upsampled_mask_png(label_map, size, palette), class_shares_of_upsampled(label_map, size, labels)
     mask = upsample_labels(label_map, size)

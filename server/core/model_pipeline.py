@@ -243,8 +243,9 @@ class ModelPipeline:
 
     async def close(self) -> None:
         """Stops its batcher and lets go of its runtime, then hands the freed memory back to the system: glibc
-        keeps what a runtime's arenas and graph freed for reuse, and without a trim the process stayed 31-51 MiB
-        above its size before the model until some later large free happened to trim it."""
+        keeps what a runtime's arenas and graph freed for reuse, and without a trim the process stayed tens of
+        MiB above its size before the model until some later large free happened to trim it (docs/operations.md,
+        'Several models')."""
         self.state = ModelState.UNAVAILABLE
         if self._batcher is not None:
             await self._batcher.close()

@@ -12,8 +12,8 @@ from PIL import Image
 from server.labels import Label, voc_palette
 
 VOC_PALETTE = bytes(voc_palette())
-# Label maps are long runs of one value, which run-length deflate suits: on a 12-megapixel mask it
-# was faster than level 1 (39 vs 53 ms) and its output a third the size (18 vs 65 KB).
+# Label maps are long runs of one value, which run-length deflate suits: on a large mask level 6 was both
+# faster than level 1 and smaller (docs/performance.md, 'Figures behind the code's comments').
 _PNG_LEVEL = 6
 _PNG_STRATEGY = zlib.Z_RLE
 
@@ -60,7 +60,8 @@ def class_shares_of_upsampled(
     """class_shares(upsample_labels(label_map, size)) without counting the full-size mask's pixels.
 
     Each small pixel stands for (rows that copy it) x (columns that copy it) full-size pixels, so a
-    weighted count of the small map is exact; for a 12-megapixel mask, ~2 ms instead of ~35-60 ms.
+    weighted count of the small map is exact, and far cheaper than counting a 12-megapixel mask
+    (docs/performance.md, 'Speed work: what was tried').
     """
     height, width = label_map.shape
     row_repeats = np.bincount(nearest_sources(size[1], height), minlength=height)

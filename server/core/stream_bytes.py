@@ -20,8 +20,9 @@ import asyncio
 from server.errors import Overloaded
 
 # Until a stream has made its first response, an image in progress counts this share of the stream's cap:
-# with requests counted at their own size, a stalled stream of 230 KB photos read its whole window of 16
-# before the first 1.7 MB overlay existed, and held 27 MB against a 16 MiB cap.
+# with requests counted at their own size, a stalled stream of small photos read its whole window before
+# the first (much larger) overlay existed, and held well over its cap (docs/operations.md, 'Where a
+# stalled stream's memory went').
 FIRST_GUESS_SHARE = 4
 
 

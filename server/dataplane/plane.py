@@ -222,11 +222,12 @@ class DataPlane:
     """One thread for every door's parsing, shared by the process's data planes (made on first use)."""
 
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
-        """`work(*args)` off the event loop, for a door's parsing of a big body: JSON of megabytes took 0.1 s
-        and more of the loop per body, and gRPC health waited meanwhile. One body at a time, on one thread:
-        json.loads holds the GIL for a whole body in one C call, so the loop (and gRPC's threads, which need the
-        GIL to hand it a call) can wait for that call to end; two parsed at once made them wait for both in
-        turn, and parsing is no faster on more threads while it holds the GIL."""
+        """`work(*args)` off the event loop, for a door's parsing of a big body: parsing JSON of megabytes held
+        the loop long enough that gRPC health waited meanwhile (docs/performance.md, 'Figures behind the code's
+        comments'). One body at a time, on one thread: json.loads holds the GIL for a whole body in one C call,
+        so the loop (and gRPC's threads, which need the GIL to hand it a call) can wait for that call to end; two
+        parsed at once made them wait for both in turn, and parsing is no faster on more threads while it holds
+        the GIL."""
         return await asyncio.get_running_loop().run_in_executor(self._parsing, work, *args)
 
     def segment_stream(

@@ -95,7 +95,8 @@ async def read_message(context: Context) -> Any:
 
     Requests are read with `context.read()`, never through gRPC's request iterator: in grpcio's aio
     server, an iterator left unfinished (a refused upload, a cancelled stream) keeps its call alive for
-    good, with what gRPC had received for it; refused uploads grew the server by about 100 KB each."""
+    good, with what gRPC had received for it, so every refused upload grew the server for good
+    (docs/operations.md, 'Where a stalled stream's memory went')."""
     try:
         message = await context.read()
     except DecodeError as exc:  # bytes that are no message of the call's type: the caller's error, said once

@@ -91,8 +91,9 @@ class ConnectionBounds:
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the two bounds uvicorn does not have. uvicorn (0.54) times out a connection
     only between requests (timeout_keep_alive) and answers 503 past limit_concurrency only to a request whose
-    head has arrived, so a caller that sends a head slowly, or never, holds its socket for good: 1100 such
-    sockets took every descriptor of a process whose limit was 1024, and gRPC stopped accepting.
+    head has arrived, so a caller that sends a head slowly, or never, holds its socket for good: enough such
+    sockets take every descriptor of the process, and gRPC stops accepting (docs/operations.md, 'Connections
+    and file descriptors').
 
     Done here, in the asyncio protocol, because this is the one place that sees a connection from its accept
     and sees h11's state: an ASGI middleware runs only once a head is complete, too late for both, and a
@@ -193,16 +194,16 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     # Naming the protocol matters: asyncio turns Nagle's algorithm off only on sockets whose proto is
     # IPPROTO_TCP, and a socket made with proto 0 passes that 0 on to every connection it accepts. With Nagle
-    # on, uvicorn's two writes of a response (head, then body) met the client's delayed ACK: every HTTP call
-    # took 40 ms longer than its work (a 640x480 photo: 142 ms against Segment's 99 ms at concurrency 1).
+    # on, uvicorn's two writes of a response (head, then body) met the client's delayed ACK, and every HTTP
+    # call waited for it (docs/performance.md, 'The HTTP door's 40 ms at concurrency 1').
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "[::]" takes IPv4 too, as gRPC's does
     sock.bind((address, port))
     # Listening at once claims the port now: with SO_REUSEADDR, two servers can both bind a port that no one
-    # listens on yet, and the second then failed at start-up, where it stopped the whole server (three
-    # replicas sharing a host network did, 1 run in 3).
+    # listens on yet, and the second then failed at start-up, where it stopped the whole server (replicas
+    # sharing a host network did: docs/scaling.md, 'Tested on one machine').
     sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock

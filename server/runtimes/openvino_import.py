@@ -3,7 +3,7 @@
 `import openvino` starts OpenVINO's telemetry (openvino_telemetry, through openvino.tools.ovc), which is on
 unless the user opted out, and sends events to Google Analytics from a forked child process. A server has
 no business reporting home; offline, that child lingers, and the server's exit waits for it (under an
-attached debugger it never came back: tests/system/test_reload.py saw the process killed after 6 s). The
+attached debugger it never came back, and tests/system/test_reload.py saw the process killed). The
 telemetry declines itself in CI environments (CI=true), its one switch that needs no file in the user's
 home, so the import runs with that set, and only the import.
 """

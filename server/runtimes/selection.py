@@ -39,7 +39,7 @@ MIN_AGREEMENT = 0.995
 """Share of pixels whose label must equal fp32's before a lower precision may serve."""
 TIMING_BUDGET_S = 4.0
 """Timed rounds stop once they have taken this long (after each candidate's untimed first calls). One round
-always runs: for a heavy model (a resnet50 at 512 px takes 1.3 s an image on 2 cores) one round is already
+always runs: for a heavy model (a resnet50 on a small CPU takes over a second an image) one round is already
 many seconds of steady compute, and a second would add as much again to the first start."""
 MAX_ROUNDS = 12
 
@@ -244,7 +244,7 @@ _DISTRIBUTIONS = {
 
 def library_version(name: str) -> str:
     """The installed version, read from the package's metadata: a warm start then never imports a runtime it
-    will not serve (importing openvino alone costs 0.2-0.4 s)."""
+    will not serve (importing openvino alone is a noticeable share of a warm start)."""
     for distribution in _DISTRIBUTIONS.get(name, (name,)):
         with contextlib.suppress(metadata.PackageNotFoundError):
             return metadata.version(distribution)
