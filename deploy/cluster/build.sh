@@ -65,8 +65,10 @@ mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/etc"
 # The same mirrors and suites the machine uses (deb822 or one-line sources), each also as deb-src.
 mirrors="$(grep -hoE 'https?://[^ ]+/debian(-security)?/?' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
   /etc/apt/sources.list.d/*.list 2>/dev/null | sed 's|/$||' | sort -u || true)"
-main_mirror="$(echo "$mirrors" | grep -E '/debian$' | head -1)"
-security_mirror="$(echo "$mirrors" | grep -E '/debian-security$' | head -1)"
+# sed -n 1p, not head -1: head exits at its first line, and under pipefail a writer it leaves behind dies of
+# SIGPIPE (exit 141), which set -e takes for a failure.
+main_mirror="$(echo "$mirrors" | grep -E '/debian$' | sed -n 1p || true)"
+security_mirror="$(echo "$mirrors" | grep -E '/debian-security$' | sed -n 1p || true)"
 main_mirror="${main_mirror:-http://deb.debian.org/debian}"
 security_mirror="${security_mirror:-http://deb.debian.org/debian-security}"
 {
@@ -174,7 +176,7 @@ cp "$x/usr/bin/etcd" "$x/usr/bin/kubectl" "$OUT.tmp/bin/"
 cp "$x"/usr/lib/cni/* "$OUT.tmp/cni/"
 rm -rf "$x"
 (cd "$OUT.tmp/bin" && ./kube-apiserver --version && ./kubelet --version && ./kubectl version --client --short \
-  && ./etcd --version | head -1) >&2
+  && ./etcd --version | sed -n 1p) >&2  # not head -1: etcd still writing when head exits is SIGPIPE, exit 141
 echo "built $(date -u +%FT%TZ) in $(($(date +%s) - started)) s from kubernetes $DEB_VERSION" >"$OUT.tmp/BUILD-INFO"
 mv "$OUT.tmp" "$OUT"
 touch "$OUT/.complete"
