@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.operations.metrics import METRICS_MAX_CONNECTIONS
 from tests.helpers.servers import ServerThread, make_settings
+from tests.helpers.sockets import closed_within
 
 HEADER_TIMEOUT_S = 1.0
 IDLE_SOCKETS = 300
@@ -48,23 +49,6 @@ def scrape(port: int, headers: dict[str, str] | None = None, scheme: str = "http
 
 def names(text: str) -> set[str]:
     return {family.name for family in text_string_to_metric_families(text)}
-
-
-def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
-    received = b""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(4096)
-        except TimeoutError:
-            return False, received
-        except ConnectionResetError:
-            return True, received
-        if not chunk:
-            return True, received
-        received += chunk
-    return False, received
 
 
 def test_idle_connections_take_no_thread_each(bounded: ServerThread) -> None:

@@ -24,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.helpers.servers import ServerThread, make_settings
+from tests.helpers.sockets import closed_within
 
 HEADER_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 40
@@ -44,24 +45,6 @@ def connect(port: int, sent: bytes = b"") -> socket.socket:
     if sent:
         sock.sendall(sent)
     return sock
-
-
-def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
-    """Whether the server closed `sock` within `seconds` (what it sent before, too)."""
-    received = b""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(4096)
-        except TimeoutError:
-            return False, received
-        except ConnectionResetError:
-            return True, received
-        if not chunk:
-            return True, received
-        received += chunk
-    return False, received
 
 
 def health_answers(target: str, timeout: float = 2.0) -> bool:
