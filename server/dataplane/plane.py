@@ -286,11 +286,16 @@ class DataPlane:
             resident_bytes=model.resident_bytes,
         )
 
+    def check_index_access(self, authorization: str | None) -> None:
+        """Refuses (UNAUTHENTICATED) the repository index to a caller without the control token while model
+        control is on; a door whose request has a body calls it before reading the body."""
+        if self._control_token is not None:
+            check_token(self._control_token, authorization)
+
     def index(self, ready_only: bool = False, authorization: str | None = None) -> list[IndexEntry]:
         """The repository index (Triton's model-repository group): while model control is on, for callers with
         the control token only. Reasons as a caller may read them (no server paths)."""
-        if self._control_token is not None:
-            check_token(self._control_token, authorization)
+        self.check_index_access(authorization)
         return [replace(e, reason=without_server_paths(e.reason)) for e in self._inference.index(ready_only)]
 
     def model_ready(self, name: str, version: str = "") -> bool:

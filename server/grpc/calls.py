@@ -60,6 +60,12 @@ async def guarded(context: Context, call: Awaitable[T]) -> T:
     raise AssertionError("unreachable: abort raises")
 
 
+async def at_once(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)`, a call that answers at once (a data-plane lookup), as an awaitable for `guarded`, which
+    answers its refusals with their status."""
+    return function(*args)
+
+
 async def guarded_stream(
     context: Context, open_stream: Callable[[], AsyncGenerator[T, None]]
 ) -> AsyncGenerator[T, None]:

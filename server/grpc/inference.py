@@ -4,21 +4,19 @@ in server.grpc.calls."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from server.dataplane import DataPlane
 from server.errors import NotServed, SegservError
 from server.grpc import inference_converters as converters
-from server.grpc.calls import authorization, call_deadline, guarded, guarded_stream, read_message
+from server.grpc.calls import at_once, authorization, call_deadline, guarded, guarded_stream, read_message
 from server.grpc.interceptor import Context
 from server.inference import protocol as inference
 from server.inference.protocol import InferResponse
 from server.operations.tracing import trace_settings
-
-T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _NOT_SERVED = {
@@ -43,7 +41,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.plane.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        ready = await guarded(context, self._call(self.plane.model_ready, request.name, request.version))
+        ready = await guarded(context, at_once(self.plane.model_ready, request.name, request.version))
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
@@ -52,19 +50,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        model = await guarded(context, self._call(self.plane.describe, request.name, request.version))
+        model = await guarded(context, at_once(self.plane.describe, request.name, request.version))
         return converters.metadata_to_proto(model)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        model = await guarded(context, self._call(self.plane.describe, request.name, request.version))
+        model = await guarded(context, at_once(self.plane.describe, request.name, request.version))
         return pb.ModelConfigResponse(config=converters.config_to_proto(model))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
-        reports = await guarded(context, self._call(self.plane.statistics, request.name, request.version))
+        reports = await guarded(context, at_once(self.plane.statistics, request.name, request.version))
         return pb.ModelStatisticsResponse(model_stats=[converters.statistics_to_proto(r) for r in reports])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
-        index = await guarded(context, self._call(self.plane.index, request.ready, authorization(context)))
+        index = await guarded(context, at_once(self.plane.index, request.ready, authorization(context)))
         return converters.index_to_proto(index)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
@@ -138,7 +136,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Triton's trace settings mapped onto OpenTelemetry (server/operations/tracing.py): a setting with no
         values goes back to its value at start-up; an empty request reads them."""
         update = {key: list(setting.value) for key, setting in request.settings.items()}
-        settings = await guarded(context, _trace_settings(update, request.model_name))
+        settings = await guarded(context, at_once(trace_settings, update, request.model_name))
         return pb.TraceSettingResponse(
             settings={key: pb.TraceSettingResponse.SettingValue(value=values) for key, values in settings.items()}
         )
@@ -148,19 +146,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- helpers --------------------------------------------------------------------------
 
-    @staticmethod
-    async def _call(function: Callable[..., T], *args: Any) -> T:
-        """A data-plane call that answers at once, as an awaitable for `guarded`."""
-        return function(*args)
-
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> InferResponse:
         return await self.plane.infer(converters.request_from_proto(request), deadline)
 
 
 def _client_certified(context: Context) -> bool:
     return bool(context.auth_context().get("x509_pem_cert"))
-
-
-async def _trace_settings(update: dict[str, list[str]], model: str) -> dict[str, list[str]]:
-    """trace_settings as an awaitable for `guarded`, which answers its refusals with their status."""
-    return trace_settings(update, model)

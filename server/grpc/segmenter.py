@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-from server.dataplane import DataPlane, ModelInfo, UploadChunk
+from server.dataplane import DataPlane, UploadChunk
 from server.grpc import segmenter_converters as converters
-from server.grpc.calls import call_deadline, guarded, guarded_stream, read_message
+from server.grpc.calls import at_once, call_deadline, guarded, guarded_stream, read_message
 from server.grpc.interceptor import Context
 
 
@@ -44,10 +44,7 @@ class SegmenterServicer(pb_grpc.SegmenterServicer):
             yield answer
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
-        return converters.model_info_to_proto(await guarded(context, self._model_info(request.model)))
+        return converters.model_info_to_proto(await guarded(context, at_once(self.plane.model_info, request.model)))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return converters.model_entries_to_proto(self.plane.list_models())
-
-    async def _model_info(self, name: str) -> ModelInfo:
-        return self.plane.model_info(name)

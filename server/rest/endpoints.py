@@ -54,7 +54,7 @@ class Endpoints:
         return JSONResponse({"model_stats": self.plane.statistics(name, version)})
 
     async def repository_index(self, request: Request) -> Response:
-        self.plane.index(False, request.headers.get("authorization"))  # the token, before reading the body
+        self.plane.check_index_access(request.headers.get("authorization"))  # before reading the body
         body = await read_body(self.plane, request, INDEX_BODY_LIMIT, "a repository index request")
         parsed = converters.parse_json(body) if body else {}
         ready_only = isinstance(parsed, dict) and parsed.get("ready") is True
