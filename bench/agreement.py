@@ -2,7 +2,8 @@
 
 `python -m bench.agreement` prints one JSON object per runtime variant. Random weights (what the speed runs
 use) paint one class everywhere, so agreement is measured on the known-answer test model
-(tests/helpers/known_model.py: trained once, cached) over rendered scenes at the size it was trained for. On a CUDA
+(tests/helpers/known_model.py: trained once, cached) over rendered scenes at the size it was trained for,
+and each variant goes through auto's agreement check (the 28 check images, each judged). On a CUDA
 machine torch on the GPU is compared too: fp32, fp16, bf16 (bound 99%; the graph runtimes' is 99.9%) and
 fp32 with CUDA graphs captured per shape (SEGSERVE_CAPTURE). These GPU rows are the only check of those
 paths: CI has no GPU, and a test that skips there would be a gap nobody sees.
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 
 from server.runtimes.base import Runtime
+from server.runtimes.calibration import check_images
 from server.runtimes.factory import create_runtime, importable
+from server.runtimes.selection import Candidate, Trial, can_judge, check
 from server.settings import Settings
 
 MAX_SIZE = 128
@@ -70,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = str(known_weights())
     images = scenes(args.scenes)
+    named = check_images(MAX_SIZE)
+    check_set = [image for _, image in named]
     reference: list[np.ndarray] | None = None
+    check_reference: list[np.ndarray] = []
     with tempfile.TemporaryDirectory(prefix="segserve-agreement-") as cache:
         for variant in variants():
             settings = Settings(
@@ -83,13 +89,24 @@ def main(argv: list[str] | None = None) -> int:
             runtime = create_runtime(settings)
             _labels(runtime, images[:3])  # captured graphs record on their first calls of each shape
             labels = _labels(runtime, images)
+            checked = _labels(runtime, check_set)
             if reference is None:
-                reference = labels
+                reference, check_reference = labels, checked
             agreement = float(np.mean([(a == b).mean() for a, b in zip(labels, reference, strict=True)]))
+            trial = Trial(Candidate(variant["runtime"], variant["precision"]))
+            judged = can_judge(check_reference)
+            check(trial, checked, check_reference, [name for name, _ in named], judged=judged)
             row: dict[str, Any] = {
                 **variant,
                 "description": runtime.description,
                 "agreement_with_torch_fp32": agreement,
+                # auto's own check (server/runtimes/selection.py) of this variant against torch fp32
+                "check": {
+                    "agreement": trial.agreement,
+                    "least": trial.least,
+                    "judged": judged,
+                    "problem": trial.problem,
+                },
             }
             sys.stdout.write(json.dumps(row) + "\n")
             sys.stdout.flush()

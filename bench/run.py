@@ -10,7 +10,10 @@
 3. The same server with batching off (SEGSERVE_MAX_BATCH_SIZE=1), same sweep.
 4. At concurrency 8 only: SEGSERVE_RUNTIME=torch; SEGSERVE_PRECISION=fp32 (auto's runtime, fp32); and
    onnxruntime fp32 named (the server before auto measured), for the targets' ratios.
-5. Pixel agreement of each runtime with torch (bench.agreement, on the known-answer test model).
+5. Pixel agreement of each runtime with torch (bench.agreement, on the known-answer test model), and auto's
+   agreement check's verdict on each.
+6. openvino int8 against bf16 and fp32, the model alone, interleaved (bench.precisions), with int8's
+   quantization time at a first start.
 
 Durations come from flags or BENCH_* environment variables; BENCH_SMOKE=1 (or --smoke) is a run of
 well under a minute that checks the machinery, not the numbers.
@@ -374,6 +377,9 @@ def run(args: argparse.Namespace) -> Path:
             rows = _json_lines(inprocess_command(images, args, variant), env, timeout=3600)
             runtimes.append({**variant, "default": False, "rows": rows})
         agreement = _json_lines([sys.executable, "-m", "bench.agreement"], env, timeout=3600)
+        precisions = _json_lines(
+            [sys.executable, "-m", "bench.precisions", "--rounds", "1" if args.smoke else "5"], env, timeout=3600
+        )
     result: dict[str, Any] = {
         "date": date,
         "machine": machine,
@@ -397,6 +403,7 @@ def run(args: argparse.Namespace) -> Path:
         "served_onnxruntime_fp32": served_onnxruntime_fp32,
         "runtimes": runtimes,
         "agreement": agreement,
+        "precisions": precisions[0] if precisions else None,
     }
     out = (
         Path(args.out) if args.out else RESULTS / f"{date}-{device_slug(machine)}{'-smoke' if args.smoke else ''}.json"

@@ -51,3 +51,9 @@ def native_bf16() -> bool:
     those units OpenVINO ignores a bf16 hint and compiles f32 (checked on a Zen 2 EPYC), so bf16 would
     only be fp32 measured twice."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def native_int8() -> bool:
+    """int8 dot products in hardware: AMX or VNNI (AVX-512 or AVX), the units OpenVINO's int8 kernels use.
+    Without them int8 runs slower than fp32 (measured on a Zen 2 EPYC, docs/performance.md)."""
+    return bool({"amx_int8", "avx512_vnni", "avx_vnni"} & cpu_flags())

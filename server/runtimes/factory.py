@@ -48,6 +48,7 @@ def plan(settings: Settings, device: torch.device) -> list[selection.Candidate]:
         device,
         installed=selection.installed,
         native_bf16=cpu_features.native_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported(),
+        native_int8=device.type == "cpu" and cpu_features.native_int8(),
     )
 
 
@@ -58,7 +59,7 @@ def facts_of(settings: Settings, loaded: LoadedModel, labels: tuple[Label, ...] 
 def graph_key(
     settings: Settings, loaded: LoadedModel, weights_sha256: str, runtime: str, precision: str
 ) -> dict[str, str]:
-    from server.runtimes import graph_export, int8
+    from server.runtimes import calibration, graph_export, int8
 
     key = {
         "model": settings.model,
@@ -73,7 +74,13 @@ def graph_key(
         "precision": precision,
     }
     if precision == "int8":
-        key |= {"int8_code_sha256": source_sha256(int8.__file__), "calibration_size": str(settings.max_size)}
+        key |= {
+            "int8_code_sha256": source_sha256(int8.__file__),
+            "calibration_code_sha256": source_sha256(calibration.__file__),
+            "calibration_size": str(settings.max_size),
+        }
+        if runtime == "openvino":
+            key["nncf"] = selection.library_version("nncf")
     return key
 
 
@@ -81,8 +88,8 @@ def exported_graph(
     settings: Settings, loaded: LoadedModel, runtime: str, precision: str, weights_sha256: str, *, rebuild: bool = False
 ) -> Path:
     """The cached graph for these weights and this runtime, exported (and quantized) when not cached."""
+    from server.runtimes import int8
     from server.runtimes.graph_export import export_onnx
-    from server.runtimes.int8 import quantize_int8
 
     root = resolve_cache_root(settings.cache_dir)
     fp32_key = graph_key(settings, loaded, weights_sha256, runtime, "fp32")
@@ -97,10 +104,15 @@ def exported_graph(
     int8_key = graph_key(settings, loaded, weights_sha256, runtime, "int8")
 
     def quantize(out: Path) -> None:
-        progress.report(f"quantizing the {runtime} graph to int8 (not cached yet)")
-        quantize_int8(fp32, out, settings.max_size)
+        progress.report(f"quantizing the {runtime} graph to int8 (not cached yet; tens of seconds)")
+        if runtime == "openvino":
+            int8.quantize_openvino(fp32, out, settings.max_size)
+        else:
+            int8.quantize_onnxruntime(fp32, out, settings.max_size)
 
-    return cached_file(root, f"{settings.model}-int8", ".onnx", int8_key, quantize, rebuild=rebuild)
+    # openvino's is its own IR (int8.read_packed), not an ONNX graph
+    suffix = int8.PACKED_SUFFIX if runtime == "openvino" else ".onnx"
+    return cached_file(root, f"{settings.model}-int8", suffix, int8_key, quantize, rebuild=rebuild)
 
 
 def _graph_runtime(

@@ -14,11 +14,13 @@ with telemetry_declined():
 
 from server.errors import ModelLoadError
 from server.runtimes.base import InstancePool, ModelFacts
+from server.runtimes.int8 import PACKED_SUFFIX, read_packed
 from server.runtimes.onnxruntime_runtime import cpu_threads, threads_per_instance
 
-# int8: the QDQ graph ONNX Runtime's quantizer wrote; OpenVINO runs its quantized operations in int8 and
-# the rest in f32.
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# int8: NNCF's quantized model (server/runtimes/int8.py); its quantized operations run in int8 and the rest
+# in bf16 where the CPU computes bf16 natively (elsewhere OpenVINO takes the bf16 hint as f32): an f32 hint
+# puts f32 reorders between the int8 kernels, and int8 then no longer pays (docs/performance.md).
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
 
 
 def compiled_precision(compiled: ov.CompiledModel) -> str:
@@ -50,12 +52,15 @@ class OpenVinoRuntime:
             # which precision serves is auto's decision (checked against fp32), not the library's.
             "INFERENCE_PRECISION_HINT": HINTS[precision],
         }
-        self.compiled = core.compile_model(str(graph), "CPU", config)
+        model = read_packed(core, graph) if graph.suffix == PACKED_SUFFIX else str(graph)
+        self.compiled = core.compile_model(model, "CPU", config)
         self.engines = InstancePool(self.compiled.create_infer_request() for _ in range(instances))
         # A CPU without bf16 units ignores the bf16 hint and compiles f32: say what runs, not what was asked.
         if precision == "bf16" and compiled_precision(self.compiled) != "bf16":
             self.precision = "fp32"
             precision = "bf16 asked, f32 runs: no bf16 units"
+        elif precision == "int8":
+            precision = f"int8, the rest in {compiled_precision(self.compiled)}"
         streams = f", {instances} instances" if instances > 1 else ""
         self.description = f"openvino {ov.get_version().split('-')[0]} (CPU, {precision}, {threads} threads{streams})"
 

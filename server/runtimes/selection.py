@@ -1,13 +1,18 @@
 """auto, decided by measurement: which runtime and precision serve, on this machine, with these weights.
 
 The candidates are every installed runtime at every precision auto allows here (fp32 always; bf16 where
-the CPU computes it natively; fp16 and bf16 on CUDA). Each is built, warmed and timed on the warm-up
-shapes, in interleaved rounds within a fixed budget (so a machine that slows down mid-way does not favour
-one side), and its figure is its fastest round: a load at run time times while requests are served (on the
-load worker, at a lower priority), and what they take only ever adds to a round, most to the rounds they
-happen to share. A lower precision serves only if its labels agree with fp32's on the calibration images by
-MIN_AGREEMENT or more. The fastest candidate left wins; the log shows the table. The verdict is cached in
-the graph cache, keyed by everything that could change it, so a warm start builds only the winner.
+the CPU computes it natively; openvino int8 where it has int8 units; fp16 and bf16 on CUDA). Each is built,
+warmed and timed on the warm-up shapes, in interleaved rounds within a fixed budget (so a machine that
+slows down mid-way does not favour one side), and its figure is its fastest round: a load at run time times
+while requests are served (on the load worker, at a lower priority), and what they take only ever adds to a
+round, most to the rounds they happen to share.
+
+A lower precision serves only if its labels agree with fp32's on the check images
+(server/runtimes/calibration.py): MIN_AGREEMENT of all their pixels, and MIN_IMAGE_AGREEMENT of each
+image's, so that one image flipped wholesale is enough to refuse it. Where fp32's masks are one class
+everywhere (random weights) nothing can be judged: the log and ModelInfo say so, and int8 is not tried.
+The fastest candidate left wins; the log shows the table. The verdict is cached in the graph cache, keyed
+by everything that could change it, so a warm start builds only the winner.
 """
 
 from __future__ import annotations
@@ -28,23 +33,34 @@ import numpy as np
 import torch
 
 from server.errors import ModelLoadError
-from server.runtimes import cpu_features, progress
+from server.runtimes import calibration, cpu_features, progress
 from server.runtimes.base import Runtime
-from server.runtimes.calibration import agreement_images
+from server.runtimes.calibration import check_images
 from server.runtimes.export_cache import source_sha256
 
 log = logging.getLogger(__name__)
 
 MIN_AGREEMENT = 0.995
-"""Share of pixels whose label must equal fp32's before a lower precision may serve."""
+"""Share of pixels, over all check images, whose label must equal fp32's before a lower precision may serve."""
+MIN_IMAGE_AGREEMENT = 0.95
+"""The same share on each check image alone: a precision that flips one image's mask wholesale (a dark photo
+painted background) is refused, however well the others agree."""
+MIN_JUDGED_SHARE = 0.001
+"""The check can judge only weights whose fp32 masks depend on the image: when all but this share of the
+check pixels are one class (untrained or random weights paint one class everywhere), every precision
+'agrees' and the figure means nothing."""
+JUDGED_ONLY = ("int8",)
+"""Lower precisions auto serves only when the check could judge them (bf16 and fp16 round the same
+computation; int8 computes another one)."""
 TIMING_BUDGET_S = 4.0
 """Timed rounds stop once they have taken this long (after each candidate's untimed first calls). One round
 always runs: for a heavy model (a resnet50 on a small CPU takes over a second an image) one round is already
 many seconds of steady compute, and a second would add as much again to the first start."""
 MAX_ROUNDS = 12
 
-# What each runtime offers on each device type. int8 is opt-in only: it never beat fp32 on the CPUs
-# measured so far, and its masks differ most (docs/performance.md).
+# What each runtime offers on each device type. auto tries int8 only with openvino (NNCF's graph), and only
+# where the CPU has int8 units (AMX or VNNI): ONNX Runtime's QDQ graph never beat bf16 on any CPU measured,
+# and without those units int8 is slower than fp32 (docs/performance.md).
 OFFERED = {
     ("cpu", "onnxruntime"): ("fp32", "int8"),
     ("cpu", "openvino"): ("fp32", "bf16", "int8"),
@@ -52,6 +68,7 @@ OFFERED = {
     ("cuda", "onnxruntime"): ("fp32",),
     ("cuda", "torch"): ("fp32", "fp16", "bf16"),
 }
+AUTO_INT8 = ("openvino",)
 CPU_RUNTIMES = ("onnxruntime", "openvino", "torch")
 """auto's candidates on the CPU, in the order ties go."""
 
@@ -70,7 +87,11 @@ class Trial:
     candidate: Candidate
     ms_per_image: float | None = None
     agreement: float | None = None
-    """Pixel agreement of the labels with fp32's on the calibration images; None for fp32 itself."""
+    """Pixel agreement of the labels with fp32's over the check images; None for fp32, or when not checked."""
+    least: str | None = None
+    """The check image it agreed least on, with that image's share ("coffee, near-black 3.1%")."""
+    judged: bool = True
+    """False when fp32's masks were one class everywhere, so that agreement could not tell anything."""
     problem: str | None = None
     """Why this candidate may not serve (it failed to build, or disagreed); None if it may."""
 
@@ -92,14 +113,29 @@ class Choice:
         if not self.measured:
             return ""
         trial = self.trial
-        agreement = f", {trial.agreement:.2%} pixel agreement with fp32" if trial and trial.agreement else ""
+        if trial is None or trial.candidate.precision == "fp32":
+            agreement = ""
+        elif not trial.judged:
+            agreement = f", agreement with fp32 not judged: {NOT_JUDGED}"
+        elif trial.agreement is not None:
+            agreement = (
+                f", {trial.agreement:.2%} pixel agreement with fp32 over the check images (least: {trial.least})"
+            )
+        else:
+            agreement = ""
         return f"; auto: fastest of {len(self.trials)} measured{agreement}"
 
 
-def auto_precisions(device: torch.device, native_bf16: bool) -> tuple[str, ...]:
-    """`native_bf16`: the device computes bf16 in hardware (elsewhere OpenVINO runs f32 for it anyway)."""
+NOT_JUDGED = "fp32's masks are one class on every check image (untrained weights?)"
+
+
+def auto_precisions(device: torch.device, native_bf16: bool, native_int8: bool = False) -> tuple[str, ...]:
+    """`native_bf16`: the device computes bf16 in hardware (elsewhere OpenVINO runs f32 for it anyway);
+    `native_int8`: it has int8 dot-product units (AMX, VNNI)."""
     bf16 = ("bf16",) if native_bf16 else ()
-    return ("fp32", "fp16", *bf16) if device.type == "cuda" else ("fp32", *bf16)
+    if device.type == "cuda":
+        return ("fp32", "fp16", *bf16)
+    return ("fp32", *bf16, *(("int8",) if native_int8 else ()))
 
 
 def candidates(
@@ -109,6 +145,7 @@ def candidates(
     *,
     installed: Callable[[str], bool],
     native_bf16: bool,
+    native_int8: bool = False,
 ) -> list[Candidate]:
     """The (runtime, precision) pairs auto compares; a single one when both are named."""
     kind = "cuda" if device.type == "cuda" else "cpu"
@@ -118,12 +155,13 @@ def candidates(
         runtimes = ("torch",)  # until a GPU run measures the graph runtimes there
     else:
         runtimes = tuple(r for r in CPU_RUNTIMES if r == "torch" or installed(r))
-    wanted = auto_precisions(device, native_bf16) if precision == "auto" else (precision,)
+    wanted = auto_precisions(device, native_bf16, native_int8) if precision == "auto" else (precision,)
     found = [
         Candidate(r, p)
         for r in runtimes
         for p in wanted
-        if p in OFFERED.get((kind, r), ()) or (runtime != "auto" and precision != "auto")
+        if (p in OFFERED.get((kind, r), ()) and (p != "int8" or precision == "int8" or r in AUTO_INT8))
+        or (runtime != "auto" and precision != "auto")
     ]
     if not found:
         offering = sorted(r for (k, r), offered in OFFERED.items() if k == kind and precision in offered)
@@ -153,8 +191,47 @@ def agreement(labels: list[np.ndarray], reference: list[np.ndarray]) -> float:
     return same / sum(a.size for a in reference)
 
 
+def can_judge(reference: list[np.ndarray]) -> bool:
+    """Whether fp32's labels depend on the image at all (MIN_JUDGED_SHARE)."""
+    counts = np.bincount(np.concatenate([labels.ravel() for labels in reference]), minlength=1)
+    return bool(counts.sum() - counts.max() >= MIN_JUDGED_SHARE * counts.sum())
+
+
+def check(
+    trial: Trial, labels: list[np.ndarray], reference: list[np.ndarray], names: list[str], *, judged: bool
+) -> None:
+    """Fills in the trial's agreement and, when it may not serve, its problem: pooled over the check images
+    and on each one (MIN_AGREEMENT, MIN_IMAGE_AGREEMENT). `judged` False: fp32's masks cannot judge (the
+    trial says so), which lets nothing through that would otherwise be refused."""
+    per_image = [agreement([a], [b]) for a, b in zip(labels, reference, strict=True)]
+    least = int(np.argmin(per_image))
+    trial.agreement = agreement(labels, reference)
+    trial.least = f"{names[least]} {per_image[least]:.1%}"
+    trial.judged = judged
+    # Where fp32's masks cannot judge, agreement proves nothing, but disagreement still shows a precision
+    # that computes something else: it is refused all the same.
+    if trial.agreement < MIN_AGREEMENT:
+        trial.problem = f"agrees with fp32 on {trial.agreement:.2%} of pixels, under {MIN_AGREEMENT:.1%}"
+    elif per_image[least] < MIN_IMAGE_AGREEMENT:
+        trial.problem = (
+            f"flips the mask of check image '{names[least]}' (agrees with fp32 on {per_image[least]:.1%} "
+            f"of its pixels, under {MIN_IMAGE_AGREEMENT:.0%})"
+        )
+
+
 def _labels(runtime: Runtime, images: list[np.ndarray]) -> list[np.ndarray]:
     return [runtime.predict([image])[0] for image in images]
+
+
+def _build(
+    candidate: Candidate, build: Callable[[Candidate], Runtime], trial: Trial, number: int, total: int
+) -> Runtime | None:
+    progress.report(f"measuring runtimes: building {candidate} ({number} of {total})")
+    try:
+        return build(candidate)
+    except Exception as exc:
+        trial.problem = f"failed to start: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        return None
 
 
 def measure(
@@ -166,30 +243,40 @@ def measure(
     budget_s: float = TIMING_BUDGET_S,
 ) -> tuple[list[Trial], dict[Candidate, Runtime]]:
     """Builds each candidate, checks lower precisions against fp32, times the rest; returns the trials and
-    the runtimes built (the caller keeps the winner)."""
+    the runtimes built (the caller keeps the winner). fp32 is built first: a lower precision that needs a
+    judged check (JUDGED_ONLY) is not even built where fp32's masks cannot judge it (int8 spends tens of
+    seconds quantizing)."""
     trials = {c: Trial(c) for c in found}
     built: dict[Candidate, Runtime] = {}
-    for number, candidate in enumerate(found, start=1):
-        progress.report(f"measuring runtimes: building {candidate} ({number} of {len(found)})")
-        try:
-            built[candidate] = build(candidate)
-        except Exception as exc:
-            trials[candidate].problem = f"failed to start: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-    reference_candidate = next((c for c in found if c.precision == "fp32" and c in built), None)
-    lower = [c for c in built if c.precision != "fp32"]
-    if lower and reference_candidate is None and any(c.precision == "fp32" for c in found):
-        for candidate in lower:  # auto offered fp32 too, but none started: nothing to check against
-            trials[candidate].problem = "not checked against fp32: no fp32 candidate started"
-            del built[candidate]
-    elif lower and reference_candidate is not None:
-        images = agreement_images(max_size)
-        reference = _labels(built[reference_candidate], images)
-        for candidate in lower:
-            share = agreement(_labels(built[candidate], images), reference)
-            trials[candidate].agreement = share
-            if share < MIN_AGREEMENT:
-                trials[candidate].problem = f"agrees with fp32 on {share:.2%} of pixels, under {MIN_AGREEMENT:.1%}"
-                del built[candidate]
+    order = sorted(found, key=lambda c: c.precision != "fp32")  # stable: fp32 first, else as found
+    reference: list[np.ndarray] | None = None
+    judged = True
+    named = check_images(max_size) if any(c.precision != "fp32" for c in found) else []
+    for number, candidate in enumerate(order, start=1):
+        trial = trials[candidate]
+        if candidate.precision != "fp32" and any(c.precision == "fp32" for c in found):
+            if reference is None:  # auto offered fp32 too, but none started: nothing to check against
+                trial.problem = "not checked against fp32: no fp32 candidate started"
+                continue
+            if not judged and candidate.precision in JUDGED_ONLY:
+                trial.problem = f"not tried: {NOT_JUDGED}, so its agreement with fp32 could not be judged"
+                continue
+        runtime = _build(candidate, build, trial, number, len(order))
+        if runtime is None:
+            continue
+        if candidate.precision == "fp32" and reference is None and named:
+            reference = _labels(runtime, [image for _, image in named])
+            judged = can_judge(reference)
+            if not judged:
+                log.warning("auto: agreement with fp32 cannot be judged: %s", NOT_JUDGED)
+        elif candidate.precision != "fp32" and reference is not None:
+            check(
+                trial, _labels(runtime, [image for _, image in named]), reference, [n for n, _ in named], judged=judged
+            )
+            if trial.problem is not None:
+                log.warning("auto: %s not served: %s", candidate, trial.problem)
+                continue
+        built[candidate] = runtime
     progress.report(f"measuring runtimes: timing {len(built)} candidates")
     images = timing_images(max_size)
     for runtime in built.values():
@@ -224,7 +311,9 @@ def table(trials: list[Trial], chosen: Candidate) -> str:
     rows = []
     for t in trials:
         speed = f"{t.ms_per_image:7.1f} ms/image" if t.ms_per_image is not None else "       -        "
-        agreed = f"  agreement {t.agreement:.2%}" if t.agreement is not None else ""
+        agreed = ""
+        if t.agreement is not None:
+            agreed = f"  agreement {t.agreement:.2%}, least {t.least}" + ("" if t.judged else " (not judged)")
         verdict = "  <- serving" if t.candidate == chosen else (f"  not served: {t.problem}" if t.problem else "")
         rows.append(f"  {t.candidate!s:<18} {speed}{agreed}{verdict}")
     return "\n".join(rows)
@@ -270,12 +359,13 @@ def cache_key(
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "selection_code_sha256": source_sha256(__file__),
+        "check_images_code_sha256": source_sha256(calibration.__file__),
         "cpu": cpu_features.cpu_model(),
         "cpu_flags_sha256": cpu_features.flags_digest(),
         "device": device_name,
         "threads": str(threads),
         "instances": str(instances),
-        "versions": " ".join(f"{n} {library_version(n)}" for n in ("torch", "onnxruntime", "openvino")),
+        "versions": " ".join(f"{n} {library_version(n)}" for n in ("torch", "onnxruntime", "openvino", "nncf")),
         "model": model,
         "weights_sha256": weights_sha256,
         "max_size": str(max_size),
@@ -293,10 +383,7 @@ def read_cached(root: Path, key: dict[str, str]) -> Choice | None:
         record = json.loads(_cache_path(root, key).read_text())
         if record["key"] != key:
             return None
-        trials = [
-            Trial(Candidate(**t["candidate"]), t["ms_per_image"], t["agreement"], t["problem"])
-            for t in record["trials"]
-        ]
+        trials = [Trial(**{**t, "candidate": Candidate(**t["candidate"])}) for t in record["trials"]]
         return Choice(Candidate(**record["chosen"]), trials, measured=True, cached=True)
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from server.errors import ModelLoadError
-from server.runtimes import cpu_features, factory, selection
+from server.runtimes import cpu_features, factory
 from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
+from server.runtimes.int8 import read_packed
 from server.runtimes.openvino_runtime import OpenVinoRuntime, compiled_precision, ov
 from tests.helpers.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, random_shapes, render_scene
 from tests.helpers.servers import known_settings, make_settings
@@ -225,18 +226,33 @@ def test_openvino_compiled_precision_reads_the_type_not_its_repr() -> None:
     assert compiled_precision(Compiled(ov.Type.f32)) == "f32"  # type: ignore[arg-type]
 
 
-def test_int8_is_opt_in_and_still_segments(known_weights: Path, tmp_path: Path) -> None:
-    assert "int8" not in selection.auto_precisions(CPU, native_bf16=True)
-    assert "int8" not in selection.auto_precisions(torch.device("cuda"), native_bf16=True)
-    runtime = create_runtime(known_settings(known_weights, precision="int8", cache_dir=str(tmp_path)))
-    assert "int8" in runtime.description and runtime.description.startswith("onnxruntime")
-    import onnx
+@pytest.mark.parametrize("name", GRAPH_RUNTIMES)
+def test_int8_asked_for_is_a_quantized_model_that_still_segments(
+    known_weights: Path, tmp_path: Path, name: str
+) -> None:
+    """Each runtime's own int8: ONNX Runtime's QDQ graph; OpenVINO's NNCF model, its convolutions fed by
+    FakeQuantize operations, cached as one packed file and loaded back from it."""
+    runtime = create_runtime(known_settings(known_weights, runtime=name, precision="int8", cache_dir=str(tmp_path)))
+    assert runtime.precision == "int8" and runtime.description.startswith(name) and "int8" in runtime.description
+    if isinstance(runtime, OpenVinoRuntime):
+        packed = list(tmp_path.glob("*-int8-*.ovpack"))
+        assert len(packed) == 1, "the quantized model is cached"
+        assert "FakeQuantize" in {op.get_type_name() for op in read_packed(ov.Core(), packed[0]).get_ordered_ops()}
+        assert "the rest in" in runtime.description
+        if cpu_features.native_int8():  # where the CPU has int8 units, every convolution runs in int8 (depthwise too)
+            kernels = [op.get_rt_info() for op in runtime.compiled.get_runtime_model().get_ordered_ops()]
+            convolutions = [
+                k["runtimePrecision"].astype(str) for k in kernels if k["layerType"].astype(str) == "Convolution"
+            ]
+            assert convolutions and set(convolutions) <= {"i8", "u8"}, sorted(set(convolutions))
+    else:
+        import onnx
 
-    from server.runtimes.onnxruntime_runtime import OnnxRuntimeRuntime
+        from server.runtimes.onnxruntime_runtime import OnnxRuntimeRuntime
 
-    assert isinstance(runtime, OnnxRuntimeRuntime)
-    ops = {node.op_type for node in onnx.load(str(runtime.graph)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops, "the graph served is not quantized"
+        assert isinstance(runtime, OnnxRuntimeRuntime)
+        ops = {node.op_type for node in onnx.load(str(runtime.graph)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, "the graph served is not quantized"
     image, truth = render_scene(128, 96, [Shape("green", "disc", 0.35, 0.5, 0.25), Shape("red", "box", 0.7, 0.5, 0.2)])
     (labels,) = runtime.predict([image])
     scores = [iou(labels, truth, CLASS_OF[colour]) for colour in ("green", "red")]

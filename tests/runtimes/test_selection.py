@@ -16,10 +16,12 @@ import torch
 from server.errors import ModelLoadError
 from server.runtimes import cpu_features, factory, selection
 from server.runtimes.base import ModelFacts, Runtime
+from server.runtimes.calibration import check_images
 from server.runtimes.factory import create_runtime
 from server.runtimes.selection import Candidate
+from server.runtimes.weights import load_model, weights_fingerprint, without_aux_head
 from tests.helpers.known_model import random_shapes, render_scene
-from tests.helpers.servers import known_settings, make_settings
+from tests.helpers.servers import KNOWN_MAX_SIZE, known_settings, make_settings
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -44,15 +46,19 @@ def test_on_a_cpu_without_native_bf16_auto_compares_every_installed_runtime_at_f
     assert names(missing) == ["onnxruntime fp32", "torch fp32"]
 
 
-def test_native_bf16_adds_openvino_bf16_and_int8_is_never_auto() -> None:
+def test_native_bf16_adds_openvino_bf16_and_int8_units_add_openvino_int8_only() -> None:
     found = selection.candidates("auto", "auto", CPU, installed=everything_installed, native_bf16=True)
     assert names(found) == ["onnxruntime fp32", "openvino fp32", "openvino bf16", "torch fp32"]
     named = selection.candidates("openvino", "auto", CPU, installed=everything_installed, native_bf16=True)
     assert names(named) == ["openvino fp32", "openvino bf16"]
+    amx = selection.candidates("auto", "auto", CPU, installed=everything_installed, native_bf16=True, native_int8=True)
+    assert names(amx) == ["onnxruntime fp32", "openvino fp32", "openvino bf16", "openvino int8", "torch fp32"]
     int8 = selection.candidates("auto", "int8", CPU, installed=everything_installed, native_bf16=True)
-    assert names(int8) == ["onnxruntime int8", "openvino int8"]
+    assert names(int8) == ["onnxruntime int8", "openvino int8"], "int8 asked for: every runtime that offers it"
     pinned = selection.candidates("auto", "fp32", CPU, installed=everything_installed, native_bf16=True)
     assert names(pinned) == ["onnxruntime fp32", "openvino fp32", "torch fp32"]
+    cuda = selection.auto_precisions(CUDA, native_bf16=True, native_int8=True)
+    assert "int8" not in cuda
 
 
 def test_cuda_keeps_torch_and_compares_its_precisions() -> None:
@@ -72,11 +78,13 @@ def test_a_precision_no_runtime_offers_here_is_a_one_line_error() -> None:
 
 
 class Painted:
-    """A runtime whose labels are a fixed pattern, optionally with a share of pixels changed."""
+    """A runtime whose labels are a fixed pattern, optionally with a share of pixels changed: of every image,
+    or of the one image `only` (compared by its pixels)."""
 
-    def __init__(self, precision: str, wrong_share: float = 0.0) -> None:
+    def __init__(self, precision: str, wrong_share: float = 0.0, only: np.ndarray | None = None) -> None:
         self.precision = precision
         self.wrong_share = wrong_share
+        self.only = only
         self.facts = FACTS
         self.description = f"painted {precision}"
         self.device_name = "cpu"
@@ -85,8 +93,9 @@ class Painted:
         out = []
         for image in images:
             labels = (image[..., 0] > 127).astype(np.uint8)
-            wrong = int(labels.size * self.wrong_share)
-            labels.reshape(-1)[:wrong] += 1
+            if self.only is None or np.array_equal(image, self.only):
+                wrong = int(labels.size * self.wrong_share)
+                labels.reshape(-1)[:wrong] += 1
             out.append(labels)
         return out
 
@@ -157,6 +166,55 @@ def test_a_lower_precision_that_agrees_serves_when_faster_and_says_its_agreement
     served = choice.trial
     assert served is not None and served.agreement == pytest.approx(0.999, abs=2e-4)
     assert f"{served.agreement:.2%} pixel agreement with fp32" in choice.summary()
+
+
+def test_a_lower_precision_that_spoils_one_image_is_refused_and_the_log_names_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tenth of one check image wrong keeps the pooled agreement above 99.5% (over 28 images), so only the
+    per-image rule can refuse it (a dark photo painted background is that case, wholesale)."""
+    dark = dict(check_images(256))["coffee, near-black"]
+    runtimes: dict[Candidate, Runtime] = {OV: Painted("fp32"), OV_BF16: Painted("bf16", wrong_share=0.1, only=dark)}
+    with caplog.at_level(logging.INFO, logger="server.runtimes.selection"):
+        _, choice, _ = choose([OV, OV_BF16], runtimes, {OV: 40.0, OV_BF16: 20.0}, tmp_path)
+    assert choice.chosen == OV
+    refused = next(t for t in choice.trials if t.candidate == OV_BF16)
+    assert refused.agreement is not None and refused.agreement >= selection.MIN_AGREEMENT
+    assert refused.problem is not None and "flips the mask of check image 'coffee, near-black'" in refused.problem
+    assert "check image 'coffee, near-black' (agrees with fp32 on 90.0%" in caplog.text
+
+
+def test_where_fp32_paints_one_class_the_check_says_it_cannot_judge_and_int8_is_not_tried(tmp_path: Path) -> None:
+    """Random weights: every precision 'agrees' 100%, which means nothing. bf16 may still serve (it rounds the
+    same computation), but ModelInfo must not claim an agreement; int8 is not even built."""
+    settings = make_settings(runtime="openvino", cache_dir=str(tmp_path))
+    loaded = load_model(settings.model, settings.weights)
+    sha = weights_fingerprint(without_aux_head(loaded.module))
+    int8 = Candidate("openvino", "int8")
+    built: list[Candidate] = []
+
+    def build(candidate: Candidate) -> Runtime:
+        built.append(candidate)
+        runtime = factory.build_runtime(settings, loaded, CPU, candidate, sha)
+        runtime.description = str(candidate)
+        return runtime
+
+    ms = {OV: 40.0, OV_BF16: 20.0, int8: 10.0}
+    _, choice = selection.choose(
+        [OV, OV_BF16, int8],
+        build,
+        max_size=settings.max_size,
+        cache_root=tmp_path,
+        key={"model": "m"},
+        time_once=lambda runtime, image: ms[Candidate(*runtime.description.split())] / 1000,
+    )
+    assert built == [OV, OV_BF16], "int8 is quantized only where the check can judge it"
+    assert choice.chosen == OV_BF16
+    summary = choice.summary()
+    assert "agreement with fp32 not judged: fp32's masks are one class on every check image" in summary
+    assert "pixel agreement" not in summary and "%" not in summary, summary
+    not_tried = next(t for t in choice.trials if t.candidate == int8)
+    assert not_tried.problem is not None and not_tried.problem.startswith("not tried: fp32's masks are one class")
 
 
 def test_the_verdict_is_cached_and_measured_again_when_cpu_or_versions_change(
@@ -230,6 +288,7 @@ def test_a_real_start_refuses_a_disagreeing_bf16_and_serves_fp32(
     from server.runtimes.openvino_runtime import OpenVinoRuntime
 
     monkeypatch.setattr(cpu_features, "native_bf16", lambda: True)
+    monkeypatch.setattr(cpu_features, "native_int8", lambda: False)
     real_predict = OpenVinoRuntime.predict
 
     def spoiled(self: OpenVinoRuntime, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -303,6 +362,49 @@ def test_lower_precisions_agree_with_fp32_above_their_bound(
     share = pixel_agreement(got, reference)
     bound = 1.0 if ran == "fp32" else BOUNDS[ran]
     assert share >= bound, f"{name} (running {ran}) agrees with fp32 on {share:.4%} of pixels (bound {bound:.1%})"
+
+
+@pytest.fixture(scope="module")
+def head_only_int8(known_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    """NNCF int8 on the classifier head only, the backbone left in bf16: it agreed 99.7% with fp32 on the
+    calibration photos and scenes (auto's old check set), and flips dark images."""
+    from server.runtimes import int8
+    from server.runtimes.openvino_runtime import OpenVinoRuntime
+
+    tmp = tmp_path_factory.mktemp("head-only")
+    settings = known_settings(known_weights, cache_dir=str(tmp))
+    loaded = load_model(settings.model, settings.weights)
+    graph = factory.exported_graph(
+        settings, loaded, "openvino", "fp32", weights_fingerprint(without_aux_head(loaded.module))
+    )
+    packed = tmp / f"head-only{int8.PACKED_SUFFIX}"
+    int8.quantize_openvino(graph, packed, settings.max_size, ignored_names=(".*/backbone/.*",))
+    return OpenVinoRuntime(packed, factory.facts_of(settings, loaded), CPU, precision="int8", threads=0)
+
+
+def test_auto_check_on_the_known_answer_model_refuses_every_int8_and_lets_bf16_serve(
+    lowered: dict[str, Runtime], head_only_int8: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check a start runs (selection.measure), on weights whose masks depend on the image. The int8
+    variants lose a near-black photo nearly wholesale; bf16 keeps every image. Red if the check goes back to
+    pooling auto's first 8 images: the head-only int8 agrees 99.7% there."""
+    head_only = Candidate("openvino head-only", "int8")
+    runtimes = {
+        OV: lowered["openvino fp32"],
+        OV_BF16: lowered["openvino bf16"],
+        Candidate("onnxruntime", "int8"): lowered["onnxruntime int8"],
+        Candidate("openvino", "int8"): lowered["openvino int8"],
+        head_only: head_only_int8,
+    }
+    with caplog.at_level(logging.INFO, logger="server.runtimes.selection"):
+        trials, _ = selection.measure(list(runtimes), runtimes.__getitem__, max_size=KNOWN_MAX_SIZE, budget_s=0)
+    verdict = {t.candidate: t for t in trials}
+    assert all(t.judged for t in trials), "the known-answer model's masks depend on the image"
+    assert verdict[OV_BF16].problem is None, verdict[OV_BF16]
+    for candidate in (Candidate("onnxruntime", "int8"), Candidate("openvino", "int8"), head_only):
+        assert verdict[candidate].problem is not None, f"{candidate} passed: {verdict[candidate]}"
+        assert f"auto: {candidate} not served: " in caplog.text
+    assert selection.pick(trials) in (OV, OV_BF16)
 
 
 def test_a_bf16_batch_gives_each_image_what_it_gets_alone(lowered: dict[str, Runtime]) -> None:
