@@ -295,3 +295,54 @@ def test_stage_costs_time_each_stage_on_the_runtimes_own_mask() -> None:
     assert list(large) == list(STAGES) and all(large[stage] > 0 for stage in STAGES)
     assert large["decode"] > costs["by_kind"]["photo"]["decode"]
     assert abs(costs["mix_total"] - sum(costs["mix"].values())) < 1e-9
+
+
+def precisions(bf16: tuple[float, float], int8: tuple[float, float], amx: bool) -> dict[str, object]:
+    per_batch = {
+        str(batch): {"fp32": b / 2, "bf16": b, "int8": i} for batch, b, i in zip((1, 8), bf16, int8, strict=True)
+    }
+    return {
+        "max_size": 512,
+        "rounds": 5,
+        "images_per_s": per_batch,
+        "int8_over_bf16": {k: v["int8"] / v["bf16"] for k, v in per_batch.items()},
+        "int8_over_fp32": {k: v["int8"] / v["fp32"] for k, v in per_batch.items()},
+        "start_s": {"fp32": 3.0, "bf16": 0.5, "int8": 8.0},
+        "descriptions": {"int8": "openvino (CPU, int8, the rest in bf16, 2 threads)"},
+        "native_int8": amx,
+        "amx_int8": amx,
+        "int8_pays": all(v["int8"] > v["bf16"] for v in per_batch.values()),
+    }
+
+
+def test_int8_over_bf16_is_a_target_where_the_cpu_has_amx_and_only_reported_elsewhere(tmp_path: Path) -> None:
+    data = result(served_at_8=9.5, off_at_2=9.0)
+    data["precisions"] = precisions(bf16=(20.0, 22.0), int8=(34.0, 32.0), amx=True)
+    row = next(r for r in targets(data) if "int8" in r["target"])
+    assert abs(row["ratio"] - 32.0 / 22.0) < 1e-9, "the worse batch size is the figure"
+    assert row["bound"] == ">= 1.5" and row["met"] is False
+    data["precisions"] = precisions(bf16=(20.0, 22.0), int8=(34.0, 36.0), amx=True)
+    assert next(r for r in targets(data) if "int8" in r["target"])["met"] is True
+    text = rendered(data, tmp_path)
+    assert "| 8 | 11.00 | 22.00 | 36.00 | 1.64 | 3.27 |" in text
+    assert "This CPU: AMX int8; int8 pays here" in text and "int8 8.0 s (NNCF's quantization" in text
+
+    data["precisions"] = precisions(bf16=(20.0, 22.0), int8=(12.0, 13.0), amx=False)
+    row = next(r for r in targets(data) if "int8" in r["target"])
+    assert row["met"] is None and "no AMX int8" in row["target"]
+    text = rendered(data, tmp_path)
+    assert "no AMX int8: reported, not a target) | 0.59 | >= 1.5 | n/a |" in text
+    assert "This CPU: no int8 units; int8 does not pay here" in text
+
+
+def test_the_runtime_table_shows_autos_check_verdict_on_each_variant(tmp_path: Path) -> None:
+    data = with_runtimes(result(served_at_8=9.5, off_at_2=9.0), torch_at_8=6.0, fastest=12.0)
+    refused = "agrees with fp32 on 97.76% of pixels, under 99.5%"
+    data["agreement"][1]["check"] = {  # type: ignore[index]
+        "agreement": 0.9776,
+        "least": "coffee, near-black 79.0%",
+        "judged": True,
+        "problem": refused,
+    }
+    text = rendered(data, tmp_path)
+    assert f"| 97.00% | 97.76%, least coffee, near-black 79.0%; refused: {refused} |" in text
