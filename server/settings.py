@@ -102,10 +102,11 @@ class Settings(BaseSettings):
     )
     precision: Precision = Field(
         "auto",
-        description="auto (bf16 where the CPU computes it natively, fp16 or bf16 on CUDA, if faster and its "
-        "masks agree with fp32's on 99.5% of pixels or more; else fp32); fp32 (masks identical on every "
-        "machine); bf16 (openvino on the CPU, torch on CUDA); fp16 (torch on CUDA); int8 (onnxruntime or "
-        "openvino, statically quantized; masks differ slightly).",
+        description="auto (bf16 where the CPU computes it natively, openvino int8 where it has int8 units, "
+        "fp16 or bf16 on CUDA, when faster and its masks agree with fp32's on 99.5% of the check images' "
+        "pixels and 95% of each image's; int8 only where that could be judged; else fp32); fp32 (masks "
+        "identical on every machine); bf16 (openvino on the CPU, torch on CUDA); fp16 (torch on CUDA); int8 "
+        "(onnxruntime or openvino, statically quantized, served unchecked; masks differ).",
     )
     cache_dir: str = Field(
         "auto",
