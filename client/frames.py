@@ -133,10 +133,22 @@ class FrameWindow:
         self._held[index] = frame
 
     def answer(self, response: pb.SegmentResponse) -> None:
+        """Takes the answer of a frame that was sent and not answered yet.
+
+        Any other answer (a frame handed back or answered already, or one never sent) is SegmentError
+        INTERNAL: the stream promises one answer per frame as the caller sees it (client/resume.py), so a
+        second one is a bug of the resume or of the server, and one kept would never be handed back, so the
+        window would no longer bound what it holds.
+        """
         try:
             index = int(response.id)
         except ValueError:
             raise SegmentError(grpc.StatusCode.INTERNAL, f"answer for unknown frame {response.id!r}") from None
+        sent = index >= 0 and index % self.every == 0 and (index < self._next or index in self._held)
+        if not sent:
+            raise SegmentError(grpc.StatusCode.INTERNAL, f"an answer for frame {index}, which was not sent")
+        if index < self._next or index in self._answers:
+            raise SegmentError(grpc.StatusCode.INTERNAL, f"a second answer for frame {index}")
         self._answers[index] = SegmentationResult.from_proto(response)
 
     def has_ready(self) -> bool:

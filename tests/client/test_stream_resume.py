@@ -65,6 +65,19 @@ def streams_on_both(connect_client: Callable[..., Any], target: str, run: Callab
     return outcomes
 
 
+def assert_each_answered_once_per_stream(lost: StandIn, steady: StandIn, ids: list[str]) -> None:
+    """What the replicas answered, counted where they answer: each id once per stream (two streams here).
+
+    A resume may send again what the lost replica took and did not answer. What it did answer reached the
+    client before the stream's status (the stand-in ends a stream after its answers; an answer dying with
+    a real connection is not staged here), so asking it again is a bug the client's own checks would not
+    see if it kept one of the two answers.
+    """
+    answered = lost.answered + steady.answered
+    wrong = {image_id: n for image_id, n in answered.items() if n != 2}
+    assert answered == Counter({image_id: 2 for image_id in ids}), f"answered other than once per stream: {wrong}"
+
+
 def test_segment_many_cut_after_some_answers_goes_on_and_answers_every_image_once(
     connect_client: Callable[..., Any], lost_once: Replica
 ) -> None:
@@ -96,17 +109,17 @@ def test_a_video_whose_replica_is_lost_goes_on_elsewhere_every_frame_once_and_in
     expected = [(n, str(n)) for n in range(len(FRAMES))]
     assert outcomes == [expected, expected], outcomes
     assert sum(lost.answered.values()) >= ANSWERS_BEFORE_LOSS, "no stream reached the lost replica: nothing tested"
-    # The steady replica is asked each frame once per stream at most: what the lost one answered is not resent.
-    assert max(steady.answered.values()) <= 2, steady.answered
+    assert_each_answered_once_per_stream(lost, steady, [str(n) for n in range(len(FRAMES))])
 
 
 def test_segment_many_whose_replica_is_lost_answers_every_image_once(
     connect_client: Callable[..., Any], replicas: tuple[str, StandIn, StandIn]
 ) -> None:
-    target, lost, _ = replicas
+    target, lost, steady = replicas
     outcomes = streams_on_both(connect_client, target, lambda c: Counter(r.id for r in c.segment_many(IMAGES)))
     assert outcomes == [Counter(str(n) for n in range(len(IMAGES)))] * 2, outcomes
     assert sum(lost.answered.values()) >= ANSWERS_BEFORE_LOSS
+    assert_each_answered_once_per_stream(lost, steady, [str(n) for n in range(len(IMAGES))])
 
 
 @pytest.mark.parametrize("call", ["segment_many", "segment_frames"])

@@ -2,7 +2,7 @@
 
 `make test-cluster` runs these (SEGSERVE_CLUSTER_TESTS=1); a plain `pytest` or `make test` leaves out those
 that need a cluster (deselected, not skipped: they take minutes and a root shell, and CI runs them on their
-own) and runs the rest (test_stream_resume.py). Without
+own) and runs the rest (test_stream_resume.py, test_load.py). Without
 KUBECONFIG they build and start the local cluster of deploy/cluster/ (root needed) and remove it at the
 end, also on failure; with KUBECONFIG they use that cluster (tests/cluster/harness.py says what it needs).
 """
