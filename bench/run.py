@@ -14,6 +14,10 @@
    agreement check's verdict on each.
 6. openvino int8 against bf16 and fp32, the model alone, interleaved (bench.precisions), with int8's
    quantization time at a first start.
+7. Tracing (bench.tracing_cost): right after step 2, the default settings with tracing on, every span exported to
+   an OTLP receiver in this process, at concurrency 1 and 8; and what tracing off adds to a call, timed alone.
+8. gRPC health while four 8 MB JSON ModelInfer bodies are parsed (bench.json_health), on step 2's server after
+   its sweeps.
 
 Durations come from flags or BENCH_* environment variables; BENCH_SMOKE=1 (or --smoke) is a run of
 well under a minute that checks the machinery, not the numbers.
@@ -38,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import perf_analyzer, thread_account
+from bench import json_health, perf_analyzer, thread_account, tracing_cost
 from bench.images import image_set
 from bench.plot import plot
 from bench.report import update_performance_doc
@@ -106,9 +110,12 @@ def served_sweep(
     env: dict[str, str],
     concurrency: str | None = None,
     oip: bool = False,
+    extra_env: dict[str, str] | None = None,
+    json_bodies: bool = False,
 ) -> dict[str, Any]:
-    """Starts a server, waits for SERVING, runs the load generator against it (and perf_analyzer over the
-    Open Inference Protocol when `oip`), stops it."""
+    """Starts a server, waits for SERVING, runs the load generator against it (then perf_analyzer over the
+    Open Inference Protocol when `oip`, and gRPC health during big JSON bodies when `json_bodies`), stops it.
+    `extra_env`: the server's variables beyond SERVER_OVERRIDES (those known only at run time, as a port)."""
     port, http_port = free_port(), free_port()
     server_env = {
         **env,
@@ -117,7 +124,8 @@ def served_sweep(
         "SEGSERVE_PORT": str(port),
         "SEGSERVE_HTTP_PORT": str(http_port),
     }
-    server_env.update(_server_overrides(name))
+    settings = {**_server_overrides(name), **(extra_env or {})}
+    server_env.update(settings)
     log.info("starting server (%s) on port %d", name, port)
     started = time.monotonic()
     server_log = (images.parent / f"server-{name}.log").open("wb")
@@ -145,19 +153,50 @@ def served_sweep(
                     steps += _loadgen(port, images, part, args, env)
             info = client.model_info()  # before perf_analyzer: batch_sizes are the loadgen sweep's
             oip_steps = oip_sweep(info.model, {"grpc": port, "http": http_port}, images, args) if oip else []
+            health_during_json = _json_health(info.model, port, http_port, env) if json_bodies else {}
         return {
             "name": name,
-            "settings": _server_overrides(name),
+            "settings": settings,
             "ready_s": ready_s,
             "steps": steps,
             "oip_steps": oip_steps,
             "thread_account": account,
             "batch_sizes": list(info.batch_sizes),
             "runtime": info.runtime,
+            "json_health": health_during_json,
         }
     finally:
         stop_server(server)
         server_log.close()
+
+
+def _json_health(model: str, port: int, http_port: int, env: dict[str, str]) -> dict[str, Any]:
+    log.info("gRPC health during %d JSON bodies of about 8 MB", json_health.BODIES)
+    command = [
+        sys.executable, "-m", "bench.json_health", "--grpc", f"127.0.0.1:{port}",
+        "--http", f"127.0.0.1:{http_port}", "--model", model,
+    ]  # fmt: skip
+    return _json_lines(command, env, timeout=600)[0]
+
+
+def traced_sweep(images: Path, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """The default settings with tracing on, every span exported to an OTLP receiver in this process, at
+    concurrency 1 and 8; with the spans received and the calls they trace (one SERVER span a call), which say
+    the export ran. The receiver is the tests' (tests/tracing/receiver.py): a real OTLP/gRPC TraceService."""
+    from tests.tracing.receiver import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        sweep = served_sweep(
+            "tracing",
+            images,
+            args,
+            env,
+            tracing_cost.TRACED_CONCURRENCY,
+            extra_env=tracing_cost.server_env(receiver.endpoint),
+        )
+        time.sleep(1)  # the server flushed its spans at its stop; the receiver's last export lands
+        spans = receiver.spans
+    return sweep | {"spans": len(spans), "traced_calls": sum(s.kind == "SERVER" for s in spans)}
 
 
 def _loadgen(port: int, images: Path, concurrency: str, args: argparse.Namespace, env: dict[str, str]) -> list[Any]:
@@ -359,13 +398,17 @@ def run(args: argparse.Namespace) -> Path:
         # drifts over minutes (a shared VM does) does not favour one side of the ratios.
         before_all = _json_lines(default_command, env, timeout=3600)
         at8 = str(RUNTIME_TARGET_CONCURRENCY)
-        served = [
-            served_sweep("batching", images, args, env, oip=True),
-            served_sweep("batching_off", images, args, env),
-        ]
+        default_sweep = served_sweep("batching", images, args, env, oip=True, json_bodies=True)
+        # Next to the default sweep it is set against, so that a machine's drift over minutes weighs least.
+        served_tracing = traced_sweep(images, args, env)
+        served = [default_sweep, served_sweep("batching_off", images, args, env)]
         served_torch = served_sweep("torch", images, args, env, at8)
         served_fp32 = served_sweep("fp32", images, args, env, at8)
         served_onnxruntime_fp32 = served_sweep("onnxruntime_fp32", images, args, env, at8)
+        off_path = [sys.executable, "-m", "bench.tracing_cost"] + (
+            ["--number", "20000", "--repeat", "2"] if args.smoke else []
+        )
+        tracing_off_path = _json_lines(off_path, env, timeout=600)[0]
         after_all = [] if args.smoke else _json_lines(default_command, env, timeout=3600)
         before, after = ([r for r in rows if _is_full_path(r)] for rows in (before_all, after_all))
         alone_before, alone_after = ([r for r in rows if r.get("model_alone")] for rows in (before_all, after_all))
@@ -401,10 +444,13 @@ def run(args: argparse.Namespace) -> Path:
         "served_torch": served_torch,
         "served_fp32": served_fp32,
         "served_onnxruntime_fp32": served_onnxruntime_fp32,
+        "served_tracing": served_tracing,
+        "tracing_off_path": tracing_off_path,
         "runtimes": runtimes,
         "agreement": agreement,
         "precisions": precisions[0] if precisions else None,
     }
+    result["tracing"] = tracing_cost.summary(result)
     out = (
         Path(args.out) if args.out else RESULTS / f"{date}-{device_slug(machine)}{'-smoke' if args.smoke else ''}.json"
     )

@@ -346,3 +346,70 @@ def test_the_runtime_table_shows_autos_check_verdict_on_each_variant(tmp_path: P
     }
     text = rendered(data, tmp_path)
     assert f"| 97.00% | 97.76%, least coffee, near-black 79.0%; refused: {refused} |" in text
+
+
+def with_tracing(data: dict[str, object], on_at_8: float, on_p50_at_1: float) -> dict[str, object]:
+    """A result with the traced sweep (tracing on at concurrency 1 and 8) and the off path timed alone."""
+    traced = {"steps": [step(1, 8.5, photo_ms=on_p50_at_1), step(8, on_at_8)], "spans": 600, "traced_calls": 100}
+    off_path = {"client_us": 1.0, "server_us": 1.5, "number": 200_000, "repeat": 5}
+    return {**data, "served_tracing": traced, "tracing_off_path": off_path}
+
+
+def test_tracing_on_over_off_is_a_target_and_the_off_path_a_share_of_the_p50(tmp_path: Path) -> None:
+    plain = result(served_at_8=9.5, off_at_2=9.0)
+    data = with_tracing(plain, on_at_8=9.0, on_p50_at_1=104.0)
+    row = next(r for r in targets(data) if "tracing" in r["target"])
+    assert abs(row["ratio"] - 9.0 / 9.5) < 1e-9 and row["bound"] == ">= 0.9" and row["met"] is True
+    slow = with_tracing(plain, on_at_8=8.0, on_p50_at_1=104.0)
+    assert next(r for r in targets(slow) if "tracing" in r["target"])["met"] is False
+
+    text = rendered(data, tmp_path)
+    assert "| served at concurrency 8, tracing on (every span exported) / off | 0.95 | >= 0.9 | yes |" in text
+    assert "| Images/s at concurrency 8 | 9.50 | 9.00 | 0.95 |" in text
+    assert "| p50 ms at concurrency 1 | 100 | 104 | 1.04 |" in text
+    assert "600 spans received for 100 calls (6.0 a call)" in text
+    # 1.0 + 1.5 us beside the default sweep's p50 of 100 ms at concurrency 1.
+    assert "Tracing off adds 2.5 us to a Segment call" in text and "**0.0025%**" in text
+
+    assert not any("tracing" in r["target"] for r in targets(plain))  # no traced sweep: no row, no section
+    assert "Tracing:" not in rendered(plain, tmp_path)
+
+
+def test_tracing_figures_not_measured_read_n_a(tmp_path: Path) -> None:
+    from bench.tracing_cost import summary
+
+    data = with_tracing(result(served_at_8=9.5, off_at_2=9.0), on_at_8=9.0, on_p50_at_1=104.0)
+    data["served_tracing"]["steps"] = [step(8, 9.0)]  # type: ignore[index]
+    del data["tracing_off_path"]
+    found = summary(data)
+    assert found is not None and found["p50_on_over_off_at_1"] is None and found["off_path_share_of_p50_at_1"] is None
+    text = rendered(data, tmp_path)
+    assert "| p50 ms at concurrency 1 | 100 | n/a | n/a |" in text and "Tracing off adds" not in text
+
+
+def json_health(statuses: list[int]) -> dict[str, object]:
+    return {
+        "bodies": 4,
+        "body_bytes": 7_930_000,
+        "statuses": statuses,
+        "bodies_s": 3.24,
+        "interval_ms": 20.0,
+        "checks": 120,
+        "median_ms": 12.4,
+        "max_ms": 310.2,
+        "idle": {"checks": 48, "median_ms": 1.2, "max_ms": 2.6},
+    }
+
+
+def test_grpc_health_during_big_json_bodies_is_reported(tmp_path: Path) -> None:
+    data = result(served_at_8=9.5, off_at_2=9.0)
+    data["served"]["json_health"] = json_health([200] * 4)  # type: ignore[index]
+    text = rendered(data, tmp_path)
+    assert "4 ModelInfer bodies of 7.9 MB at once" in text and "answered 200 x4 within 3.2 s" in text
+    assert "every 20 ms on a connected channel: 120 answers, median **12 ms**, worst **310 ms**" in text
+    assert "(idle just before: median 1 ms, worst 3 ms)" in text
+
+    data["served"]["json_health"] = json_health([413, 200, 200, 200])  # type: ignore[index]
+    assert "answered 200 x3, 413 x1 within" in rendered(data, tmp_path)
+    data["served"]["json_health"] = {}  # type: ignore[index]
+    assert "big JSON bodies" not in rendered(data, tmp_path)
