@@ -141,7 +141,8 @@ class SegmentationPipeline:
 
     @property
     def default_model(self) -> ModelPipeline | None:
-        return self.models.find(self.models.default_name)
+        """The default model in whatever state (None when there is none yet, or it failed to load)."""
+        return self.models.named(self.models.default_name)
 
     @property
     def runtime(self) -> Runtime | None:

@@ -47,12 +47,14 @@ class InferenceModels:
         return [model.name for model in self.pipeline.models.loaded()]
 
     def known(self, name: str, version: str = "") -> ModelPipeline:
-        """The model called `name` in any state (metadata and readiness are answered while it loads);
-        NOT_FOUND for a name, or a version, it does not have."""
-        model = self.pipeline.models.find(name) if name else None
-        if model is None:
-            self.pipeline.models.get(name)  # raises: UNAVAILABLE with the reason it failed, or NOT_FOUND
+        """The registry's lookup of `name` in any state (metadata and readiness are answered while it loads),
+        plus the protocol's own rules: NOT_FOUND for a version the model does not have, and no default model
+        (an empty name is refused: NOT_FOUND, or the default's own refusal while that one cannot serve)."""
+        models = self.pipeline.models
+        if not name:
+            models.get(name)  # the default's refusal (loading, none loaded yet), if any
             raise UnknownModel(f"unknown model {name!r}")
+        model = models.get(name, any_state=True)
         if version not in ("", MODEL_VERSION):
             raise UnknownModel(f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}")
         return model

@@ -28,7 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from opentelemetry import trace
 
-from server.errors import ModelControlRefused, ModelLoadError, ModelLoadFailed, UnknownModel
+from server.errors import ModelControlRefused, ModelLoadError, ModelLoadFailed
 from server.models.registry import ModelRegistry, ModelState, ServedModel
 from server.models.repository import ModelConfig, check_name, read_model
 from server.settings import Settings
@@ -173,18 +173,15 @@ class ModelControl(Generic[M]):
         async with self._one_at_a_time():
             registry = self.registry
             model = registry.named(name)
-            if model is None or model.state == ModelState.UNAVAILABLE:
-                if model is not None or registry.is_listed(name):
-                    registry.add_broken(name, "unloaded")
-                    await self._changed()
-                    return
-                registry.get(name)  # raises NOT_FOUND with the names there are
-                raise UnknownModel(f"unknown model {name!r}")
+            if model is None or model.state == ModelState.UNAVAILABLE:  # nothing loaded to free
+                registry.mark_unloaded(name)  # NOT_FOUND, with the names there are, for a name never listed
+                await self._changed()
+                return
             model.state = ModelState.UNLOADING
             await self._changed()
             log.info("unloading model %s: %d requests to finish", name, model.in_flight)
             await self._retire(model)
-            registry.add_broken(name, "unloaded")
+            registry.mark_unloaded(name)
             await self._changed()
             log.info("model %s unloaded", name)
 

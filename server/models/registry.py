@@ -1,6 +1,7 @@
 """The models being served, by name, plus the default model (and why it is the default) and the models that
-could not be loaded, with why. Requests find their model here; unknown names are NOT_FOUND with the names there
-are, models not ready are UNAVAILABLE with their state.
+could not be loaded, with why. Requests find their model here, through one lookup (`get`) and the hold built on
+it (`acquire`): unknown names are NOT_FOUND with the names there are, models not ready are UNAVAILABLE with their
+state, whichever door or call asks.
 
 Typed against ServedModel, the few attributes it reads, so it never imports the pipeline that builds its
 entries (the core's ModelPipeline is one).
@@ -101,17 +102,21 @@ class ModelRegistry(Generic[M]):
         else:
             self._reloading[model.name] = model
 
-    def is_listed(self, name: str) -> bool:
-        return name in self._models or name in self._broken
+    def mark_unloaded(self, name: str) -> None:
+        """Lists `name` as unloaded (UNAVAILABLE, "unloaded"), never served until loaded again; NOT_FOUND, with
+        the names there are, for a name that was never listed (nothing to unload)."""
+        if name not in self._models and name not in self._broken:
+            raise self._unknown(name)
+        self.add_broken(name, "unloaded")
 
     def remove(self, name: str) -> None:
         self._models.pop(name, None)
 
-    def find(self, name: str) -> M | None:
-        return self._models.get(name or self.default_name)
-
     def named(self, name: str) -> M | None:
-        """The model called exactly `name` (never the default for an empty name)."""
+        """The model loaded under exactly `name`, in whatever state, or None (never the default for an empty
+        name). The one lookup that never raises, for the callers to whom no model is an answer, not an error:
+        model control, which decides between a load and a reload (and what an unload has to free) from what is
+        loaded under the name, and the default model's facts while it may still be loading. Requests use `get`."""
         return self._models.get(name) if name else None
 
     def loaded(self) -> list[M]:
@@ -160,14 +165,21 @@ class ModelRegistry(Generic[M]):
                 f"pass SEGSERVE_MAX_MODEL_WEIGHTS_BYTES={limit}"
             )
 
-    def get(self, name: str) -> M:
-        """The ready model called `name` (empty: the default). UNAVAILABLE when it is known but not ready,
-        NOT_FOUND when it is not known at all."""
+    def get(self, name: str, *, any_state: bool = False) -> M:
+        """The model a request naming `name` goes to (empty: the default model): the one lookup, so that every
+        call naming a model hears the same refusals.
+
+        - not listed: NOT_FOUND, with the names of the ready models;
+        - listed but not loaded (its load failed, or it was unloaded), or no default yet for an empty name:
+          UNAVAILABLE with why;
+        - loaded but not READY (loading, unloading, failed at start-up): UNAVAILABLE with its state, unless
+          `any_state`: the inference protocol's metadata, config, statistics and readiness describe a model in
+          whatever state it is."""
         wanted = name or self.default_name
         if not wanted:
             raise NotReady("no model has loaded yet")
         model = self._models.get(wanted)
-        if model is not None and model.state == ModelState.READY:
+        if model is not None and (any_state or model.state == ModelState.READY):
             return model
         if model is not None:
             if model.state == ModelState.LOADING:
@@ -177,12 +189,16 @@ class ModelRegistry(Generic[M]):
             raise NotReady(f"model {wanted!r} is not loaded: {model.reason or 'unloaded'}")
         if wanted in self._broken:
             raise NotReady(f"model {wanted!r} is not loaded: {self._broken[wanted]}")
+        raise self._unknown(wanted)
+
+    def _unknown(self, name: str) -> UnknownModel:
         ready = ", ".join(self.ready_names()) or "none yet"
-        raise UnknownModel(f"unknown model {wanted!r}; the loaded models are: {ready}")
+        return UnknownModel(f"unknown model {name!r}; the loaded models are: {ready}")
 
     @contextmanager
     def acquire(self, name: str) -> Iterator[M]:
-        """The model, counted as in use until the block ends (an unload waits for its count to reach 0)."""
+        """The ready model `get(name)` finds, counted as in use until the block ends (an unload waits for its
+        count to reach 0); refused as `get` refuses."""
         model = self.get(name)
         model.in_flight += 1
         try:
