@@ -137,18 +137,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "bound": "<= 2.0",
         }
     )
-    tracing = tracing_cost.summary(result)
-    if tracing is not None:
-        # Issue 42. The two sweeps come from two servers a minute apart, so the bound is what this machine's drift
-        # between them allows; tracing's own work (a few spans a call, exported on a background thread) is meant
-        # to be far below it.
-        rows.append(
-            {
-                "target": "served at concurrency 8, tracing on (every span exported) / off",
-                "ratio": tracing["throughput_on_over_off_at_8"],
-                "bound": ">= 0.9",
-            }
-        )
+    # Tracing on against off (issue 42) is reported in its own section, not held to a bound: the issue asks what
+    # it costs, and the two sweeps come from two servers a minute apart, whose drift on a shared machine is of
+    # the same order as what is being measured.
     precisions = result.get("precisions")
     if precisions:
         worst = min(precisions["int8_over_bf16"].values())

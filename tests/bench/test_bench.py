@@ -355,24 +355,19 @@ def with_tracing(data: dict[str, object], on_at_8: float, on_p50_at_1: float) ->
     return {**data, "served_tracing": traced, "tracing_off_path": off_path}
 
 
-def test_tracing_on_over_off_is_a_target_and_the_off_path_a_share_of_the_p50(tmp_path: Path) -> None:
+def test_tracing_on_over_off_is_reported_and_the_off_path_a_share_of_the_p50(tmp_path: Path) -> None:
     plain = result(served_at_8=9.5, off_at_2=9.0)
     data = with_tracing(plain, on_at_8=9.0, on_p50_at_1=104.0)
-    row = next(r for r in targets(data) if "tracing" in r["target"])
-    assert abs(row["ratio"] - 9.0 / 9.5) < 1e-9 and row["bound"] == ">= 0.9" and row["met"] is True
-    slow = with_tracing(plain, on_at_8=8.0, on_p50_at_1=104.0)
-    assert next(r for r in targets(slow) if "tracing" in r["target"])["met"] is False
+    assert not any("tracing" in r["target"] for r in targets(data)), "a figure the issue asks for, not a bound"
 
     text = rendered(data, tmp_path)
-    assert "| served at concurrency 8, tracing on (every span exported) / off | 0.95 | >= 0.9 | yes |" in text
     assert "| Images/s at concurrency 8 | 9.50 | 9.00 | 0.95 |" in text
     assert "| p50 ms at concurrency 1 | 100 | 104 | 1.04 |" in text
     assert "600 spans received for 100 calls (6.0 a call)" in text
     # 1.0 + 1.5 us beside the default sweep's p50 of 100 ms at concurrency 1.
     assert "Tracing off adds 2.5 us to a Segment call" in text and "**0.0025%**" in text
 
-    assert not any("tracing" in r["target"] for r in targets(plain))  # no traced sweep: no row, no section
-    assert "Tracing:" not in rendered(plain, tmp_path)
+    assert "Tracing:" not in rendered(plain, tmp_path)  # no traced sweep: no section
 
 
 def test_tracing_figures_not_measured_read_n_a(tmp_path: Path) -> None:
