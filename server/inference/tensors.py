@@ -56,7 +56,7 @@ class Contents:
     costs nothing to send, its elements cost what the server builds for them."""
 
     raw: bytes | memoryview | None = None
-    values: Sequence[object] = ()
+    values: Sequence[object] | np.ndarray = ()
     element: Callable[[object], object] | None = None
 
 
@@ -136,7 +136,7 @@ def split_bytes_elements(name: str, raw: bytes | memoryview, count: int) -> list
     return elements
 
 
-def from_list(name: str, datatype: str, shape: Sequence[int], values: Sequence[object]) -> TensorData:
+def from_list(name: str, datatype: str, shape: Sequence[int], values: Sequence[object] | np.ndarray) -> TensorData:
     """Typed contents (protobuf lists, JSON arrays already flattened) to tensor data."""
     check_datatype(name, datatype)
     count = element_count(name, shape)
@@ -174,7 +174,11 @@ def decode(tensor: InputTensor) -> TensorData:
     if len(values) != count:
         raise InvalidTensor(f"{name}: {len(values)} values do not match shape {list(shape)} ({count} expected)")
     transform = contents.element
-    return from_list(name, datatype, shape, [transform(v) for v in values] if transform else list(values))
+    if transform is not None:
+        values = [transform(v) for v in values]
+    elif not isinstance(values, np.ndarray):  # an array (the HTTP door's JSON worker made it) stays one
+        values = list(values)
+    return from_list(name, datatype, shape, values)
 
 
 def to_raw(data: TensorData) -> bytes:

@@ -27,6 +27,7 @@ from server.inference import protocol as inference
 from server.inference import tensors
 from server.inference.protocol import InferRequest, InferResponse, ModelDescription, ParameterValue
 from server.inference.tensors import Tensor
+from server.rest import json_worker
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -36,12 +37,14 @@ class BadBody(InvalidTensor):
 
 
 def parse_json(body: bytes | memoryview) -> Any:
-    try:
-        return json.loads(bytes(body))
-    except RecursionError:
-        raise BadBody("the JSON is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadBody(f"the body is not valid JSON: {exc}") from None
+    """The body's JSON; a big one parsed in the JSON worker's child process (numeric data then comes as
+    arrays), so that the server's GIL is not held for the whole parse."""
+    document = bytes(body)
+    large = len(document) >= json_worker.MIN_BYTES
+    parsed, problem = json_worker.WORKER.parse(document) if large else json_worker.load(document)
+    if problem is not None:
+        raise BadBody(problem)
+    return parsed
 
 
 def _dict(value: object, what: str) -> dict[str, Any]:
@@ -58,8 +61,13 @@ def _parameters(value: object, what: str) -> dict[str, ParameterValue]:
     return parameters
 
 
-def _flatten(name: str, data: object, depth: int) -> list[object]:
-    """Nested row-major lists to one flat list, no deeper than the tensor's rank."""
+def _flatten(name: str, data: object, depth: int) -> list[object] | np.ndarray:
+    """Nested row-major lists to one flat list, no deeper than the tensor's rank (lists nest at most one level
+    more than the rank); numeric data the JSON worker made one array of, to that array flat."""
+    if isinstance(data, np.ndarray):
+        if data.ndim > depth + 1:
+            raise InvalidTensor(f"{name}: data is nested deeper than its shape")
+        return data.ravel()
     if not isinstance(data, list):
         return [data]
     if depth < 0:

@@ -1,7 +1,9 @@
 """Callers that hold the HTTP port (issue 40, points 3 and 5): a request head that never completes is closed after
 SEGSERVE_HTTP_HEADER_TIMEOUT_S (the TLS handshake too), connections beyond SEGSERVE_HTTP_MAX_CONNECTIONS are
 answered 503 while gRPC keeps answering, the open-file limit is raised to the hard one at start, and big JSON
-bodies are parsed off the event loop, so gRPC health answers while they are."""
+bodies are parsed in the JSON worker's child process, so gRPC health answers while they are (within 100 ms is
+the aim; HEALTH_BOUND_S leaves room for a loaded machine, and a parse in the server's own process went over it:
+json.loads holds the GIL for the whole body)."""
 
 from __future__ import annotations
 
@@ -196,7 +198,7 @@ def test_the_open_file_limit_is_raised_to_the_hard_one_at_start(tmp_path: Path) 
 # ---- JSON bodies off the event loop ---------------------------------------------------------------------------
 
 JSON_BODIES = 4
-HEALTH_BOUND_S = 0.5
+HEALTH_BOUND_S = 0.15
 
 
 def pixels_json(side: int) -> bytes:
