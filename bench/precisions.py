@@ -30,7 +30,8 @@ BATCH_SIZES = (1, 8)
 
 
 def model_inputs(max_size: int, count: int) -> list[np.ndarray]:
-    """The bench's images as the model sees them (decoded and shrunk as the server does), one shape."""
+    """The bench's images at one 4:3 shape, max_size wide: the model alone is timed on one shape (the server's
+    own resize keeps each image's aspect ratio)."""
     from PIL import Image
 
     from bench.images import image_set

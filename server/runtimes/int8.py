@@ -108,7 +108,9 @@ def _import_nncf() -> Any:
 @contextlib.contextmanager
 def _quietly() -> Iterator[None]:
     """NNCF draws progress bars on stdout (rich), which is not its to write to in a server: they go nowhere.
-    It also imports torch.utils.cpp_extension on the way, whose warning about CUDA's absence says nothing."""
+    sys.stdout is the process's, so for the quantization's seconds nothing else may print there either; the
+    server's log is not affected (its handler holds stderr). NNCF also imports torch.utils.cpp_extension on
+    the way, whose warning about CUDA's absence says nothing."""
     cpp_extension = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_extension.level
     cpp_extension.setLevel(logging.ERROR)
