@@ -4,7 +4,15 @@ server.core.types and server.inference, and its own converters, and nothing else
 (`make lint`'s import contract says so)."""
 
 from server.dataplane.plane import DataPlane, StreamCodec
-from server.dataplane.types import ByteHold, IndexEntry, ModelInfo, SegmentCall, UploadChunk
+from server.dataplane.types import (
+    ByteHold,
+    IndexEntry,
+    ModelInfo,
+    SegmentCall,
+    StatisticDuration,
+    StatisticsReport,
+    UploadChunk,
+)
 from server.models.registry import ModelEntry, ModelState
 
 __all__ = [
@@ -15,6 +23,8 @@ __all__ = [
     "ModelInfo",
     "ModelState",
     "SegmentCall",
+    "StatisticDuration",
+    "StatisticsReport",
     "StreamCodec",
     "UploadChunk",
 ]

@@ -8,12 +8,11 @@ import asyncio
 import time
 from contextlib import ExitStack
 from dataclasses import replace
-from typing import Any
 
 from server.core.model_pipeline import ModelPipeline
 from server.core.pipeline import SegmentationPipeline
 from server.core.statistics import Duration
-from server.dataplane.types import IndexEntry
+from server.dataplane.types import IndexEntry, StatisticDuration, StatisticsReport
 from server.errors import UnknownModel
 from server.inference.protocol import (
     MODEL_VERSION,
@@ -62,36 +61,30 @@ class InferenceModels:
     def model_ready(self, model: ModelPipeline) -> bool:
         return self.ready and model.state == ModelState.READY
 
-    def statistics_report(self, model: ModelPipeline) -> dict[str, Any]:
-        """Triton's ModelStatistics for one model, as the JSON its REST extension answers (the gRPC door
-        parses the same dict into its message). The counts are the model's, by every door, Segment's
+    def statistics_report(self, model: ModelPipeline) -> StatisticsReport:
+        """Triton's ModelStatistics for one model. The counts are the model's, by every door, Segment's
         included (server/core/statistics.py says what each means)."""
         s = model.statistics
 
-        def duration(d: Duration) -> dict[str, int]:
-            return {"count": d.count, "ns": d.ns}
+        def snapshot(d: Duration) -> StatisticDuration:
+            return StatisticDuration(d.count, d.ns)
 
-        return {
-            "name": model.name,
-            "version": MODEL_VERSION,
-            "last_inference": s.last_inference_ms,
-            "inference_count": s.inference_count,
-            "execution_count": s.execution_count,
-            "inference_stats": {
-                "success": duration(s.success),
-                "fail": duration(s.fail),
-                "queue": duration(s.queue),
-                "compute_input": duration(s.compute_input),
-                "compute_infer": duration(s.compute_infer),
-                "compute_output": duration(s.compute_output),
-            },
-            # Decoding and postprocessing run per image, not per batch: a batch's own time is the model's.
-            "batch_stats": [
-                {"batch_size": size, "compute_infer": duration(s.batches[size])} for size in sorted(s.batches)
-            ],
-        }
+        return StatisticsReport(
+            name=model.name,
+            version=MODEL_VERSION,
+            last_inference_ms=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+            success=snapshot(s.success),
+            fail=snapshot(s.fail),
+            queue=snapshot(s.queue),
+            compute_input=snapshot(s.compute_input),
+            compute_infer=snapshot(s.compute_infer),
+            compute_output=snapshot(s.compute_output),
+            batches=tuple((size, snapshot(s.batches[size])) for size in sorted(s.batches)),
+        )
 
-    def every_statistics_report(self) -> list[dict[str, Any]]:
+    def every_statistics_report(self) -> list[StatisticsReport]:
         return [self.statistics_report(model) for model in self.pipeline.models.loaded()]
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:

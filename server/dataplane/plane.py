@@ -26,7 +26,7 @@ from server.core.stream_window import STREAM_WINDOW, Place, StreamWindow, serve_
 from server.core.types import SegmentOptions, SegmentResult
 from server.dataplane.control_token import check_token, control_token
 from server.dataplane.inference import InferenceModels
-from server.dataplane.types import ByteHold, IndexEntry, ModelInfo, SegmentCall, UploadChunk
+from server.dataplane.types import ByteHold, IndexEntry, ModelInfo, SegmentCall, StatisticsReport, UploadChunk
 from server.errors import (
     ImageTooLarge,
     InvalidImage,
@@ -309,8 +309,8 @@ class DataPlane:
         """What ModelMetadata and ModelConfig say of a model (in any state: they are answered while it loads)."""
         return self._inference.describe(self._inference.known(name, version))
 
-    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
-        """Triton's statistics in their JSON form: of one model, or of every loaded model for an empty name."""
+    def statistics(self, name: str = "", version: str = "") -> list[StatisticsReport]:
+        """Triton's statistics: of one model, or of every loaded model for an empty name."""
         if not name:
             return self._inference.every_statistics_report()
         return [self._inference.statistics_report(self._inference.known(name, version))]

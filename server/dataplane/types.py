@@ -51,6 +51,38 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class StatisticDuration:
+    """How many times, and their total in nanoseconds (Triton's StatisticDuration), as of one report."""
+
+    count: int
+    ns: int
+
+
+@dataclass(frozen=True)
+class StatisticsReport:
+    """Triton's ModelStatistics of one model, a snapshot the data plane takes once; each door only serialises
+    it (server/core/statistics.py says what each figure counts)."""
+
+    name: str
+    version: str
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: StatisticDuration
+    fail: StatisticDuration
+    queue: StatisticDuration
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+    batches: tuple[tuple[int, StatisticDuration], ...]
+    """(batch size, the model's executions of that size and their time), by size. Decoding and postprocessing
+    run per image, not per batch: a batch's own time is the model's."""
+
+    STAGES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    """The inference_stats fields, in the protocol's order."""
+
+
+@dataclass(frozen=True)
 class IndexEntry:
     """One model in the Open Inference Protocol's repository index, as both doors answer it."""
 

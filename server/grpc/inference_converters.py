@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from google.protobuf import json_format
-
 from protos.inference import grpc_predict_v2_pb2 as pb
-from server.dataplane import IndexEntry
+from server.dataplane import IndexEntry, StatisticDuration, StatisticsReport
 from server.errors import InvalidTensor, SegservError
 from server.inference import protocol as inference
 from server.inference import tensors
@@ -139,8 +137,19 @@ def config_to_proto(model: ModelDescription) -> pb.ModelConfig:
     )
 
 
-def statistics_to_proto(report: dict[str, object]) -> pb.ModelStatistics:
-    return json_format.ParseDict(report, pb.ModelStatistics())
+def statistics_to_proto(report: StatisticsReport) -> pb.ModelStatistics:
+    def duration(d: StatisticDuration) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+    return pb.ModelStatistics(
+        name=report.name,
+        version=report.version,
+        last_inference=report.last_inference_ms,
+        inference_count=report.inference_count,
+        execution_count=report.execution_count,
+        inference_stats=pb.InferStatistics(**{stage: duration(getattr(report, stage)) for stage in report.STAGES}),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d)) for size, d in report.batches],
+    )
 
 
 def index_to_proto(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:

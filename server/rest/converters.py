@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from server.core.types import SegmentResult
-from server.dataplane import IndexEntry
+from server.dataplane import IndexEntry, StatisticDuration, StatisticsReport
 from server.errors import InvalidTensor
 from server.inference import protocol as inference
 from server.inference import tensors
@@ -268,3 +268,20 @@ def index_to_http(entries: list[IndexEntry]) -> list[dict[str, str]]:
             item["reason"] = entry.reason
         index.append(item)
     return index
+
+
+def statistics_to_json(report: StatisticsReport) -> dict[str, Any]:
+    """Triton's statistics extension's JSON for one model."""
+
+    def duration(d: StatisticDuration) -> dict[str, int]:
+        return {"count": d.count, "ns": d.ns}
+
+    return {
+        "name": report.name,
+        "version": report.version,
+        "last_inference": report.last_inference_ms,
+        "inference_count": report.inference_count,
+        "execution_count": report.execution_count,
+        "inference_stats": {stage: duration(getattr(report, stage)) for stage in report.STAGES},
+        "batch_stats": [{"batch_size": size, "compute_infer": duration(d)} for size, d in report.batches],
+    }

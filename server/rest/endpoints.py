@@ -51,7 +51,8 @@ class Endpoints:
 
     async def model_statistics(self, request: Request) -> Response:
         name, version = self._named(request) if "model" in request.path_params else ("", "")  # /v2/models/stats
-        return JSONResponse({"model_stats": self.plane.statistics(name, version)})
+        reports = self.plane.statistics(name, version)
+        return JSONResponse({"model_stats": [converters.statistics_to_json(report) for report in reports]})
 
     async def repository_index(self, request: Request) -> Response:
         self.plane.check_index_access(request.headers.get("authorization"))  # before reading the body

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 
 from protos.segserve.v1 import segserve_pb2 as pb
 from server.core.types import SegmentOptions
-from server.dataplane import IndexEntry, ModelInfo, ModelState
+from server.dataplane import IndexEntry, ModelInfo, ModelState, StatisticDuration, StatisticsReport
 from server.grpc import inference_converters as grpc_converters
 from server.grpc import segmenter_converters
 from server.inference.protocol import ModelDescription
@@ -86,3 +86,33 @@ def test_model_info_keeps_every_field() -> None:
             assert sent == tuple((label.index, label.name, label.hex_color) for label in LABELS)
         else:
             assert (tuple(sent) if field.name == "batch_sizes" else sent) == getattr(info, field.name), field.name
+
+
+def test_statistics_are_the_same_over_both_doors_and_every_figure_lands_in_its_field() -> None:
+    """Each duration distinct, so a figure sent in another's field (compute_input for compute_output, the
+    model's batch time for the request's) shows."""
+    durations = {stage: StatisticDuration(k + 1, (k + 1) * 1000 + 7) for k, stage in enumerate(StatisticsReport.STAGES)}
+    report = StatisticsReport(
+        name="m",
+        version="1",
+        last_inference_ms=1_733_400_000_123,
+        inference_count=12,
+        execution_count=5,
+        batches=((1, StatisticDuration(3, 30_000)), (4, StatisticDuration(2, 50_000))),
+        **durations,
+    )
+    over_http = rest_converters.statistics_to_json(report)
+    over_grpc = json_format.MessageToDict(grpc_converters.statistics_to_proto(report), preserving_proto_field_name=True)
+    assert over_http == {
+        "name": "m",
+        "version": "1",
+        "last_inference": 1_733_400_000_123,
+        "inference_count": 12,
+        "execution_count": 5,
+        "inference_stats": {stage: {"count": d.count, "ns": d.ns} for stage, d in durations.items()},
+        "batch_stats": [
+            {"batch_size": 1, "compute_infer": {"count": 3, "ns": 30_000}},
+            {"batch_size": 4, "compute_infer": {"count": 2, "ns": 50_000}},
+        ],
+    }
+    assert over_grpc == json.loads(json.dumps(over_http), parse_int=str), "protobuf's JSON gives uint64 as text"
