@@ -28,6 +28,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -82,6 +83,22 @@ class _ResumeCounter(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "resuming a stream" in record.getMessage():
             self.count += 1
+
+
+@contextlib.contextmanager
+def resumes_counted() -> Iterator[_ResumeCounter]:
+    """Counts the streams this process's clients resume while the block runs (the Load's own calls run in its
+    child and count there)."""
+    counter = _ResumeCounter()
+    logger = logging.getLogger("client.resume")
+    level = logger.level
+    logger.addHandler(counter)
+    logger.setLevel(logging.INFO)
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from tests.cluster.harness import (
     pods,
     wait_for_replicas,
 )
-from tests.cluster.load import SMALL, Counts, Load, wait_until
+from tests.cluster.load import SMALL, Counts, Load, resumes_counted, wait_until
 
 REPORT = Path(os.environ.get("SEGSERVE_CLUSTER_REPORT", "/var/tmp/segserve-cluster-report.json"))
 HEALTH_SERVICE = "segserve.v1.Segmenter"
@@ -213,7 +213,11 @@ def test_a_node_lost_under_load(two_replicas: Cluster, target: str) -> None:
     videos = [threading.Thread(target=video, args=(f"resumed-{n}", pair, 3), daemon=True) for n in range(2)] + [
         threading.Thread(target=video, args=("pinned-no-resume", f"ipv4:{victim.ip}:50051", 0), daemon=True)
     ]
-    with Load(target, kinds=("segment", "upload", "stream", "video", "video")) as load:
+    # The videos here run in this process (the Load's calls in its child, counted there): both counted.
+    with (
+        resumes_counted() as own_resumes,
+        Load(target, kinds=("segment", "upload", "stream", "video", "video")) as load,
+    ):
         for thread in videos:
             thread.start()
         time.sleep(8)
@@ -230,11 +234,15 @@ def test_a_node_lost_under_load(two_replicas: Cluster, target: str) -> None:
         back_s,
         lost_node=victim.node,
         videos={k: list(v) for k, v in outcomes.items()},
+        videos_resumed=own_resumes.count,
     )
     # Without resume the stream on the lost node fails as gRPC ends it: what the resume is for.
     assert outcomes["pinned-no-resume"][0] == grpc.StatusCode.UNAVAILABLE.name, outcomes
     for n in range(2):
         state, in_order, frames = outcomes[f"resumed-{n}"]
         assert (state, in_order) == ("ok", True) and frames > 0, outcomes
-    assert counts.resumed >= 1, "no stream was resumed: the lost node served none"
+    resumed = own_resumes.count + counts.resumed
+    assert resumed >= 1, (
+        f"no stream was resumed (videos here {own_resumes.count}, load {counts.resumed}): the lost node served none"
+    )
     assert_nothing_lost(counts)
