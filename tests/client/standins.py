@@ -1,6 +1,6 @@
 """Stand-in replicas on loopback for the clients' tests: a Segmenter whose streams can be cut, and a health
 service the test sets. They need no model, so a lost replica or a server that is slow to serve takes
-milliseconds to stage. As tests/cluster/test_stream_resume.py's, which judges the sync client alone.
+milliseconds to stage. tests/cluster/test_stream_resume.py uses them too.
 """
 
 from __future__ import annotations
@@ -81,3 +81,16 @@ def start_replica(servicer: StandIn, serving: bool = True) -> Replica:
     replica = Replica(servicer, checks, server, port)
     replica.serving(serving)
     return replica
+
+
+def assert_each_answered_once_per_stream(lost: StandIn, steady: StandIn, ids: list[str]) -> None:
+    """What the replicas answered, counted where they answer: each id once per stream (two streams here).
+
+    A resume may send again what the lost replica took and did not answer. What it did answer reached the
+    client before the stream's status (the stand-in ends a stream after its answers; an answer dying with
+    a real connection is not staged here), so asking it again is a bug the client's own checks would not
+    see if it kept one of the two answers.
+    """
+    answered = lost.answered + steady.answered
+    wrong = {image_id: n for image_id, n in answered.items() if n != 2}
+    assert answered == Counter({image_id: 2 for image_id in ids}), f"answered other than once per stream: {wrong}"

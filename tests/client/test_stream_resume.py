@@ -19,7 +19,13 @@ import pytest
 
 from client import SegmentError
 from client.errors import LOST_STATUS_MESSAGE
-from tests.client.standins import ANSWERS_BEFORE_LOSS, Replica, StandIn, start_replica
+from tests.client.standins import (
+    ANSWERS_BEFORE_LOSS,
+    Replica,
+    StandIn,
+    assert_each_answered_once_per_stream,
+    start_replica,
+)
 
 FRAMES = [np.full((3, 4, 3), n, dtype=np.uint8) for n in range(40)]
 IMAGES = [bytes([n]) * 10 for n in range(20)]
@@ -63,19 +69,6 @@ def streams_on_both(connect_client: Callable[..., Any], target: str, run: Callab
         for thread in threads:
             thread.join(timeout=60)
     return outcomes
-
-
-def assert_each_answered_once_per_stream(lost: StandIn, steady: StandIn, ids: list[str]) -> None:
-    """What the replicas answered, counted where they answer: each id once per stream (two streams here).
-
-    A resume may send again what the lost replica took and did not answer. What it did answer reached the
-    client before the stream's status (the stand-in ends a stream after its answers; an answer dying with
-    a real connection is not staged here), so asking it again is a bug the client's own checks would not
-    see if it kept one of the two answers.
-    """
-    answered = lost.answered + steady.answered
-    wrong = {image_id: n for image_id, n in answered.items() if n != 2}
-    assert answered == Counter({image_id: 2 for image_id in ids}), f"answered other than once per stream: {wrong}"
 
 
 def test_segment_many_cut_after_some_answers_goes_on_and_answers_every_image_once(

@@ -1,8 +1,9 @@
 """The client's stream resume (client/resume.py) without a cluster: two stand-in replicas on loopback.
 
 Each replica answers SegmentStream requests with its own name in `model`; the `lost` one ends every stream
-with UNAVAILABLE after a few answers, as a stream on a lost node ends. These need no model and no cluster,
-so they run with `make test` too; tests/cluster/test_scenarios.py has the real thing.
+with UNAVAILABLE after a few answers, as a stream on a lost node ends (tests/client/standins.py, which the
+clients' own tests use too). These need no model and no cluster, so they run with `make test` too;
+tests/cluster/test_scenarios.py has the real thing.
 """
 
 from __future__ import annotations
@@ -11,60 +12,24 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from client import SegmentClient, SegmentError
-from protos.segserve.v1 import segserve_pb2 as pb
-from protos.segserve.v1 import segserve_pb2_grpc as pb_grpc
-
-ANSWERS_BEFORE_LOSS = 3
-
-
-class StandIn(pb_grpc.SegmenterServicer):
-    def __init__(self, name: str, lost: bool) -> None:
-        self.name = name
-        self.lost = lost
-        self.answered: Counter[str] = Counter()
-        self.lock = threading.Lock()
-
-    def SegmentStream(
-        self, request_iterator: Iterator[pb.SegmentRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.SegmentResponse]:
-        for n, request in enumerate(request_iterator):
-            if self.lost and n == ANSWERS_BEFORE_LOSS:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed (the stand-in's node is lost)")
-            with self.lock:
-                self.answered[request.id] += 1
-            yield pb.SegmentResponse(id=request.id, width=4, height=3, model=self.name)
-
-
-def serve(servicer: StandIn) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_SegmenterServicer_to_server(servicer, server)
-    checks = health.HealthServicer()
-    checks.set("", health_pb2.HealthCheckResponse.SERVING)
-    checks.set("segserve.v1.Segmenter", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
+from tests.client.standins import ANSWERS_BEFORE_LOSS, StandIn, assert_each_answered_once_per_stream, start_replica
 
 
 @pytest.fixture
 def replicas() -> Iterator[tuple[str, StandIn, StandIn]]:
     """A target over a replica that loses every stream and one that does not; the lost one listed first."""
-    lost, steady = StandIn("lost", lost=True), StandIn("steady", lost=False)
-    servers = [serve(lost), serve(steady)]
+    lost, steady = start_replica(StandIn("lost", lose_streams=-1)), start_replica(StandIn("steady"))
     try:
-        yield f"ipv4:127.0.0.1:{servers[0][1]},127.0.0.1:{servers[1][1]}", lost, steady
+        yield f"ipv4:{lost.target},{steady.target}", lost.servicer, steady.servicer
     finally:
-        for server, _ in servers:
-            server.stop(0)
+        lost.stop()
+        steady.stop()
 
 
 FRAMES = [np.full((3, 4, 3), n, dtype=np.uint8) for n in range(40)]
@@ -94,19 +59,6 @@ def streams_on_both(target: str, run: object) -> list[object]:
         for thread in threads:
             thread.join(timeout=60)
     return outcomes
-
-
-def assert_each_answered_once_per_stream(lost: StandIn, steady: StandIn, ids: list[str]) -> None:
-    """What the replicas answered, counted where they answer: each id once per stream (two streams here).
-
-    A resume may send again what the lost replica took and did not answer. What it did answer reached the
-    client before the stream's status (the stand-in ends a stream after its answers; an answer dying with
-    a real connection is not staged here), so asking it again is a bug the client's own checks would not
-    see if it kept one of the two answers.
-    """
-    answered = lost.answered + steady.answered
-    wrong = {image_id: n for image_id, n in answered.items() if n != 2}
-    assert answered == Counter({image_id: 2 for image_id in ids}), f"answered other than once per stream: {wrong}"
 
 
 def test_a_video_whose_replica_is_lost_goes_on_elsewhere_every_frame_once_and_in_order(
