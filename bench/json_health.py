@@ -33,7 +33,8 @@ IDLE_S = 1.0
 
 
 def pixels_json(side: int) -> bytes:
-    """A ModelInfer body of one side x side RGB image as a JSON PIXELS tensor (the same as the test's)."""
+    """A ModelInfer body of one side x side RGB image as a JSON PIXELS tensor (tests/rest/test_slow_callers.py
+    sends the same)."""
     pixels = np.random.default_rng(0).integers(0, 256, size=side * side * 3).tolist()
     request = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, side, side, 3], "data": pixels}]}
     return json.dumps(request, separators=(",", ":")).encode()

@@ -7,7 +7,6 @@ json.loads holds the GIL for the whole body)."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import socket
@@ -21,10 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.json_health import SIDE, pixels_json
 from tests.helpers.servers import ServerThread, make_settings
 from tests.helpers.sockets import closed_within
 
@@ -201,17 +200,10 @@ JSON_BODIES = 4
 HEALTH_BOUND_S = 0.15
 
 
-def pixels_json(side: int) -> bytes:
-    """A ModelInfer body of one side x side RGB image as a JSON PIXELS tensor: about 8 MB at side 860."""
-    pixels = np.random.default_rng(0).integers(0, 256, size=side * side * 3).tolist()
-    request = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, side, side, 3], "data": pixels}]}
-    return json.dumps(request, separators=(",", ":")).encode()
-
-
 def test_grpc_health_answers_while_big_json_bodies_are_parsed(server: ServerThread) -> None:
     port = server.app.http_port
     assert port
-    body = pixels_json(860)
+    body = pixels_json(SIDE)  # the benchmark's body (bench/json_health.py), about 8 MB
     assert 7_000_000 < len(body) <= server.settings.max_message_bytes
     url = f"http://127.0.0.1:{port}/v2/models/{server.settings.model}/infer"
     answers: list[int] = []
