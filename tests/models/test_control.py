@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -501,7 +502,9 @@ RSS_BOUND_MIB = 64
 """Growth over 10 cycles; measured -18 to +7 MiB in this test, -50 to +45 MiB in a server of its own (RSS moves
 in steps of about 20 MiB there whatever the server does; docs/operations.md)."""
 UNTRIMMED_MIB = 6
-"""What a trim may still give back right after an unload (0.0-0.3 MiB measured; 8-17 MiB without the unload's)."""
+"""What a trim may still give back right after an unload, in the median cycle (0.0-0.3 MiB measured; 18-27 MiB in
+every cycle without the unload's). The median, not the largest: this test shares its process with the whole
+suite's servers, and a CI run once saw one cycle of ten find 17 MiB that something else had just freed."""
 
 
 def test_ten_loads_and_unloads_give_their_memory_back(quick: ServerThread) -> None:
@@ -527,7 +530,8 @@ def test_ten_loads_and_unloads_give_their_memory_back(quick: ServerThread) -> No
             untrimmed.append((held - resident_bytes()) / 2**20)
     grown = (resident_bytes() - start) / 2**20
     print(f"RSS after 10 cycles: {grown:+.1f} MiB; left for a trim after each unload: {untrimmed}")
-    assert max(untrimmed) < UNTRIMMED_MIB, f"an unload left {max(untrimmed):.0f} MiB freed but not handed back"
+    median = statistics.median(untrimmed)
+    assert median < UNTRIMMED_MIB, f"an unload left {median:.0f} MiB freed but not handed back (median of 10)"
     assert grown < RSS_BOUND_MIB, f"{grown:.0f} MiB more after 10 load/unload cycles"
 
 
