@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache_dir=cache,
                 **variant,  # type: ignore[arg-type]
             )
-            runtime = create_runtime(settings)
+            runtime = create_runtime(settings.model_settings())
             _labels(runtime, images[:3])  # captured graphs record on their first calls of each shape
             labels = _labels(runtime, images)
             checked = _labels(runtime, check_set)

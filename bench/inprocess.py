@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"weights": "random"}
     overrides |= {k: v for k, v in (("runtime", args.runtime), ("precision", args.precision)) if v}
     settings = Settings(**overrides)
-    runtime = create_runtime(settings)
+    runtime = create_runtime(settings.model_settings())
     # What ran, in the same words whether it was named or chosen by auto.
     labels = {
         "runtime": runtime.description,

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings(
                 runtime="openvino", precision=precision, weights="random", max_size=args.max_size, cache_dir=cache
             )
-            runtimes[precision] = create_runtime(settings)
+            runtimes[precision] = create_runtime(settings.model_settings())
             build_s[precision] = time.monotonic() - started
         rows: dict[str, Any] = {}
         for batch in BATCH_SIZES:

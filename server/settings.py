@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelName = Literal["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101"]
@@ -16,6 +16,32 @@ Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 LogFormat = Literal["text", "json"]
 
 MIN_MAX_SIZE = 16
+
+
+class ModelSettings(BaseModel):
+    """One model's settings: what its runtime, batcher and warm-up read, and nothing of the server's (no ports,
+    no certificates, no queue). Each field has the name and meaning of the Settings field it defaults to
+    (Settings.model_settings); a model's config file overrides some of them (server/models/repository.py,
+    ModelFile, which validates them as Settings does)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    model: ModelName
+    """The architecture."""
+    weights: str
+    device: str
+    runtime: RuntimeName
+    precision: Precision
+    cache_dir: str
+    capture: bool
+    max_size: int = Field(ge=MIN_MAX_SIZE)
+    max_batch_size: int = Field(ge=1)
+    max_batch_delay_ms: float = Field(ge=0)
+    adaptive_batching: bool
+    model_instances: int = Field(ge=1)
+    inference_threads: int = Field(ge=0)
+    channels_last: bool
+    warmup: bool
 
 
 class Settings(BaseSettings):
@@ -227,6 +253,10 @@ class Settings(BaseSettings):
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name}: no such file {path}")
         return self
+
+    def model_settings(self, **overrides: Any) -> ModelSettings:
+        """The settings of a model that overrides nothing but `overrides` (ModelSettings' field names)."""
+        return ModelSettings(**{name: getattr(self, name) for name in ModelSettings.model_fields} | overrides)
 
     @property
     def worker_threads(self) -> int:

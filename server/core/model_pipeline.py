@@ -53,7 +53,7 @@ from server.models.repository import ModelConfig
 from server.runtimes import progress
 from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
-from server.settings import MIN_MAX_SIZE, Settings
+from server.settings import MIN_MAX_SIZE, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ P = ParamSpec("P")
 
 DEFAULT_OVERLAY_OPACITY = 0.5
 
-RuntimeFactory = Callable[[Settings, tuple[Label, ...]], Runtime]
+RuntimeFactory = Callable[[ModelSettings, tuple[Label, ...]], Runtime]
 """Builds a model's runtime from its settings and labels (create_runtime; tests hand in a gated one)."""
 
 
@@ -121,7 +121,7 @@ class ModelPipeline:
     def __init__(
         self,
         config: ModelConfig,
-        settings: Settings,
+        settings: ModelSettings,
         workers: Workers,
         runtime: Runtime | None = None,
         runtime_factory: RuntimeFactory = create_runtime,
@@ -130,7 +130,7 @@ class ModelPipeline:
         self.config = config
         self.name = config.name
         self.settings = settings
-        """The server's settings with this model's architecture, weights, max_size and batching."""
+        """Its own: architecture, weights, runtime, max_size, batching (the server's, with its config's overrides)."""
         self.workers = workers
         self.runtime = runtime
         self._runtime_factory = runtime_factory

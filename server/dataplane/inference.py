@@ -102,7 +102,7 @@ class InferenceModels:
         return ModelDescription(
             name=model.name,
             labels=model.labels,
-            max_batch_size=settings.max_queue,
+            max_batch_size=self.pipeline.settings.max_queue,
             preferred_batch_size=settings.max_batch_size,
             max_queue_delay_us=int(settings.max_batch_delay_ms * 1000),
         )

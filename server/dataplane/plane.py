@@ -267,7 +267,7 @@ class DataPlane:
                 batch_sizes=tuple(pipeline.batch_size_counts),
             )
         model = pipeline.models.get(name)
-        s = model.settings
+        own = model.settings
         runtime = model.runtime
         return ModelInfo(
             model=model.config.architecture,
@@ -276,9 +276,9 @@ class DataPlane:
             weights=without_server_paths(runtime.facts.weights_description) if runtime else "loading",
             device=runtime.device_name if runtime else "loading",
             runtime=runtime.description if runtime else "loading",
-            max_size=s.max_size,
-            max_batch_size=s.max_batch_size,
-            max_batch_delay_ms=s.max_batch_delay_ms,
+            max_size=own.max_size,
+            max_batch_size=own.max_batch_size,
+            max_batch_delay_ms=own.max_batch_delay_ms,
             max_queue=pipeline.settings.max_queue,
             batch_sizes=tuple(model.batch_size_counts),
             labels=model.labels,

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ModelLoadError, UnknownModel
 from server.labels import MAX_CLASSES, MIN_CLASSES, VOC_CLASSES, Label, labels_with_colors, make_labels, parse_color
-from server.settings import MIN_MAX_SIZE, ModelName, Settings
+from server.settings import MIN_MAX_SIZE, ModelName, ModelSettings, Settings
 
 ARCHITECTURES: tuple[str, ...] = get_args(ModelName)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -128,15 +128,15 @@ class ModelConfig:
     source: str = ""
     """Where it was configured (a config file, SEGSERVE_MODELS); empty for the single model of SEGSERVE_MODEL."""
 
-    def settings_for(self, settings: Settings) -> Settings:
-        """The server's settings as this model's runtime and batcher see them."""
+    def settings_for(self, settings: Settings) -> ModelSettings:
+        """This model's settings: the server's, with what its config overrides."""
         update: dict[str, Any] = {"model": self.architecture, "weights": self.weights}
         for field in ("max_size", "max_batch_size", "max_batch_delay_ms"):
             if getattr(self, field) is not None:
                 update[field] = getattr(self, field)
         if self.instances is not None:
             update["model_instances"] = self.instances
-        return settings.model_copy(update=update)
+        return settings.model_settings(**update)
 
     @property
     def weights_bytes(self) -> int:

@@ -15,7 +15,7 @@ from server.runtimes.base import ModelFacts, Runtime
 from server.runtimes.export_cache import cached_file, resolve_cache_root, source_sha256
 from server.runtimes.openvino_import import import_openvino
 from server.runtimes.weights import LoadedModel, load_model, resolve_device, weights_fingerprint, without_aux_head
-from server.settings import Settings
+from server.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def check_installed(requested: str) -> None:
         )
 
 
-def plan(settings: Settings, device: torch.device) -> list[selection.Candidate]:
+def plan(settings: ModelSettings, device: torch.device) -> list[selection.Candidate]:
     """What auto compares for these settings on this device (one candidate when both are named)."""
     check_installed(settings.runtime)
     return selection.candidates(
@@ -52,12 +52,12 @@ def plan(settings: Settings, device: torch.device) -> list[selection.Candidate]:
     )
 
 
-def facts_of(settings: Settings, loaded: LoadedModel, labels: tuple[Label, ...] | None = None) -> ModelFacts:
+def facts_of(settings: ModelSettings, loaded: LoadedModel, labels: tuple[Label, ...] | None = None) -> ModelFacts:
     return ModelFacts(settings.model, loaded.weights_description, loaded.trained, labels or make_labels(VOC_CLASSES))
 
 
 def graph_key(
-    settings: Settings, loaded: LoadedModel, weights_sha256: str, runtime: str, precision: str
+    settings: ModelSettings, loaded: LoadedModel, weights_sha256: str, runtime: str, precision: str
 ) -> dict[str, str]:
     from server.runtimes import calibration, graph_export, int8
 
@@ -85,7 +85,13 @@ def graph_key(
 
 
 def exported_graph(
-    settings: Settings, loaded: LoadedModel, runtime: str, precision: str, weights_sha256: str, *, rebuild: bool = False
+    settings: ModelSettings,
+    loaded: LoadedModel,
+    runtime: str,
+    precision: str,
+    weights_sha256: str,
+    *,
+    rebuild: bool = False,
 ) -> Path:
     """The cached graph for these weights and this runtime, exported (and quantized) when not cached."""
     from server.runtimes import int8
@@ -116,7 +122,7 @@ def exported_graph(
 
 
 def _graph_runtime(
-    settings: Settings, graph: Path, facts: ModelFacts, device: torch.device, candidate: selection.Candidate
+    settings: ModelSettings, graph: Path, facts: ModelFacts, device: torch.device, candidate: selection.Candidate
 ) -> Runtime:
     if candidate.runtime == "onnxruntime":
         from server.runtimes.onnxruntime_runtime import OnnxRuntimeRuntime
@@ -144,7 +150,7 @@ def _graph_runtime(
 
 
 def build_runtime(
-    settings: Settings,
+    settings: ModelSettings,
     loaded: LoadedModel,
     device: torch.device,
     candidate: selection.Candidate,
@@ -193,7 +199,7 @@ def build_runtime(
         return _graph_runtime(settings, graph, facts, device, candidate)
 
 
-def create_runtime(settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
+def create_runtime(settings: ModelSettings, labels: tuple[Label, ...] | None = None) -> Runtime:
     """Loads the weights and builds the runtime the settings ask for, with one output class per label (VOC's 21
     when None); with runtime or precision auto, the fastest that passes the agreement check
     (server/runtimes/selection.py). Raises ModelLoadError with one line."""

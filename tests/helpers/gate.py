@@ -12,7 +12,7 @@ import numpy as np
 from server.labels import Label
 from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
-from server.settings import Settings
+from server.settings import ModelSettings
 from tests.helpers.servers import ServerThread
 
 
@@ -35,7 +35,7 @@ class Gate:
         finally:
             self.gating = False
 
-    def gated_runtime(self, settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
+    def gated_runtime(self, settings: ModelSettings, labels: tuple[Label, ...] | None = None) -> Runtime:
         runtime = create_runtime(settings, labels)
         if not self.gating:
             return runtime

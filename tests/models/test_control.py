@@ -36,7 +36,7 @@ from server.labels import Label
 from server.models.registry import ModelEntry
 from server.runtimes.base import Runtime
 from server.runtimes.factory import create_runtime
-from server.settings import Settings
+from server.settings import ModelSettings
 from tests.helpers.gate import Gate
 from tests.helpers.images import encode
 from tests.helpers.known_model import CLASS_OF, SHAPE_FLOOR, Shape, iou, render_scene
@@ -405,7 +405,7 @@ class HeldBuilds:
         self.builds = 0
         self.waiting = 0
 
-    def runtime(self, settings: Settings, labels: tuple[Label, ...] | None = None) -> Runtime:
+    def runtime(self, settings: ModelSettings, labels: tuple[Label, ...] | None = None) -> Runtime:
         self.builds += 1
         self.waiting += 1
         try:

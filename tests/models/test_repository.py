@@ -144,6 +144,18 @@ def test_a_broken_model_folder_is_listed_as_broken_beside_the_good_ones(tmp_path
     assert isinstance(bad, BrokenModel) and bad.name == "bad" and "bad/config.yaml: architecture" in bad.reason
 
 
+def test_a_model_s_settings_are_its_own_with_the_server_s_as_defaults(tmp_path: Path) -> None:
+    """A model carries what its runtime and batcher read (the server's values unless its config overrides
+    them), never the server's ports, certificates or queue."""
+    write_config(tmp_path / "m", architecture="deeplabv3_resnet50", weights="random", max_size=200, instances=3)
+    server = Settings(model_repository=str(tmp_path), max_batch_size=5, precision="fp32", http_port=8123)
+    own = read_model(tmp_path, "m").settings_for(server)
+    assert (own.model, own.weights, own.max_size, own.model_instances) == ("deeplabv3_resnet50", "random", 200, 3)
+    assert (own.max_batch_size, own.precision, own.runtime) == (5, "fp32", server.runtime)
+    for servers_own in ("http_port", "port", "tls_cert", "max_queue", "model_repository", "control_token"):
+        assert not hasattr(own, servers_own), f"a model's settings carry the server's {servers_own}"
+
+
 @pytest.mark.parametrize("name", ["..", "../etc", "/etc", ".hidden", "a/b", "a\\b", "", "x" * 65, "a..b"])
 def test_names_are_names_never_paths(name: str) -> None:
     with pytest.raises(UnknownModel):

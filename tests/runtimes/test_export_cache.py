@@ -159,7 +159,7 @@ def test_the_graph_key_follows_weights_runtime_precision_and_export_code(monkeyp
     from server.runtimes.weights import load_model
     from tests.helpers.servers import make_settings
 
-    settings = make_settings()
+    settings = make_settings().model_settings()
     loaded = load_model(settings.model, "random")
     base = factory.graph_key(settings, loaded, "w1", "onnxruntime", "fp32")
     assert base == factory.graph_key(settings, loaded, "w1", "onnxruntime", "fp32")

@@ -35,7 +35,7 @@ def test_a_runtime_asked_for_but_not_installed_is_a_one_line_error(monkeypatch: 
     real = factory.importable
     monkeypatch.setattr(factory, "importable", lambda name: name != "openvino" and real(name))
     with pytest.raises(ModelLoadError, match=r"runtime openvino asked for .* not installed") as info:
-        factory.plan(make_settings(runtime="openvino"), CPU)
+        factory.plan(make_settings(runtime="openvino").model_settings(), CPU)
     assert "\n" not in str(info.value)
 
 
@@ -101,7 +101,7 @@ def test_options_a_runtime_does_not_offer_here_are_one_line_errors(
     overrides: dict[str, object], words: str, tmp_path: Path
 ) -> None:
     with pytest.raises(ModelLoadError, match=words) as info:
-        create_runtime(make_settings(cache_dir=str(tmp_path), **overrides))
+        create_runtime(make_settings(cache_dir=str(tmp_path), **overrides).model_settings())
     assert "\n" not in str(info.value)
 
 
@@ -123,7 +123,9 @@ def known_runtimes(known_weights: Path, graph_cache: Path) -> dict[str, Runtime]
     cache = graph_cache
     return {
         # fp32 named: the 99.9% bound below is for fp32 runtimes; auto may pick bf16 on CPUs that have it.
-        name: create_runtime(known_settings(known_weights, runtime=name, precision="fp32", cache_dir=str(cache)))
+        name: create_runtime(
+            known_settings(known_weights, runtime=name, precision="fp32", cache_dir=str(cache)).model_settings()
+        )
         for name in ["torch", *GRAPH_RUNTIMES]
     }
 
@@ -172,7 +174,7 @@ def test_two_instances_serve_two_calls_at_once_and_segment_as_one_does(
     settings = known_settings(
         known_weights, runtime=name, precision="fp32", cache_dir=str(graph_cache), inference_threads=2
     )
-    runtime = create_runtime(settings.model_copy(update={"model_instances": 2}))
+    runtime = create_runtime(settings.model_settings(model_instances=2))
     assert "2 threads, 2 instances" in runtime.description
     assert runtime.engines.size == 2  # type: ignore[attr-defined]
     if name == "openvino":
@@ -204,7 +206,7 @@ def test_openvino_bf16_says_what_the_cpu_computes(known_weights: Path, graph_cac
     """bf16 where the CPU has bf16 units (OpenVINO then computes bf16: its masks differ slightly from fp32's),
     fp32 where it lacks them (OpenVINO ignores the hint); the description says the same."""
     runtime = create_runtime(
-        known_settings(known_weights, runtime="openvino", precision="bf16", cache_dir=str(graph_cache))
+        known_settings(known_weights, runtime="openvino", precision="bf16", cache_dir=str(graph_cache)).model_settings()
     )
     assert isinstance(runtime, OpenVinoRuntime)
     native = cpu_features.native_bf16()
@@ -232,7 +234,9 @@ def test_int8_asked_for_is_a_quantized_model_that_still_segments(
 ) -> None:
     """Each runtime's own int8: ONNX Runtime's QDQ graph; OpenVINO's NNCF model, its convolutions fed by
     FakeQuantize operations, cached as one packed file and loaded back from it."""
-    runtime = create_runtime(known_settings(known_weights, runtime=name, precision="int8", cache_dir=str(tmp_path)))
+    runtime = create_runtime(
+        known_settings(known_weights, runtime=name, precision="int8", cache_dir=str(tmp_path)).model_settings()
+    )
     assert runtime.precision == "int8" and runtime.description.startswith(name) and "int8" in runtime.description
     if isinstance(runtime, OpenVinoRuntime):
         packed = list(tmp_path.glob("*-int8-*.ovpack"))
@@ -287,7 +291,7 @@ from server.settings import Settings
 from server.runtimes.factory import create_runtime, importable
 assert importable("openvino")
 runtime = create_runtime(Settings(weights="random", max_size=32, runtime="openvino", precision="fp32",
-                                  device="cpu", cache_dir=os.environ["CACHE"]))
+                                  device="cpu", cache_dir=os.environ["CACHE"]).model_settings())
 runtime.predict([__import__("numpy").zeros((32, 24, 3), "uint8")])
 import openvino_telemetry.main as telemetry
 print("consent", telemetry.Telemetry().consent, "children", len(multiprocessing.active_children()),

@@ -187,7 +187,7 @@ def test_a_lower_precision_that_spoils_one_image_is_refused_and_the_log_names_it
 def test_where_fp32_paints_one_class_the_check_says_it_cannot_judge_and_int8_is_not_tried(tmp_path: Path) -> None:
     """Random weights: every precision 'agrees' 100%, which means nothing. bf16 may still serve (it rounds the
     same computation), but ModelInfo must not claim an agreement; int8 is not even built."""
-    settings = make_settings(runtime="openvino", cache_dir=str(tmp_path))
+    settings = make_settings(runtime="openvino", cache_dir=str(tmp_path)).model_settings()
     loaded = load_model(settings.model, settings.weights)
     sha = weights_fingerprint(without_aux_head(loaded.module))
     int8 = Candidate("openvino", "int8")
@@ -301,7 +301,7 @@ def test_a_real_start_refuses_a_disagreeing_bf16_and_serves_fp32(
     monkeypatch.setattr(OpenVinoRuntime, "predict", spoiled)
     settings = make_settings(runtime="openvino", cache_dir=str(tmp_path))
     with caplog.at_level(logging.INFO, logger="server.runtimes.selection"):
-        runtime = create_runtime(settings)
+        runtime = create_runtime(settings.model_settings())
     assert runtime.precision == "fp32"
     assert "openvino bf16" in caplog.text and "not served: agrees with fp32 on" in caplog.text
     assert "auto: fastest of 2 measured" in runtime.description
@@ -324,7 +324,7 @@ def lowered(known_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         ("onnxruntime", "int8"),
     ]:
         made[f"{runtime} {precision}"] = create_runtime(
-            known_settings(known_weights, runtime=runtime, precision=precision, cache_dir=cache)
+            known_settings(known_weights, runtime=runtime, precision=precision, cache_dir=cache).model_settings()
         )
     return made
 
@@ -372,7 +372,7 @@ def head_only_int8(known_weights: Path, tmp_path_factory: pytest.TempPathFactory
     from server.runtimes.openvino_runtime import OpenVinoRuntime
 
     tmp = tmp_path_factory.mktemp("head-only")
-    settings = known_settings(known_weights, cache_dir=str(tmp))
+    settings = known_settings(known_weights, cache_dir=str(tmp)).model_settings()
     loaded = load_model(settings.model, settings.weights)
     graph = factory.exported_graph(
         settings, loaded, "openvino", "fp32", weights_fingerprint(without_aux_head(loaded.module))
@@ -420,9 +420,9 @@ def test_a_bf16_batch_gives_each_image_what_it_gets_alone(lowered: dict[str, Run
 
 def test_the_factory_plans_with_the_cpus_own_bf16_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_features, "native_bf16", lambda: False)
-    assert "openvino bf16" not in names(factory.plan(make_settings(), CPU))
+    assert "openvino bf16" not in names(factory.plan(make_settings().model_settings(), CPU))
     monkeypatch.setattr(cpu_features, "native_bf16", lambda: True)
-    assert "openvino bf16" in names(factory.plan(make_settings(), CPU))
+    assert "openvino bf16" in names(factory.plan(make_settings().model_settings(), CPU))
 
 
 def test_requests_that_run_while_auto_times_do_not_decide_its_choice() -> None:

@@ -27,7 +27,7 @@ from tests.helpers.servers import make_settings
 def test_not_serving_until_warmed_up_then_serving() -> None:
     """Health answers during start-up: NOT_SERVING while the warm-up runs (held here), SERVING once it is done."""
     settings = make_settings(warmup=True)
-    runtime = create_runtime(settings)
+    runtime = create_runtime(settings.model_settings())
     warming, release = threading.Event(), threading.Event()
     predict = runtime.predict
 
