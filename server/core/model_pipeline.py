@@ -45,7 +45,7 @@ from server.core.postprocess import (
 )
 from server.core.statistics import ModelStatistics
 from server.core.thread_names import RUNTIME, os_thread_named
-from server.core.types import SegmentOptions, SegmentResult, Timing
+from server.core.types import ResolvedOptions, SegmentOptions, SegmentResult, Timing
 from server.errors import InvalidOptions, ModelLoadError
 from server.labels import Label, palette_of
 from server.models.registry import ModelState
@@ -95,13 +95,6 @@ class Workers:
     pool: ThreadPoolExecutor
     overlay_pool: ThreadPoolExecutor
     limits: Limits
-
-
-def overlay_opacity(options: SegmentOptions) -> float:
-    opacity = DEFAULT_OVERLAY_OPACITY if options.overlay_opacity is None else options.overlay_opacity
-    if not 0.0 <= opacity <= 1.0:
-        raise InvalidOptions(f"overlay_opacity must be between 0 and 1, got {opacity}")
-    return opacity
 
 
 def _settled_resident_bytes() -> int:
@@ -260,22 +253,30 @@ class ModelPipeline:
             return list(self._batcher.batch_size_counts)
         return self._batch_counts or [0] * self.settings.max_batch_size
 
-    def effective_max_size(self, options: SegmentOptions) -> int:
+    def resolve(self, options: SegmentOptions) -> ResolvedOptions:
+        """The options as this model runs them; InvalidOptions for one it could never serve (an opacity out of
+        range is refused even without an overlay: the caller asked for something that means nothing)."""
         if options.max_size == 0:
-            return self.settings.max_size
-        if options.max_size < MIN_MAX_SIZE:
+            max_size = self.settings.max_size
+        elif options.max_size < MIN_MAX_SIZE:
             raise InvalidOptions(
                 f"max_size must be 0 (server default) or at least {MIN_MAX_SIZE}, got {options.max_size}"
             )
-        return min(options.max_size, self.settings.max_size)
-
-    def check_options(self, options: SegmentOptions) -> None:
-        self.effective_max_size(options)
-        overlay_opacity(options)
+        else:
+            max_size = min(options.max_size, self.settings.max_size)
+        opacity = DEFAULT_OVERLAY_OPACITY if options.overlay_opacity is None else options.overlay_opacity
+        if not 0.0 <= opacity <= 1.0:
+            raise InvalidOptions(f"overlay_opacity must be between 0 and 1, got {opacity}")
+        return ResolvedOptions(max_size, opacity if options.overlay else None, options.mask_png, options.label_map)
 
     # ---- the request path -----------------------------------------------------------------
 
-    async def segment(self, data: bytes | np.ndarray, options: SegmentOptions, deadline: float | None) -> SegmentResult:
+    async def segment(
+        self, data: bytes | np.ndarray, options: ResolvedOptions, deadline: float | None
+    ) -> SegmentResult:
+        """One encoded image (or decoded RGB pixels, height x width x 3) through this model. The caller holds
+        the model (ModelRegistry.acquire) and the request's queue place; `deadline` is a time.monotonic()
+        value after which the batcher skips it."""
         if self._tracer is None:
             return await self._segment(data, options, deadline)
         with self._tracer.start_as_current_span("segment image", attributes={"segserve.model": self.name}) as span:
@@ -290,12 +291,11 @@ class ModelPipeline:
             return result
 
     async def _segment(
-        self, data: bytes | np.ndarray, options: SegmentOptions, deadline: float | None
+        self, data: bytes | np.ndarray, options: ResolvedOptions, deadline: float | None
     ) -> SegmentResult:
         assert self._batcher is not None
         tracer = self._tracer
-        max_size = self.effective_max_size(options)
-        opacity = overlay_opacity(options)
+        max_size, opacity = options.max_size, options.overlay_opacity
         limits = self.workers.limits
         started = time.monotonic()
         with self._batcher.expecting(), _span(tracer, "decode and resize"):
@@ -314,7 +314,7 @@ class ModelPipeline:
                 self._postprocess, batch.output, decoded.original_size, options
             )
         overlay_png = None
-        if options.overlay:
+        if opacity is not None:
             with _span(tracer, "overlay"):
                 overlay_png = await asyncio.get_running_loop().run_in_executor(
                     self.workers.overlay_pool,
@@ -336,7 +336,7 @@ class ModelPipeline:
         )
 
     def _postprocess(
-        self, labels: np.ndarray, size: tuple[int, int], options: SegmentOptions
+        self, labels: np.ndarray, size: tuple[int, int], options: ResolvedOptions
     ) -> tuple[bytes, list[ClassShare], np.ndarray | None]:
         if not (options.mask_png or options.label_map):
             return b"", class_shares_of_upsampled(labels, size, self.labels), None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
@@ -23,7 +22,6 @@ from server.core.load_worker import LoadWorker
 from server.core.model_pipeline import ModelPipeline, RuntimeFactory, Workers
 from server.core.stream_bytes import StreamBudget
 from server.core.thread_names import OVERLAY, PREPOST, naming
-from server.core.types import SegmentOptions, SegmentResult
 from server.errors import ModelLoadError, NotReady, TooManyModels
 from server.labels import Label
 from server.models.control import ModelControl
@@ -174,10 +172,6 @@ class SegmentationPipeline:
 
     # ---- the request path -----------------------------------------------------------------
 
-    def check_options(self, options: SegmentOptions) -> None:
-        """Refuses options a request could never be served with, its model's name among them, before its bytes."""
-        self.models.get(options.model).check_options(options)
-
     async def image_sizes(self, images: Sequence[bytes | np.ndarray]) -> list[tuple[int, int]]:
         """Each image's (width, height) as decoding will find it, read from its header in the worker pool;
         refuses, before any decoding, an image decoding would refuse for its format or the limits."""
@@ -197,65 +191,3 @@ class SegmentationPipeline:
         if not self.ready:
             raise NotReady("model is still loading")
         return self.admission.take()
-
-    async def segment(
-        self,
-        data: bytes | np.ndarray,
-        options: SegmentOptions,
-        deadline: float | None = None,
-        slot: AdmissionSlot | None = None,
-        held: ModelPipeline | None = None,
-    ) -> SegmentResult:
-        """Segment one encoded image (or decoded RGB pixels, height x width x 3) with the model the options
-        name. `deadline` is a time.monotonic() value after which the model skips it.
-
-        Without `slot`, admits the request and frees its place on return; with one, the caller holds
-        the place already and frees it itself. `held`: the model, acquired by the caller (models.acquire),
-        so that an unload waits for the request from then on."""
-        if held is not None:  # the caller acquired the model already (an upload, from its first chunk)
-            return await self._counted(held, data, options, deadline, slot)
-        with self.models.acquire(options.model) as model:
-            return await self._counted(model, data, options, deadline, slot)
-
-    async def segment_image_of_request(
-        self,
-        model: ModelPipeline,
-        data: bytes | np.ndarray,
-        options: SegmentOptions,
-        deadline: float | None,
-        slot: AdmissionSlot,
-    ) -> SegmentResult:
-        """One image of a request of several (ModelInfer), which counts itself in the model's statistics."""
-        return await self._segment(model, data, options, deadline, slot)
-
-    async def _counted(
-        self,
-        model: ModelPipeline,
-        data: bytes | np.ndarray,
-        options: SegmentOptions,
-        deadline: float | None,
-        slot: AdmissionSlot | None,
-    ) -> SegmentResult:
-        """One image as one request of the model's statistics (a Segment call, by any door)."""
-        started = time.monotonic()
-        try:
-            result = await self._segment(model, data, options, deadline, slot)
-        except BaseException:
-            model.statistics.failed(time.monotonic() - started)
-            raise
-        model.statistics.succeeded([result.timing], time.monotonic() - started)
-        return result
-
-    async def _segment(
-        self,
-        model: ModelPipeline,
-        data: bytes | np.ndarray,
-        options: SegmentOptions,
-        deadline: float | None,
-        slot: AdmissionSlot | None,
-    ) -> SegmentResult:
-        model.check_options(options)
-        if slot is not None:
-            return await model.segment(data, options, deadline)
-        with self.admit():
-            return await model.segment(data, options, deadline)

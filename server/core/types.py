@@ -1,4 +1,5 @@
-"""The core's value types: what a request asks for (SegmentOptions) and what it gets (SegmentResult, Timing).
+"""The core's value types: what a request asks for (SegmentOptions), the same once its model has checked it
+(ResolvedOptions), and what it gets (SegmentResult, Timing).
 
 Plain frozen dataclasses that every door converts to and from its own messages; importing them never loads
 a runtime, a batcher or torch.
@@ -25,6 +26,19 @@ class SegmentOptions:
     """True: also return the label map at the input's size (SegmentResult.label_map)."""
     model: str = ""
     """The model's name; empty: the default model."""
+
+
+@dataclass(frozen=True)
+class ResolvedOptions:
+    """A request's options as its model runs them (ModelPipeline.resolve): checked once, when the request
+    has its model, and never again on the way to the model."""
+
+    max_size: int
+    """The longest side the image is resized to: the request's, capped by the model's, or the model's."""
+    overlay_opacity: float | None
+    """The overlay's opacity; None: no overlay."""
+    mask_png: bool
+    label_map: bool
 
 
 @dataclass(frozen=True)

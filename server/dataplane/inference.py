@@ -132,22 +132,18 @@ class InferenceModels:
         images = images_of(request.inputs, pipeline.settings.max_queue)
         wanted = requested_outputs(request)
         options = replace(options_of(request.parameters, wanted), model=name)
-        pipeline.check_options(options)
-        if len(images) > 1:
-            # Everything the headers can tell is checked before the request takes a place or a batch slot:
-            # an image decoding would refuse, or sizes MASK cannot stack, never let the others reach the model.
-            check_mask_sizes(wanted, await pipeline.image_sizes(images))
         with ExitStack() as slots:
             # Held for the whole request: an unload waits for all of its images, never refuses the later ones.
             model = slots.enter_context(pipeline.models.acquire(name))
+            resolved = model.resolve(options)
+            if len(images) > 1:
+                # Everything the headers can tell is checked before the request takes a place or a batch slot:
+                # an image decoding would refuse, or sizes MASK cannot stack, never let the others reach the model.
+                check_mask_sizes(wanted, await pipeline.image_sizes(images))
             # All N places or none: a request is admitted whole, like N Segment calls at once.
-            admitted = [
-                slots.enter_context(pipeline.admit(admitted_before_drain=admitted_before_drain)) for _ in images
-            ]
-            tasks = [
-                asyncio.ensure_future(pipeline.segment_image_of_request(model, image, options, deadline, slot))
-                for image, slot in zip(images, admitted, strict=True)
-            ]
+            for _ in images:
+                slots.enter_context(pipeline.admit(admitted_before_drain=admitted_before_drain))
+            tasks = [asyncio.ensure_future(model.segment(image, resolved, deadline)) for image in images]
             try:
                 results = await asyncio.gather(*tasks)
             finally:  # one image failed (or the call was cancelled): the others stop before their places go back

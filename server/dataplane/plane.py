@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -17,13 +18,12 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from opentelemetry.trace import Tracer
 
-from server.core.admission import AdmissionSlot
 from server.core.allocator import give_back_freed_memory
 from server.core.buffers import UploadHold
 from server.core.model_pipeline import ModelPipeline
 from server.core.pipeline import SegmentationPipeline
 from server.core.stream_window import STREAM_WINDOW, Place, StreamWindow, serve_stream
-from server.core.types import SegmentOptions, SegmentResult
+from server.core.types import ResolvedOptions, SegmentOptions, SegmentResult
 from server.dataplane.control_token import check_token, control_token
 from server.dataplane.inference import InferenceModels
 from server.dataplane.types import ByteHold, IndexEntry, ModelInfo, SegmentCall, StatisticsReport, UploadChunk
@@ -104,27 +104,37 @@ class DataPlane:
 
     # ---- Segment, SegmentUpload, SegmentStream, POST /v1/segment ----------------------------
 
-    def check_options(self, options: SegmentOptions) -> None:
-        """Refuses, before any byte of the image is read, options its model could never serve."""
-        self.pipeline.check_options(options)
-
     async def segment(
-        self, request_id: str, image: bytes, options: SegmentOptions, deadline: float | None
-    ) -> SegmentResult:
-        """One encoded image through the model its options name: admitted, counted in the model's statistics
-        and noted in the call's access record, whichever door it came by."""
-        return await self._segment(request_id, image, options, deadline)
-
-    async def _segment(
         self,
         request_id: str,
-        image: bytes,
+        image: bytes | Callable[[], Awaitable[bytes]],
         options: SegmentOptions,
         deadline: float | None,
-        slot: AdmissionSlot | None = None,
-        model: ModelPipeline | None = None,
     ) -> SegmentResult:
-        result = await self.pipeline.segment(image, options, deadline, slot, model)
+        """One encoded image through the model its options name, whichever door it came by: the model held,
+        the options resolved against it, the request admitted, then counted in the model's statistics and
+        noted in the call's access record. `image`: its bytes, or what reads them (an HTTP body), called once
+        the model has taken the options, so that options it refuses are refused before a byte is read."""
+        with self.pipeline.models.acquire(options.model) as model:
+            resolved = model.resolve(options)
+            if not isinstance(image, bytes):
+                image = await image()
+            with self.pipeline.admit():
+                return await self._one_image(request_id, model, image, resolved, deadline)
+
+    @staticmethod
+    async def _one_image(
+        request_id: str, model: ModelPipeline, image: bytes, options: ResolvedOptions, deadline: float | None
+    ) -> SegmentResult:
+        """One image as one request of its model's statistics and of the call's access record. The caller
+        holds the model and the image's queue place."""
+        started = time.monotonic()
+        try:
+            result = await model.segment(image, options, deadline)
+        except BaseException:
+            model.statistics.failed(time.monotonic() - started)
+            raise
+        model.statistics.succeeded([result.timing], time.monotonic() - started)
         note_result(request_id, result)
         return result
 
@@ -136,18 +146,18 @@ class DataPlane:
         waits for the upload rather than refuse it late), every chunk counted in the budget as it comes and
         refused past the image size limit without reading the rest. Returns the request id and the result."""
         try:
-            with self.pipeline.admit() as slot, self.pipeline.uploads.hold() as hold:
+            with self.pipeline.admit(), self.pipeline.uploads.hold() as hold:
                 hold.check_room()
                 first = await self._within_idle(next_chunk())
                 if first is None:
                     raise InvalidImage("upload had no chunks")
                 request_id, options = first.request_id, first.options or SegmentOptions()
                 with self.pipeline.models.acquire(options.model) as model:
-                    model.check_options(options)
+                    resolved = model.resolve(options)
                     image = await self._receive_upload(first, next_chunk, hold)
                     del first
                     try:
-                        return request_id, await self._segment(request_id, image, options, deadline, slot, model)
+                        return request_id, await self._one_image(request_id, model, image, resolved, deadline)
                     except BaseException:
                         image = b""  # not kept alive by the refusal's traceback
                         raise
@@ -242,7 +252,9 @@ class DataPlane:
         async def work(place: Place[A], call: SegmentCall) -> SegmentResult:
             # A stream that was open when the drain began is an admitted call: it is served to its end.
             place.admission = self.pipeline.admit(admitted_before_drain=True)
-            return await self._segment(call.request_id, call.image, call.options, deadline, place.admission)
+            with self.pipeline.models.acquire(call.options.model) as model:
+                resolved = model.resolve(call.options)
+                return await self._one_image(call.request_id, model, call.image, resolved, deadline)
 
         return self._stream(read, codec, work, ordered=False)
 

@@ -118,21 +118,22 @@ class Endpoints:
 
     async def segment(self, request: Request) -> Response:
         options = segment_options(request)
-        self.plane.check_options(options)
-        content_type = request.headers.get("content-type", "application/octet-stream").lower()
-        limit = self.plane.max_image_bytes
-        if content_type.startswith("multipart/form-data"):
-            what = "an image upload (SEGSERVE_MAX_IMAGE_BYTES)"
-            body = await read_body(self.plane, request, limit + MULTIPART_OVERHEAD, what)
-            image = await multipart_file(request, body)
-        elif content_type.startswith(IMAGE_TYPES):
-            image = await read_body(self.plane, request, limit, "an image (SEGSERVE_MAX_IMAGE_BYTES)")
-        else:
+
+        async def read_image() -> bytes:  # called by the data plane once the model has taken the options
+            content_type = request.headers.get("content-type", "application/octet-stream").lower()
+            limit = self.plane.max_image_bytes
+            if content_type.startswith("multipart/form-data"):
+                what = "an image upload (SEGSERVE_MAX_IMAGE_BYTES)"
+                body = await read_body(self.plane, request, limit + MULTIPART_OVERHEAD, what)
+                return await multipart_file(request, body)
+            if content_type.startswith(IMAGE_TYPES):
+                return await read_body(self.plane, request, limit, "an image (SEGSERVE_MAX_IMAGE_BYTES)")
             raise UnsupportedMediaType(
                 f"Content-Type {content_type.split(';')[0][:64]} is not an image: send the image as the body "
                 "(image/* or application/octet-stream) or as a multipart file"
             )
-        result = await self.plane.segment("", image, options, None)
+
+        result = await self.plane.segment("", read_image, options, None)
         if JSON_TYPE in request.headers.get("accept", ""):
             return JSONResponse(converters.segment_result_to_json(result))
         return Response(result.mask_png, media_type="image/png")

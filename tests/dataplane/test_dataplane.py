@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from server.core.model_pipeline import ModelPipeline
 from server.core.pipeline import SegmentationPipeline
-from server.core.types import SegmentOptions, SegmentResult
+from server.core.types import ResolvedOptions, SegmentOptions, SegmentResult
 from server.dataplane import DataPlane, SegmentCall, UploadChunk
 from server.errors import ImageTooLarge, InvalidOptions, ModelControlRefused, SegservError, UploadStalled
 from server.inference.protocol import InferRequest
@@ -197,3 +199,53 @@ async def test_model_info_and_description_come_from_the_one_model(plane: DataPla
     assert description.name == info.name and description.labels == info.labels
     assert description.max_batch_size == info.max_queue
     assert info.runtime != "loading" and np.sum(info.batch_sizes) >= 0
+
+
+async def test_every_call_resolves_its_options_once_and_refuses_them_before_its_image_is_read(
+    plane: DataPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Options are checked once, against the model the call holds, whichever way the image comes (a ModelInfer
+    of two images included), and what the model runs with is what they asked for. Options the model refuses
+    are refused before the image is read."""
+    resolved: list[SegmentOptions] = []
+    real = ModelPipeline.resolve
+
+    def counted(model: ModelPipeline, options: SegmentOptions) -> ResolvedOptions:
+        resolved.append(options)
+        return real(model, options)
+
+    monkeypatch.setattr(ModelPipeline, "resolve", counted)
+    options = SegmentOptions(max_size=48, overlay=True)
+    results = [await plane.segment("whole", PHOTO, options, None)]
+    upload = iter([UploadChunk(PHOTO[:1000], "up", options), UploadChunk(PHOTO[1000:])])
+    results.append((await plane.segment_upload(reader(upload, []), None))[1])
+    parse = Codec.parse
+
+    def parse_with_options(message: tuple[str, bytes]) -> SegmentCall:
+        return replace(parse(message), options=options)
+
+    monkeypatch.setattr(Codec, "parse", staticmethod(parse_with_options))
+    results += [result async for _, result in plane.segment_stream(messages(("s", PHOTO)), AnswerCodec(), None)]
+    assert len(resolved) == 3
+    two = InputTensor("IMAGE", BYTES, (2,), Contents(values=[PHOTO, PHOTO]))
+    inferred = await plane.infer(InferRequest(plane.model_info("").name, "", "two", [two]))
+    assert len(resolved) == 4 and len(inferred.results) == 2
+    for result in results:
+        assert max(result.model_width, result.model_height) == 48 and result.overlay_png
+    read = []
+
+    async def read_image() -> bytes:
+        read.append(1)
+        return PHOTO
+
+    with pytest.raises(InvalidOptions, match="max_size"):
+        await plane.segment("refused", read_image, SegmentOptions(max_size=3), None)
+    assert not read and plane.pipeline.admission.taken == 0
+
+
+class AnswerCodec(Codec):
+    """Codec's, answering the result itself."""
+
+    @staticmethod
+    def answer(request_id: str, result: SegmentResult) -> tuple[str, SegmentResult]:  # type: ignore[override]
+        return request_id, result

@@ -13,7 +13,7 @@ from PIL import Image
 
 from bench import perf_analyzer
 from client import SegmentClient
-from server.core.types import SegmentOptions
+from server.core.types import ResolvedOptions
 from tests.helpers.images import encode
 from tests.helpers.known_model import MODEL_NAME, Shape, render_scene
 from tests.helpers.servers import ServerThread
@@ -86,10 +86,10 @@ def test_perf_analyzer_over_http_with_no_request_parameters_costs_what_a_segment
     classes; no overlay, no full-size label map)."""
     assert PERF_ANALYZER, "perf_analyzer comes with tritonclient's x86_64 wheel (the dev extra)"
     model = server.app.pipeline.models.get("")
-    asked: list[SegmentOptions] = []
+    asked: list[ResolvedOptions] = []
     segment = model.segment
 
-    async def spy(data: Any, options: SegmentOptions, deadline: float | None) -> Any:
+    async def spy(data: Any, options: ResolvedOptions, deadline: float | None) -> Any:
         asked.append(options)
         return await segment(data, options, deadline)
 
@@ -108,10 +108,11 @@ def test_perf_analyzer_over_http_with_no_request_parameters_costs_what_a_segment
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert asked, "perf_analyzer's requests reached the model"
 
-    def work(options: SegmentOptions) -> tuple[bool, bool, bool, int]:
-        return options.mask_png, options.label_map, options.overlay, options.max_size
+    def work(options: ResolvedOptions) -> tuple[bool, bool, float | None, int]:
+        return options.mask_png, options.label_map, options.overlay_opacity, options.max_size
 
-    assert {work(options) for options in asked} == {work(segment_call)} == {(True, False, False, 0)}
+    served = (True, False, None, model.settings.max_size)  # no overlay, the model's own size
+    assert {work(options) for options in asked} == {work(segment_call)} == {served}
 
 
 def test_the_input_data_order_meets_every_image_equally_at_every_stride() -> None:
@@ -134,7 +135,7 @@ def test_perf_analyzer_at_concurrency_4_sends_every_image_of_the_bench_data(
     sent: Counter[int] = Counter()
     segment = model.segment
 
-    async def spy(data: Any, options: SegmentOptions, deadline: float | None) -> Any:
+    async def spy(data: Any, options: ResolvedOptions, deadline: float | None) -> Any:
         sent[images.index(bytes(data))] += 1
         return await segment(data, options, deadline)
 
