@@ -48,11 +48,12 @@ class InferenceModels:
     def known(self, name: str, version: str = "") -> ModelPipeline:
         """The registry's lookup of `name` in any state (metadata and readiness are answered while it loads),
         plus the protocol's own rules: NOT_FOUND for a version the model does not have, and no default model
-        (an empty name is refused: NOT_FOUND, or the default's own refusal while that one cannot serve)."""
+        (an empty name is NOT_FOUND whatever the default model's state: the protocol always names its model,
+        so no retry can make that call right)."""
         models = self.pipeline.models
         if not name:
-            models.get(name)  # the default's refusal (loading, none loaded yet), if any
-            raise UnknownModel(f"unknown model {name!r}")
+            ready = ", ".join(models.ready_names()) or "none yet"
+            raise UnknownModel(f"unknown model '': the inference protocol names its model (loaded: {ready})")
         model = models.get(name, any_state=True)
         if version not in ("", MODEL_VERSION):
             raise UnknownModel(f"model {name!r} has no version {version!r}; its one version is {MODEL_VERSION!r}")

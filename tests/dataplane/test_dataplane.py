@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
+import grpc
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from server.core.model_pipeline import ModelPipeline
 from server.core.pipeline import SegmentationPipeline
 from server.core.types import ResolvedOptions, SegmentOptions, SegmentResult
 from server.dataplane import DataPlane, SegmentCall, UploadChunk
+from server.dataplane.types import ModelState
 from server.errors import ImageTooLarge, InvalidOptions, ModelControlRefused, SegservError, UploadStalled
 from server.inference.protocol import InferRequest
 from server.inference.tensors import BYTES, Contents, InputTensor
@@ -249,3 +251,22 @@ class AnswerCodec(Codec):
     @staticmethod
     def answer(request_id: str, result: SegmentResult) -> tuple[str, SegmentResult]:  # type: ignore[override]
         return request_id, result
+
+
+async def test_the_protocol_refuses_an_empty_model_name_alike_whatever_the_default_s_state(plane: DataPlane) -> None:
+    """The inference protocol always names its model: an empty name is NOT_FOUND, the same while the default
+    model cannot serve (it was UNAVAILABLE then, as if a retry could help) as once it can."""
+    default = plane.pipeline.models.get("")
+    refusals = []
+    for state in (ModelState.LOADING, ModelState.READY):
+        default.state = state
+        for call in (plane.describe, plane.model_ready):
+            with pytest.raises(SegservError) as refused:
+                call("")
+            refusals.append((refused.value.code, refused.value.message))
+        image = InputTensor("IMAGE", BYTES, (1,), Contents(values=[PHOTO]))
+        with pytest.raises(SegservError) as refused:
+            await plane.infer(InferRequest("", "", "unnamed", [image]))
+        refusals.append((refused.value.code, refused.value.message))
+    assert {code for code, _ in refusals} == {grpc.StatusCode.NOT_FOUND}
+    assert all("unknown model ''" in message for _, message in refusals)
