@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
 from server.core.model_pipeline import ModelPipeline
 from server.core.pipeline import SegmentationPipeline
 from server.core.statistics import Duration
+from server.core.types import SegmentResult
 from server.dataplane.types import IndexEntry, StatisticDuration, StatisticsReport
 from server.errors import UnknownModel
 from server.inference.protocol import (
@@ -28,6 +30,23 @@ from server.inference.protocol import (
 from server.models.control import ModelControl
 from server.models.registry import ModelState
 from server.operations.access import note_result
+
+
+@contextmanager
+def counted_request(model: ModelPipeline, request_id: str) -> Iterator[list[SegmentResult]]:
+    """One request, by whichever door: counted once in its model's statistics (failed if anything inside
+    raises, refusals after the model lookup included), and each result the caller appends to the yielded list
+    noted in the call's access record."""
+    started = time.monotonic()
+    answered: list[SegmentResult] = []
+    try:
+        yield answered
+    except BaseException:
+        model.statistics.failed(time.monotonic() - started)
+        raise
+    model.statistics.succeeded([result.timing for result in answered], time.monotonic() - started)
+    for result in answered:
+        note_result(request_id, result)
 
 
 class InferenceModels:
@@ -114,15 +133,9 @@ class InferenceModels:
         self, request: InferRequest, deadline: float | None = None, admitted_before_drain: bool = False
     ) -> InferResponse:
         model = self.known(request.model_name, request.model_version)
-        started = time.monotonic()
-        try:
+        with counted_request(model, request.id) as answered:  # refused before any work, too: one failed request
             response = await self._infer(model.name, request, deadline, admitted_before_drain)
-        except BaseException:  # refused before any work, or failed on the way: one failed request
-            model.statistics.failed(time.monotonic() - started)
-            raise
-        model.statistics.succeeded([r.timing for r in response.results], time.monotonic() - started)
-        for result in response.results:  # each image answered, into the call's access record
-            note_result(request.id, result)
+            answered.extend(response.results)
         return response
 
     async def _infer(

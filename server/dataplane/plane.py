@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -25,7 +24,7 @@ from server.core.pipeline import SegmentationPipeline
 from server.core.stream_window import STREAM_WINDOW, Place, StreamWindow, serve_stream
 from server.core.types import ResolvedOptions, SegmentOptions, SegmentResult
 from server.dataplane.control_token import check_token, control_token
-from server.dataplane.inference import InferenceModels
+from server.dataplane.inference import InferenceModels, counted_request
 from server.dataplane.types import ByteHold, IndexEntry, ModelInfo, SegmentCall, StatisticsReport, UploadChunk
 from server.errors import (
     ImageTooLarge,
@@ -41,7 +40,7 @@ from server.inference.protocol import UNLOAD_PARAMETERS, InferRequest, InferResp
 from server.inference.protocol import check_control_parameters as check_parameters
 from server.models.control import ModelControl
 from server.models.registry import ModelEntry
-from server.operations.access import ImageNote, note_image, note_result
+from server.operations.access import ImageNote, note_image
 from server.operations.tracing import tracer_if_on
 
 log = logging.getLogger(__name__)
@@ -128,15 +127,9 @@ class DataPlane:
     ) -> SegmentResult:
         """One image as one request of its model's statistics and of the call's access record. The caller
         holds the model and the image's queue place."""
-        started = time.monotonic()
-        try:
-            result = await model.segment(image, options, deadline)
-        except BaseException:
-            model.statistics.failed(time.monotonic() - started)
-            raise
-        model.statistics.succeeded([result.timing], time.monotonic() - started)
-        note_result(request_id, result)
-        return result
+        with counted_request(model, request_id) as answered:
+            answered.append(await model.segment(image, options, deadline))
+        return answered[0]
 
     async def segment_upload(
         self, next_chunk: Callable[[], Awaitable[UploadChunk | None]], deadline: float | None
